@@ -1,0 +1,138 @@
+"""The `tuneforge` command: `tuneforge COMMAND [hydra overrides and flags]`.
+
+Each command is a Hydra app over the shipped configs. Before Hydra runs, the overrides are
+composed and validated here, so a bad key, type or value fails in a fraction of a second with a
+message that names the key and the closest valid one -- before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from tuneforge.config import ConfigError
+
+log = logging.getLogger("tuneforge")
+
+USAGE = """usage: tuneforge COMMAND [key=value ...] [hydra flags]
+
+commands:
+  train    fine-tune (default recipe: demo). e.g. tuneforge train recipe=demo train.max_steps=50
+  infer    answer with a trained run: tuneforge infer run_dir=PATH prompt="..."
+
+Hydra flags work as usual: -m/--multirun, --cfg job, hydra.run.dir=DIR, --help.
+"""
+
+# Hydra flags that take a value, and flags that only print (no pre-validation needed).
+_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                     "--config-dir", "-cd", "--experimental-rerun", "--shell-completion", "-sc"}
+_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--version", "--shell-completion", "-sc"}
+
+
+def split_args(args: list[str]) -> tuple[list[str], list[str], bool]:
+    """(hydra flags, overrides, multirun?)"""
+    flags, overrides, i = [], [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("-"):
+            flags.append(arg)
+            if arg in _FLAGS_WITH_VALUE and i + 1 < len(args) and not args[i + 1].startswith("-") and "=" not in args[i + 1]:
+                flags.append(args[i + 1])
+                i += 1
+        else:
+            overrides.append(arg)
+        i += 1
+    return flags, overrides, any(f in ("-m", "--multirun") for f in flags)
+
+
+def _train_app(dcfg) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from tuneforge import train
+    from tuneforge.compose import to_validated
+
+    cfg = to_validated(dcfg)  # every multirun job is validated on its own values
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    metrics = train.run(cfg, run_dir, dcfg)
+    return (metrics.get("eval_after") or {}).get(cfg.eval.metric)  # what a sweeper optimizes
+
+
+def _infer_app(dcfg) -> None:
+    from omegaconf import OmegaConf
+
+    from tuneforge import infer
+
+    infer.run(OmegaConf.to_object(dcfg))
+
+
+def _friendly(app):
+    """Config errors found inside a job (e.g. a taken run directory) exit 2 with one clear line."""
+
+    def wrapped(dcfg):
+        try:
+            return app(dcfg)
+        except ConfigError as exc:
+            log.error("config error: %s", exc)
+            sys.exit(2)
+
+    wrapped.__name__ = app.__name__
+    return wrapped
+
+
+COMMANDS = {"train": ("config", _friendly(_train_app)), "infer": ("infer", _friendly(_infer_app))}
+
+
+def _precheck(config_name: str, overrides: list[str], multirun: bool) -> None:
+    from tuneforge.compose import compose_config, load_config
+
+    if config_name == "config":
+        load_config(overrides, multirun=multirun)
+        # Hydra writes .hydra/ into the run directory before the job starts: refuse a taken one first.
+        explicit = [o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")]
+        if explicit and not multirun:
+            from tuneforge.runs import check_run_dir_free
+
+            check_run_dir_free(Path(explicit[-1]))
+    else:
+        from omegaconf import OmegaConf
+
+        OmegaConf.to_object(compose_config(overrides, config_name=config_name))
+
+
+def _run_hydra(command: str, config_name: str, app, args: list[str]) -> None:
+    import hydra
+
+    from tuneforge.compose import register_all
+    from tuneforge.paths import conf_dir
+
+    register_all()
+    sys.argv = [f"tuneforge {command}"] + args
+    hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=config_name)(app)()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, args = argv[0], argv[1:]
+    if command not in COMMANDS:
+        from tuneforge.config import closest
+
+        print(f"tuneforge: unknown command '{command}'.{closest(command, COMMANDS)}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    config_name, app = COMMANDS[command]
+    flags, overrides, multirun = split_args(args)
+    try:
+        if not set(flags) & _INFO_FLAGS:
+            _precheck(config_name, overrides, multirun)
+        _run_hydra(command, config_name, app, args)
+    except ConfigError as exc:
+        print(f"tuneforge {command}: config error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,341 @@
+"""Config schemas (one dataclass per Hydra group), ConfigStore registration and validation.
+
+Keys mirror the library each section feeds: `train.*` are SFTConfig/TrainingArguments names,
+`peft.*` LoraConfig names, `quant.*` BitsAndBytesConfig names. Hydra merges the YAML files of
+`conf/` into these typed schemas, so an unknown key or a wrong type fails at composition; the
+cross-field rules live in `validate()`, the one place they are checked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config problem a person can fix: names the key and what to do."""
+
+
+@dataclass
+class ModelConfig:
+    # "embedded:smollm2-135m-instruct", a hub id, or a local directory.
+    name_or_path: str = "embedded:smollm2-135m-instruct"
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    # auto | float32 | bfloat16 | float16: dtype of the non-quantized weights.
+    dtype: str = "auto"
+    # sdpa honours packed position ids on CPU and GPU; eager is the reference.
+    attn_implementation: str = "sdpa"
+    # Where the embedded model's safetensors conversion is cached (default: $TUNEFORGE_CACHE or the user cache).
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class TokenizerConfig:
+    # None: the model's own tokenizer.
+    name_or_path: Optional[str] = None
+    # auto: PAD must differ from EOS (UNK when it exists and differs, else a new <|pad|>) | unk | new | none | a literal token.
+    pad_token: str = "auto"
+    # keep | chatml | path to a .jinja file | an inline Jinja template.
+    chat_template: str = "keep"
+    add_special_tokens: list[str] = field(default_factory=list)
+    add_tokens: list[str] = field(default_factory=list)
+    # Side used for training batches; generation always pads on the left.
+    padding_side: str = "right"
+
+
+@dataclass
+class DataConfig:
+    # builtin:dates (the demo set), a hub dataset id, or a local file/directory/glob.
+    path: str = "builtin:dates"
+    name: Optional[str] = None
+    split: str = "train"
+    revision: Optional[str] = None
+    # Held-out split: an existing split name, else a seeded fraction of the training rows.
+    eval_split: Optional[str] = None
+    eval_fraction: float = 0.1
+    max_samples: Optional[int] = None
+    seed: int = 42
+    # Rows the builtin generators produce.
+    builtin_rows: int = 600
+    # Rename source columns to the names the format expects, e.g. {sentence: prompt}.
+    columns: dict[str, str] = field(default_factory=dict)
+    num_proc: Optional[int] = None
+    # drop | error: what to do with malformed rows (always counted and reported).
+    on_bad_row: str = "drop"
+
+
+@dataclass
+class FormatConfig:
+    # instruction | conversational | alpaca | text | template
+    strategy: str = "instruction"
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    messages_column: str = "messages"
+    text_column: str = "text"
+    system_prompt: Optional[str] = None
+    # For strategy=template: a format string over the row's columns, and where the response starts.
+    template: Optional[str] = None
+    response_template: Optional[str] = None
+
+
+@dataclass
+class CollatorConfig:
+    # completion_only (masks prompts) | assistant_only | lm (trains every token) | padding (classification)
+    name: str = "completion_only"
+    response_template: Optional[Any] = None
+    instruction_template: Optional[Any] = None
+    pad_to_multiple_of: Optional[int] = None
+
+
+@dataclass
+class PackingConfig:
+    # none | wrapped | bfd | padding_free
+    mode: str = "none"
+
+
+@dataclass
+class QuantConfig:
+    load_in_4bit: bool = True
+    bnb_4bit_quant_type: str = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    # auto: bfloat16 where the device supports it, else float32.
+    bnb_4bit_compute_dtype: str = "auto"
+    bnb_4bit_quant_storage: Optional[str] = None
+
+
+@dataclass
+class PeftConfig:
+    # lora | none (none = full fine-tune of the unquantized model)
+    method: str = "lora"
+    r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    # "all-linear" or a list of module names.
+    target_modules: Any = "all-linear"
+    bias: str = "none"
+    use_rslora: bool = False
+    modules_to_save: Optional[list[str]] = None
+
+
+@dataclass
+class TrainConfig:
+    learning_rate: float = 2e-4
+    max_steps: int = -1
+    num_train_epochs: float = 1.0
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_length: int = 512
+    # keep_start | keep_end (SFTConfig.truncation_mode)
+    truncation_mode: str = "keep_start"
+    warmup_steps: float = 0.0
+    lr_scheduler_type: str = "linear"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    optim: str = "adamw_torch"
+    logging_steps: int = 5
+    seed: int = 42
+    gradient_checkpointing: bool = True
+    save_strategy: str = "no"
+    save_steps: int = 500
+    save_total_limit: Optional[int] = None
+    eval_strategy: str = "no"
+    eval_steps: Optional[int] = None
+    load_best_model_at_end: bool = False
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    dataloader_num_workers: int = 0
+    # auto: bf16 on CUDA devices that support it, fp32 elsewhere.
+    bf16: Optional[bool] = None
+
+
+@dataclass
+class EvalConfig:
+    # Score generations on held-out prompts before and after training.
+    before_after: bool = True
+    num_samples: int = 40
+    max_new_tokens: int = 32
+    batch_size: int = 20
+    max_input_tokens: int = 1024
+    # exact_match is the demo's main metric.
+    metric: str = "exact_match"
+
+
+@dataclass
+class TuneforgeConfig:
+    """The `train` command's whole config."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    format: FormatConfig = field(default_factory=FormatConfig)
+    collator: CollatorConfig = field(default_factory=CollatorConfig)
+    packing: PackingConfig = field(default_factory=PackingConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # sft (causal LM) | classification
+    task: str = "sft"
+    # Print what would run, load nothing.
+    dry_run: bool = False
+
+
+@dataclass
+class InferConfig:
+    """The `infer` command's config."""
+
+    run_dir: str = MISSING
+    prompt: Optional[str] = None
+    prompts_file: Optional[str] = None
+    # JSONL of {prompt, completion} per answer (answers are printed too).
+    output_file: Optional[str] = None
+    chat: bool = False
+    max_new_tokens: int = 128
+    max_input_tokens: int = 1024
+    batch_size: int = 8
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+GROUPS = ("model", "tokenizer", "data", "format", "collator", "packing", "quant", "peft", "train", "eval")
+
+
+def register_configs() -> None:
+    """Register the schemas Hydra merges every YAML file into."""
+    cs = ConfigStore.instance()
+    cs.store(name="tuneforge_schema", node=TuneforgeConfig)
+    cs.store(name="infer_schema", node=InferConfig)
+
+
+# Legal values for the enum-like string keys: checked here so a typo names the key and the closest value.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "task": ("sft", "classification"),
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "model.attn_implementation": ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"),
+    "data.on_bad_row": ("drop", "error"),
+    "format.strategy": ("instruction", "conversational", "alpaca", "text", "template"),
+    "collator.name": ("completion_only", "assistant_only", "lm", "padding"),
+    "packing.mode": ("none", "wrapped", "bfd", "padding_free"),
+    "quant.bnb_4bit_quant_type": ("nf4", "fp4"),
+    "quant.bnb_4bit_compute_dtype": ("auto", "float32", "bfloat16", "float16"),
+    "peft.method": ("lora", "none"),
+    "peft.bias": ("none", "all", "lora_only"),
+    "train.truncation_mode": ("keep_start", "keep_end"),
+    "train.eval_strategy": ("no", "steps", "epoch"),
+    "train.save_strategy": ("no", "steps", "epoch", "best"),
+    "tokenizer.padding_side": ("left", "right"),
+}
+
+
+def closest(word: str, candidates) -> str:
+    """' Did you mean X?' for the nearest candidate, or ''."""
+    match = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1, cutoff=0.5)
+    return f" Did you mean '{match[0]}'?" if match else ""
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def validate(cfg: TuneforgeConfig) -> TuneforgeConfig:
+    """Check values and cross-field rules; raise ConfigError naming the key(s) and the fix."""
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(
+                f"{key}={value!r} is not valid; choose one of {', '.join(allowed)}.{closest(value, allowed)}"
+            )
+    t = cfg.train
+    positive = {
+        "train.learning_rate": t.learning_rate,
+        "train.per_device_train_batch_size": t.per_device_train_batch_size,
+        "train.per_device_eval_batch_size": t.per_device_eval_batch_size,
+        "train.gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "train.max_length": t.max_length,
+        "train.logging_steps": t.logging_steps,
+        "eval.num_samples": cfg.eval.num_samples,
+        "eval.max_new_tokens": cfg.eval.max_new_tokens,
+        "eval.batch_size": cfg.eval.batch_size,
+        "data.builtin_rows": cfg.data.builtin_rows,
+    }
+    if cfg.peft.method == "lora":
+        positive.update({"peft.r": cfg.peft.r, "peft.lora_alpha": cfg.peft.lora_alpha})
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}={value} must be > 0.")
+    if t.max_steps == 0 or t.max_steps < -1:
+        raise ConfigError(f"train.max_steps={t.max_steps}: use a positive step count, or -1 to train by epochs.")
+    if t.max_steps == -1 and t.num_train_epochs <= 0:
+        raise ConfigError("train.num_train_epochs must be > 0 when train.max_steps=-1.")
+    if not 0.0 <= cfg.peft.lora_dropout < 1.0:
+        raise ConfigError(f"peft.lora_dropout={cfg.peft.lora_dropout} must be in [0, 1).")
+    if not 0.0 <= cfg.data.eval_fraction < 1.0:
+        raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be in [0, 1).")
+    tm = cfg.peft.target_modules
+    if not (tm == "all-linear" or (isinstance(tm, (list, tuple)) and tm and all(isinstance(m, str) for m in tm))):
+        raise ConfigError(
+            f"peft.target_modules={tm!r}: use 'all-linear' or a list of module names, e.g. [q_proj,v_proj]."
+        )
+
+    # Cross-field rules.
+    if cfg.quant.load_in_4bit and cfg.peft.method == "none":
+        raise ConfigError(
+            "quant.load_in_4bit=true with peft=none would train 4-bit weights directly, which bitsandbytes cannot do. "
+            "Use peft=lora for QLoRA, or quant=none for a full fine-tune."
+        )
+    if t.load_best_model_at_end and t.eval_strategy == "no":
+        raise ConfigError(
+            "train.load_best_model_at_end=true needs evaluation: set train.eval_strategy=steps (or epoch)."
+        )
+    if t.eval_strategy == "steps" and not t.eval_steps:
+        raise ConfigError("train.eval_strategy=steps needs train.eval_steps (a positive step count).")
+    if t.save_strategy == "steps" and t.save_steps <= 0:
+        raise ConfigError("train.save_strategy=steps needs train.save_steps > 0.")
+    if cfg.task == "sft" and cfg.collator.name == "padding":
+        raise ConfigError(
+            "collator=padding builds no language-model labels; with task=sft use collator=completion_only, "
+            "assistant_only or lm."
+        )
+    if cfg.task == "classification" and cfg.collator.name != "padding":
+        raise ConfigError(
+            f"task=classification with collator={cfg.collator.name}: causal-LM collators build next-token labels; "
+            "use collator=padding."
+        )
+    if cfg.packing.mode != "none" and cfg.task == "classification":
+        raise ConfigError("packing.mode must be none for task=classification (one label per sequence).")
+    if cfg.format.strategy == "template" and not cfg.format.template:
+        raise ConfigError("format.strategy=template needs format.template, e.g. '### Question: {prompt}\\n### Answer: {completion}'.")
+    if cfg.format.strategy == "template" and not cfg.format.response_template:
+        raise ConfigError(
+            "format.strategy=template needs format.response_template (the text that starts the answer) "
+            "so that the prompt can be masked."
+        )
+    return cfg
+
+
+def to_object(cfg: DictConfig) -> Any:
+    """DictConfig (already merged into a schema) -> dataclass instance."""
+    return OmegaConf.to_object(cfg)
+
+
+def schema_keys(schema: Any, prefix: str = "") -> list[str]:
+    """Every dotted key of a dataclass schema, for suggestions."""
+    keys = []
+    for f in fields(schema):
+        name = f"{prefix}{f.name}"
+        keys.append(name)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if is_dataclass(default):
+            keys.extend(schema_keys(default, name + "."))
+    return keys

@@ -1,0 +1,66 @@
+"""`tuneforge infer`: answer prompts with a trained run, through the shared inference helper."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tuneforge import runs
+from tuneforge.config import ConfigError, InferConfig
+from tuneforge.inference import GenerationSettings, generate
+from tuneforge.models.trained import load_trained
+
+
+def read_prompts(path: str) -> list:
+    """JSONL: one {"prompt": "..."} or {"messages": [...]} per line."""
+    prompts = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}:{n}: not valid JSON ({exc.msg}).") from None
+        if "messages" in row:
+            prompts.append(row["messages"])
+        elif "prompt" in row:
+            prompts.append(row["prompt"])
+        else:
+            raise ConfigError(f"{path}:{n}: expected a 'prompt' or 'messages' key, found {sorted(row)}.")
+    return prompts
+
+
+def run(cfg: InferConfig) -> list[str]:
+    if not (cfg.prompt or cfg.prompts_file or cfg.chat):
+        raise ConfigError('infer needs prompt="...", prompts_file=FILE.jsonl or chat=true.')
+    settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, max_input_tokens=cfg.max_input_tokens,
+                                  batch_size=cfg.batch_size, do_sample=cfg.do_sample,
+                                  temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
+    model, tokenizer, _ = load_trained(cfg.run_dir)
+    if cfg.chat:
+        return _chat(model, tokenizer, settings)
+    prompts = [cfg.prompt] if cfg.prompt else read_prompts(cfg.prompts_file)
+    answers = generate(model, tokenizer, prompts, settings)
+    for answer in answers:
+        print(answer)
+    if cfg.output_file:
+        runs.write_predictions(Path(cfg.output_file), [{"prompt": p, "completion": a} for p, a in zip(prompts, answers)])
+    return answers
+
+
+def _chat(model, tokenizer, settings) -> list[str]:
+    """Interactive multi-turn chat with streamed answers; an empty line or Ctrl-D ends it."""
+    messages, answers = [], []
+    while True:
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            break
+        if not text:
+            break
+        messages.append({"role": "user", "content": text})
+        print("model> ", end="", flush=True)
+        answer = generate(model, tokenizer, [messages], settings, stream=True)[0]
+        messages.append({"role": "assistant", "content": answer})
+        answers.append(answer)
+    return answers

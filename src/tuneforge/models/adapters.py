@@ -1,0 +1,51 @@
+"""PEFT: LoRA on a (4-bit) base, and reloading a saved adapter (DESIGN rule 10)."""
+
+from __future__ import annotations
+
+import logging
+
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import PreTrainedModel
+
+from tuneforge.config import PeftConfig
+
+log = logging.getLogger(__name__)
+
+# Non-reentrant checkpointing works with frozen inputs and PEFT; the reentrant default warns or breaks.
+GC_KWARGS = {"use_reentrant": False}
+
+
+def lora_config(cfg: PeftConfig, task_type: str = "CAUSAL_LM") -> LoraConfig:
+    target = cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules)
+    return LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=target,
+        bias=cfg.bias,
+        use_rslora=cfg.use_rslora,
+        modules_to_save=list(cfg.modules_to_save) if cfg.modules_to_save else None,
+        task_type=task_type,
+    )
+
+
+def apply_peft(model: PreTrainedModel, cfg: PeftConfig, quantized: bool, gradient_checkpointing: bool):
+    """Wrap the model for training: kbit preparation on a 4-bit base, then LoRA (or nothing)."""
+    if quantized:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=GC_KWARGS
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=GC_KWARGS)
+        if cfg.method == "lora":
+            model.enable_input_require_grads()
+    if cfg.method == "none":
+        return model
+    model = get_peft_model(model, lora_config(cfg))
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("LoRA: %s trainable of %s parameters (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    return model
+
+
+def load_adapter(base: PreTrainedModel, adapter_dir: str) -> PeftModel:
+    return PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)

@@ -1,0 +1,110 @@
+"""Load a causal LM: resolve where it lives, quantize to 4-bit, fix embeddings and special-token ids.
+
+DESIGN rules 9 (embedding resize) and 10 (4-bit loading) live here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from tuneforge.config import ModelConfig, QuantConfig
+from tuneforge.models import embedded
+
+log = logging.getLogger(__name__)
+
+
+def resolve_path(cfg: ModelConfig) -> str:
+    """A local directory or hub id that `from_pretrained` understands."""
+    if embedded.is_embedded(cfg.name_or_path):
+        return str(embedded.resolve(cfg.name_or_path, cfg.cache_dir))
+    return cfg.name_or_path
+
+
+def device_supports_bf16() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def compute_dtype(name: str) -> torch.dtype:
+    """auto: bf16 where the accelerator supports it, else fp32 (fp32 is also the faster choice on CPUs)."""
+    if name == "auto":
+        return torch.bfloat16 if device_supports_bf16() else torch.float32
+    return getattr(torch, name)
+
+
+def quantization_config(cfg: QuantConfig) -> BitsAndBytesConfig | None:
+    if not cfg.load_in_4bit:
+        return None
+    kwargs = {}
+    if cfg.bnb_4bit_quant_storage:
+        kwargs["bnb_4bit_quant_storage"] = getattr(torch, cfg.bnb_4bit_quant_storage)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=compute_dtype(cfg.bnb_4bit_compute_dtype),
+        **kwargs,
+    )
+
+
+def load_config(path: str, cfg: ModelConfig):
+    """The model's config only (no weights): what the doctor and dry runs need."""
+    return AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+
+
+def load_model(path: str, cfg: ModelConfig, quant: QuantConfig) -> PreTrainedModel:
+    bnb = quantization_config(quant)
+    dtype = compute_dtype(cfg.dtype) if bnb is None else compute_dtype(quant.bnb_4bit_compute_dtype)
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        revision=cfg.revision,
+        trust_remote_code=cfg.trust_remote_code,
+        dtype=dtype,
+        quantization_config=bnb,
+        attn_implementation=cfg.attn_implementation,
+        use_safetensors=None if Path(path).is_dir() else True,
+        device_map=_device_map(bnb),
+    )
+    log.info("Loaded %s (%s%s) in %.1f s", path, dtype, ", 4-bit NF4" if bnb else "", time.perf_counter() - start)
+    return model
+
+
+def _device_map(bnb: BitsAndBytesConfig | None):
+    # One process per device: Accelerate's launchers set LOCAL_RANK and the current device.
+    if torch.cuda.is_available():
+        return {"": torch.cuda.current_device()}
+    return {"": "cpu"} if bnb is not None else None
+
+
+def resize_rows(old_rows: int, needed: int) -> int:
+    """DESIGN rule 9: grow only when needed, to a multiple of min(64, the largest power of two
+    dividing the old row count) -- capped so 49152 rows do not jump to 65536 for one token."""
+    if needed <= old_rows:
+        return old_rows
+    multiple = min(64, old_rows & -old_rows)
+    return -(-needed // multiple) * multiple
+
+
+def fit_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Resize when the tokenizer outgrew the embeddings (new rows = mean of the old ones), then copy
+    the tokenizer's pad/bos/eos ids into model.config and generation_config. Returns new row ids."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    new_rows = resize_rows(rows, len(tokenizer))
+    added = []
+    if new_rows != rows:
+        # mean_resizing=True initialises new rows to the mean of the old ones (input and output).
+        model.resize_token_embeddings(new_rows, pad_to_multiple_of=None, mean_resizing=True)
+        added = list(range(rows, len(tokenizer)))
+        log.info("Resized embeddings %d -> %d rows", rows, new_rows)
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name)
+        if value is not None:
+            setattr(model.config, name, value)
+            if model.generation_config is not None:
+                setattr(model.generation_config, name, value)
+    return added

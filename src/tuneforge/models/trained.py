@@ -1,0 +1,35 @@
+"""Load what a run saved: its config, its fixed tokenizer, the base model as trained, and the adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from tuneforge import runs
+from tuneforge.compose import to_validated
+from tuneforge.config import ConfigError, TuneforgeConfig
+from tuneforge.models.adapters import load_adapter
+from tuneforge.models.loading import fit_embeddings, load_model, resolve_path
+
+
+def run_config(run_dir: Path) -> TuneforgeConfig:
+    return to_validated(OmegaConf.merge(OmegaConf.structured(TuneforgeConfig), runs.read_config(run_dir)))
+
+
+def load_trained(run_dir: str | Path):
+    """(model, tokenizer, config): the base loaded exactly as for training (same 4-bit settings), the
+    tokenizer and chat template saved with the run, and the adapter on top."""
+    from transformers import AutoTokenizer
+
+    run_dir = Path(run_dir)
+    cfg = run_config(run_dir)
+    adapter_dir = run_dir / runs.ADAPTER_DIR
+    if not adapter_dir.is_dir():
+        raise ConfigError(f"{run_dir} has no {runs.ADAPTER_DIR}/ (did training finish?).")
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    model = load_model(resolve_path(cfg.model), cfg.model, cfg.quant)
+    fit_embeddings(model, tokenizer)
+    if cfg.peft.method != "none":
+        model = load_adapter(model, str(adapter_dir))
+    return model, tokenizer, cfg

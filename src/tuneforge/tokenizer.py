@@ -1,0 +1,134 @@
+"""Load the tokenizer and apply the fixes fine-tuning needs (DESIGN rule 1).
+
+PAD must not be EOS: with PAD == EOS the collator masks EOS as padding and the model never learns
+to stop. `pad_token=auto` uses UNK when it exists and differs from EOS, otherwise adds `<|pad|>`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from tuneforge.config import ConfigError, TokenizerConfig
+
+log = logging.getLogger(__name__)
+
+NEW_PAD = "<|pad|>"
+
+
+@dataclass
+class TokenizerReport:
+    """What the fixes changed, for the run record and the doctor."""
+
+    fixes: list[str] = field(default_factory=list)
+    added_tokens: list[str] = field(default_factory=list)
+
+
+def load_tokenizer(name_or_path: str, cfg: TokenizerConfig, revision: str | None = None,
+                   trust_remote_code: bool = False) -> tuple[PreTrainedTokenizerBase, TokenizerReport]:
+    tokenizer = AutoTokenizer.from_pretrained(
+        cfg.name_or_path or name_or_path, revision=revision, trust_remote_code=trust_remote_code
+    )
+    report = apply_fixes(tokenizer, cfg)
+    return tokenizer, report
+
+
+def apply_fixes(tokenizer: PreTrainedTokenizerBase, cfg: TokenizerConfig) -> TokenizerReport:
+    report = TokenizerReport()
+    _set_chat_template(tokenizer, cfg.chat_template, report)
+    if cfg.add_special_tokens:
+        if tokenizer.add_tokens(list(cfg.add_special_tokens), special_tokens=True):
+            report.added_tokens += list(cfg.add_special_tokens)
+    if cfg.add_tokens:
+        if tokenizer.add_tokens(list(cfg.add_tokens)):
+            report.added_tokens += list(cfg.add_tokens)
+    _fix_pad(tokenizer, cfg.pad_token, report)
+    tokenizer.padding_side = cfg.padding_side
+    return report
+
+
+def _fix_pad(tokenizer: PreTrainedTokenizerBase, how: str, report: TokenizerReport) -> None:
+    eos, pad, unk = tokenizer.eos_token, tokenizer.pad_token, tokenizer.unk_token
+    if how == "none":
+        return
+    if how == "auto":
+        if pad is not None and pad != eos:
+            return
+        how = "unk" if unk is not None and unk != eos else "new"
+    if how == "unk":
+        if unk is None or unk == eos:
+            raise ConfigError(
+                f"tokenizer.pad_token=unk, but this tokenizer's UNK is {unk!r} (EOS is {eos!r}); "
+                "use tokenizer.pad_token=new or auto."
+            )
+        new = unk
+    elif how == "new":
+        new = NEW_PAD
+        if new not in tokenizer.get_vocab():
+            tokenizer.add_special_tokens({"pad_token": new})
+            report.added_tokens.append(new)
+    else:
+        new = how
+        if new == eos:
+            raise ConfigError(f"tokenizer.pad_token={new!r} is the EOS token; PAD must differ from EOS.")
+        if new not in tokenizer.get_vocab():
+            tokenizer.add_special_tokens({"pad_token": new})
+            report.added_tokens.append(new)
+    tokenizer.pad_token = new
+    report.fixes.append(f"pad_token {pad!r} -> {new!r} (PAD must differ from EOS {eos!r})")
+    log.info("Tokenizer fix: %s", report.fixes[-1])
+
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _set_chat_template(tokenizer: PreTrainedTokenizerBase, how: str, report: TokenizerReport) -> None:
+    if how == "keep":
+        return
+    if how == "chatml":
+        template = CHATML
+    elif how.endswith(".jinja") or Path(how).is_file():
+        path = Path(how).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"tokenizer.chat_template={how!r}: file not found.")
+        template = path.read_text()
+    else:
+        template = how
+    tokenizer.chat_template = template
+    report.fixes.append(f"chat_template set ({how if len(how) < 40 else 'inline template'})")
+
+
+def content_hash(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A hash of what the tokenizer does (vocab, merges, specials, template), not of its name."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    h.update(json.dumps(
+        {
+            "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+            "added": sorted(str(t) for t in tokenizer.get_added_vocab()),
+            "template": tokenizer.chat_template or "",
+            "padding_side": tokenizer.padding_side,
+            "truncation_side": tokenizer.truncation_side,
+        },
+        sort_keys=True,
+    ).encode())
+    return h.hexdigest()[:16]
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """EOS plus the chat template's end-of-turn token when it differs (e.g. <|im_end|>, <|eot_id|>)."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    vocab = tokenizer.get_vocab()
+    for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
+        if tok in vocab and tok in (tokenizer.chat_template or "") and vocab[tok] not in ids:
+            ids.append(vocab[tok])
+    return ids

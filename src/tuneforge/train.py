@@ -1,0 +1,151 @@
+"""`tuneforge train`: the SFT pipeline, stage by stage, top to bottom (DESIGN.md section 2)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+from trl import SFTConfig, SFTTrainer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from tuneforge import runs
+from tuneforge.config import CollatorConfig, TrainConfig, TuneforgeConfig
+from tuneforge.data.pipeline import PreparedData, prepare
+from tuneforge.evaluate import evaluate_generations, print_comparison
+from tuneforge.inference import GenerationSettings
+from tuneforge.models.adapters import apply_peft
+from tuneforge.models.loading import device_supports_bf16, fit_embeddings, load_model, resolve_path
+from tuneforge.tokenizer import content_hash, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def sft_config(cfg: TrainConfig, run_dir: Path) -> SFTConfig:
+    """SFTConfig from `train.*` (same names), plus what tuneforge decides for the user."""
+    bf16 = device_supports_bf16() if cfg.bf16 is None else cfg.bf16
+    return SFTConfig(
+        output_dir=str(run_dir),
+        learning_rate=cfg.learning_rate,
+        max_steps=cfg.max_steps,
+        num_train_epochs=cfg.num_train_epochs,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_eval_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        max_length=cfg.max_length,
+        truncation_mode=cfg.truncation_mode,
+        warmup_steps=cfg.warmup_steps,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        optim=cfg.optim,
+        logging_steps=cfg.logging_steps,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        # PEFT/kbit preparation already enabled checkpointing (non-reentrant) on the right module.
+        gradient_checkpointing=False,
+        save_strategy=cfg.save_strategy,
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        eval_strategy=cfg.eval_strategy,
+        eval_steps=cfg.eval_steps,
+        load_best_model_at_end=cfg.load_best_model_at_end,
+        report_to=list(cfg.report_to),
+        dataloader_num_workers=cfg.dataloader_num_workers,
+        bf16=bf16,
+        include_num_input_tokens_seen="non_padding",
+        # Tokens and labels were built by tuneforge's data stage (masks counted there).
+        dataset_kwargs={"skip_prepare_dataset": True},
+        remove_unused_columns=False,
+    )
+
+
+def collator(cfg: CollatorConfig, pad_token_id: int) -> DataCollatorForLanguageModeling:
+    # Labels come from the data stage; at batch time the collator only pads (labels with -100).
+    return DataCollatorForLanguageModeling(pad_token_id=pad_token_id, pad_to_multiple_of=cfg.pad_to_multiple_of)
+
+
+class LogToFile(TrainerCallback):
+    """Trainer logs (loss, lr, grad norm) into tuneforge's log, which Hydra writes to the run directory."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs:
+            log.info("step %d: %s", state.global_step, {k: round(v, 6) if isinstance(v, float) else v for k, v in logs.items()})
+
+
+def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any) -> dict:
+    """Train, save and score; returns the metrics written to metrics.json."""
+    runs.claim_run_dir(run_dir)
+    runs.write_config(run_dir, resolved_config)
+
+    model_path = resolve_path(cfg.model)
+    tokenizer, tok_report = load_tokenizer(model_path, cfg.tokenizer, cfg.model.revision, cfg.model.trust_remote_code)
+    data = prepare(cfg.data, cfg.format, cfg.train, tokenizer)
+
+    start = time.perf_counter()
+    model = load_model(model_path, cfg.model, cfg.quant)
+    load_seconds = time.perf_counter() - start
+    fit_embeddings(model, tokenizer)
+    model = apply_peft(model, cfg.peft, cfg.quant.load_in_4bit, cfg.train.gradient_checkpointing)
+
+    gen = GenerationSettings(max_new_tokens=cfg.eval.max_new_tokens, max_input_tokens=cfg.eval.max_input_tokens,
+                             batch_size=cfg.eval.batch_size)
+    held_out = list(data.eval["messages"][: cfg.eval.num_samples]) if cfg.eval.before_after else []
+    before = _score(model, tokenizer, held_out, gen, adapter_off=True) if held_out else None
+
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config(cfg.train, run_dir),
+        train_dataset=data.train,
+        eval_dataset=data.eval.remove_columns("messages") if cfg.train.eval_strategy != "no" else None,
+        processing_class=tokenizer,
+        data_collator=collator(cfg.collator, tokenizer.pad_token_id),
+        callbacks=[LogToFile()],
+    )
+    result = trainer.train()
+    trainer.save_model(str(run_dir / runs.ADAPTER_DIR))
+    tokenizer.save_pretrained(str(run_dir / runs.ADAPTER_DIR))
+
+    after = _score(model, tokenizer, held_out, gen) if held_out else None
+    metrics = _metrics(result, trainer, data, tok_report, load_seconds, tokenizer, before, after)
+    runs.write_json(run_dir / runs.METRICS_FILE, metrics)
+    if after is not None:
+        runs.write_predictions(run_dir / "predictions.jsonl", after.predictions)
+        print_comparison(before.scores, after.scores, len(held_out))
+    runs.plot_losses(trainer.state.log_history, run_dir / "loss.png")
+    log.info("Run saved in %s", run_dir)
+    return metrics
+
+
+def _score(model, tokenizer, conversations, settings, adapter_off: bool = False):
+    if adapter_off and hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            return evaluate_generations(model, tokenizer, conversations, settings)
+    return evaluate_generations(model, tokenizer, conversations, settings)
+
+
+def _metrics(result, trainer, data: PreparedData, tok_report, load_seconds, tokenizer, before, after) -> dict:
+    runtime = result.metrics.get("train_runtime", 0.0)
+    tokens = trainer.state.num_input_tokens_seen
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    metrics = {
+        "train_loss": result.training_loss,
+        "first_logged_loss": losses[0] if losses else None,
+        "last_logged_loss": losses[-1] if losses else None,
+        "train_runtime_s": runtime,
+        "train_steps": trainer.state.global_step,
+        "tokens_seen": tokens,
+        "tokens_per_second": tokens / runtime if runtime else None,
+        "model_load_s": load_seconds,
+        "data": {split: st.as_dict() for split, st in data.stats.items()},
+        "tokenizer": {"fixes": tok_report.fixes, "added_tokens": tok_report.added_tokens,
+                      "content_hash": content_hash(tokenizer)},
+        "log_history": trainer.state.log_history,
+    }
+    if before is not None and after is not None:
+        metrics["eval_before"] = before.scores
+        metrics["eval_after"] = after.scores
+        metrics["eval_samples"] = len(after.predictions)
+    return metrics

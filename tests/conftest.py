@@ -1,0 +1,55 @@
+"""Shared fixtures. The embedded model is converted once per machine into the user cache (the same
+cache `make demo` uses), so only the first run on a fresh machine pays the ~40 s conversion."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def shared(path: str) -> Path:
+    """A file under ../shared/data, or skip: a user's clone has no shared/ directory."""
+    p = SHARED_DATA / path
+    if not p.exists():
+        pytest.skip(f"{p} is absent (shared test data lives beside the checkout)")
+    return p
+
+
+@pytest.fixture(scope="session")
+def smollm_dir() -> str:
+    from tuneforge.models.embedded import resolve
+
+    return str(resolve("embedded:smollm2-135m-instruct"))
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer(smollm_dir):
+    from tuneforge.config import TokenizerConfig
+    from tuneforge.tokenizer import load_tokenizer
+
+    tokenizer, _ = load_tokenizer(smollm_dir, TokenizerConfig())
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def smollm_fp32(smollm_dir):
+    """The embedded model unquantized in fp32, in eval mode (shared: tests must not train it)."""
+    from tuneforge.config import ModelConfig, QuantConfig
+    from tuneforge.models.loading import load_model
+
+    model = load_model(smollm_dir, ModelConfig(dtype="float32"), QuantConfig(load_in_4bit=False))
+    return model.eval()
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run the real `tuneforge` console script in a fresh process."""
+    exe = Path(sys.executable).with_name("tuneforge")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([str(exe), *args], cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout, env=env)

@@ -1,0 +1,74 @@
+"""Strict configs: bad keys, types, values and combinations fail before any model loads."""
+
+from __future__ import annotations
+
+import pytest
+
+from tuneforge.compose import group_options, load_config
+from tuneforge.config import ConfigError
+from tests.conftest import run_cli
+
+
+def test_defaults_compose_to_the_demo():
+    cfg = load_config([])
+    assert cfg.model.name_or_path == "embedded:smollm2-135m-instruct"
+    assert cfg.quant.load_in_4bit and cfg.quant.bnb_4bit_quant_type == "nf4" and cfg.quant.bnb_4bit_use_double_quant
+    assert cfg.peft.method == "lora"
+    assert cfg.tokenizer.pad_token == "auto"
+    assert cfg.train.max_steps == 30  # from recipes/demo.yaml, applied over conf/train/default.yaml
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.lerning_rate=1e-4", "unknown config key 'train.lerning_rate'.*Did you mean 'train.learning_rate'"),
+        ("+train.warmup=3", "unknown config key 'train.warmup'.*Did you mean 'train.warmup_steps'"),
+        ("trian.max_steps=3", "unknown config key 'trian.max_steps'.*Did you mean 'train.max_steps'"),
+        ("train.learning_rate=fast", "train.learning_rate: Value 'fast'.*Float"),
+        ("train.max_steps=1.5", "train.max_steps: Value '1.5'.*Integer"),
+        ("peft.r=0", r"peft.r=0 must be > 0"),
+        ("collator.name=completion", "collator.name='completion' is not valid.*Did you mean 'completion_only'"),
+        ("model=smollm", "no such model config.*Did you mean 'smollm2_135m'"),
+        ("recipe=dmeo", "no such recipe config.*Did you mean 'demo'"),
+        ("peft=none", "quant.load_in_4bit=true with peft=none"),
+    ],
+)
+def test_bad_config_is_a_clear_error(override, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config([override])
+
+
+def test_full_finetune_combination_is_legal():
+    cfg = load_config(["quant=none", "peft=none"])
+    assert not cfg.quant.load_in_4bit and cfg.peft.method == "none"
+
+
+def test_multirun_checks_first_value_of_each_sweep():
+    assert load_config(["train.learning_rate=1e-4,2e-4"], multirun=True).train.learning_rate == 1e-4
+    with pytest.raises(ConfigError, match="lerning_rate"):
+        load_config(["train.lerning_rate=1e-4,2e-4"], multirun=True)
+
+
+@pytest.mark.parametrize("group", ["model", "tokenizer", "data", "format", "collator", "packing", "quant", "peft",
+                                   "train", "eval", "recipe"])
+def test_every_shipped_option_composes(group):
+    for option in group_options(group):
+        overrides = [f"{group}={option}"]
+        if (group, option) == ("model", "hub"):
+            overrides.append("model.name_or_path=some/model")
+        if (group, option) == ("peft", "none"):
+            overrides.append("quant=none")
+        load_config(overrides)
+
+
+def test_cli_rejects_bad_key_fast_with_exit_2(tmp_path):
+    result = run_cli("train", "train.lerning_rate=1e-4", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    assert "Did you mean 'train.learning_rate'" in result.stderr
+    assert not (tmp_path / "run").exists()  # failed before Hydra made a run directory
+
+
+def test_cli_cfg_job_prints_the_composed_config():
+    result = run_cli("train", "--cfg", "job", "train.max_steps=7")
+    assert result.returncode == 0, result.stderr
+    assert "max_steps: 7" in result.stdout and "name_or_path: embedded:smollm2-135m-instruct" in result.stdout

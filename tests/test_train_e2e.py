@@ -1,0 +1,68 @@
+"""End to end through the real CLI: a short QLoRA run on CPU, its run directory, and DESIGN rule 11
+(generation from the in-memory model after training == generation from the saved adapter reloaded
+in a fresh process)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, smollm_dir):
+    run_dir = tmp_path_factory.mktemp("e2e") / "run"
+    result = run_cli(
+        "train", "train.max_steps=3", "train.logging_steps=1", "train.per_device_train_batch_size=4",
+        "data.builtin_rows=120", "eval.num_samples=6", "eval.max_new_tokens=12", f"hydra.run.dir={run_dir}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, result
+
+
+def test_run_directory_contents(trained_run):
+    run_dir, result = trained_run
+    for name in ("config.yaml", "metrics.json", "loss.png", "predictions.jsonl", "train.log",
+                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/tokenizer.json",
+                 "adapter/chat_template.jinja"):
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "runs").rglob("events.out.tfevents.*"))  # TensorBoard by default
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    assert cfg.train.max_steps == 3 and cfg.data.builtin_rows == 120  # overrides recorded, resolved
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["train_steps"] == 3
+    assert metrics["tokens_seen"] > 0 and metrics["tokens_per_second"] > 0
+    assert metrics["eval_samples"] == 6
+    assert set(metrics["eval_before"]) == set(metrics["eval_after"]) >= {"exact_match"}
+    assert metrics["tokenizer"]["fixes"]  # PAD != EOS fix recorded
+    assert len([h for h in metrics["log_history"] if "loss" in h]) == 3
+    assert "step 3" in (run_dir / "train.log").read_text()
+    assert "Held-out generation" in result.stdout
+
+
+def test_in_memory_generation_equals_reloaded_adapter(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    rows = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": r["prompt"]}) + "\n" for r in rows))
+    answers = tmp_path / "answers.jsonl"
+    result = run_cli("infer", f"run_dir={run_dir}", f"prompts_file={prompts}", f"output_file={answers}",
+                     "max_new_tokens=12")
+    assert result.returncode == 0, result.stderr[-3000:]
+    reloaded = [json.loads(line)["completion"] for line in answers.read_text().splitlines()]
+    assert reloaded == [r["prediction"] for r in rows]
+
+
+def test_second_run_into_same_directory_is_refused(trained_run):
+    run_dir, _ = trained_run
+    before = (run_dir / "metrics.json").read_bytes()
+    result = run_cli("train", "train.max_steps=1", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 2
+    assert "already holds a run" in result.stderr + result.stdout
+    assert (run_dir / "metrics.json").read_bytes() == before
+    assert (run_dir / ".hydra" / "overrides.yaml").read_text().count("train.max_steps=3") == 1
