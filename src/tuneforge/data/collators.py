@@ -1,0 +1,98 @@
+"""Batch-time collators: pad or flatten what the data stage built. Labels are never computed here.
+
+The loss masks (labels) are built at preparation time (`data/tokenize.py`), so that they survive
+packing and are counted; the collators below only pad (right or left) or flatten (padding-free /
+packed rows, with position ids restarting per sequence). TRL's `DataCollatorForLanguageModeling` does
+the causal-LM work; transformers' `DataCollatorWithPadding` the classification padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from tuneforge.config import CollatorConfig, PackingConfig
+from tuneforge.data.tokenize import IGNORE
+
+
+@dataclass
+class CausalLMCollator(DataCollatorForLanguageModeling):
+    """TRL's causal-LM collator, plus left padding (TRL pads on the right only).
+
+    Left-padded rows carry explicit position ids (0 at each row's first real token), so a padded row
+    computes exactly what it computes alone, also for models with absolute position embeddings.
+    """
+
+    padding_side: str = "right"
+
+    def __post_init__(self):
+        if self.padding_side == "left" and not self.padding_free:
+            self.return_position_ids = True
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = super().torch_call(examples)
+        if self.padding_free or self.padding_side == "right":
+            return batch
+        width = batch["input_ids"].shape[1]
+        shifts = [width - int(n) for n in batch["attention_mask"].sum(dim=1)]
+        for key in ("input_ids", "labels", "attention_mask", "position_ids"):
+            batch[key] = torch.stack([row.roll(s) for row, s in zip(batch[key], shifts)])
+        return batch
+
+
+def build_collator(cfg: CollatorConfig, packing: PackingConfig, tokenizer: PreTrainedTokenizerBase,
+                   padding_side: str = "right") -> Callable:
+    """The batch collator for `collator.name` and `packing.mode`.
+
+    Every packing mode feeds the model padding-free batches: rows flattened into one, position ids
+    restarting at every sequence start (from `seq_lengths` for packed rows), the first label of every
+    sequence -100 and NO attention mask -- the only layout in which transformers' sdpa/eager/flex
+    attention isolate the packed sequences (with an all-ones mask they attend to each other).
+    """
+    if cfg.name == "padding":
+        return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=cfg.pad_to_multiple_of)
+    return CausalLMCollator(
+        pad_token_id=tokenizer.pad_token_id,
+        padding_free=packing.mode != "none",
+        pad_to_multiple_of=cfg.pad_to_multiple_of,
+        padding_side=padding_side,
+    )
+
+
+class TokenCounter:
+    """Wraps a collator and counts, over every batch it builds, the real tokens, the tokens the model
+    processes (padding included) and the tokens whose label enters the loss.
+
+    The counts live in a shared-memory tensor with one row per dataloader worker (row 0: the main
+    process), so they survive `dataloader_num_workers > 0` without locks.
+    """
+
+    def __init__(self, collate: Callable, num_workers: int = 0):
+        self.collate = collate
+        self.counts = torch.zeros(num_workers + 1, 3, dtype=torch.long).share_memory_()
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.collate(examples)
+        info = torch.utils.data.get_worker_info()
+        slot = 0 if info is None else 1 + info.id % (len(self.counts) - 1)
+        real = sum(len(e["input_ids"]) for e in examples)
+        labels = batch.get("labels")
+        # A causal LM predicts token t+1 from t: label 0 of a row never enters the loss.
+        trained = int((labels[..., 1:] != IGNORE).sum()) if labels is not None and labels.dim() == 2 else 0
+        self.counts[slot] += torch.tensor([real, batch["input_ids"].numel(), trained])
+        return batch
+
+    def summary(self) -> dict[str, Any]:
+        """padding_efficiency = real / processed tokens; trained_token_fraction = trained / real tokens."""
+        real, processed, trained = (int(x) for x in self.counts.sum(dim=0))
+        return {
+            "real_tokens": real,
+            "processed_tokens": processed,
+            "trained_tokens": trained,
+            "padding_efficiency": real / processed if processed else None,
+            "trained_token_fraction": trained / real if real else None,
+        }
