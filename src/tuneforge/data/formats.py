@@ -1,25 +1,65 @@
-"""Formatting strategies: turn a raw row into chat messages (role/content).
+"""Formatting strategies: turn a raw row into EITHER chat messages OR plain text with trained spans.
 
-Keeping conversations as messages until tokenization is what lets the masks know exactly where
-every assistant turn starts and ends.
+Chat strategies (instruction, conversational, alpaca with a chat template) keep the conversation as
+messages until rendering, which is what lets the masks find every assistant turn. Plain-text
+strategies (text, template, classic alpaca) know where the completion lies by construction, so they
+emit the text plus the [start, end) character spans to train (the completion and its EOS).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import difflib
+import string
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 from tuneforge.config import ConfigError, FormatConfig
 
 ROLES = {"system", "user", "assistant"}
 _SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
 
+# The Stanford Alpaca prompts (tatsu-lab/stanford_alpaca, train.py), for tokenizers without a chat template.
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+# Common column names, to suggest the `data.columns` mapping that fixes a missing column.
+_SYNONYMS = {
+    "prompt": ["question", "instruction", "input", "query", "sentence", "source", "text", "content", "context"],
+    "completion": ["answer", "output", "response", "target", "label", "summary", "translation", "reply"],
+    "messages": ["conversations", "conversation", "dialog", "dialogue", "chat", "turns"],
+    "text": ["content", "document", "sentence", "body", "story"],
+    "instruction": ["prompt", "question", "query", "task"],
+    "output": ["completion", "answer", "response", "target"],
+}
+
 
 class BadRow(ValueError):
     """A malformed row: counted, reported and dropped (or fatal with data.on_bad_row=error)."""
 
 
+@dataclass(frozen=True)
+class FormatContext:
+    """What formatting needs from the tokenizer: its EOS text and whether it has a chat template."""
+
+    eos_token: str
+    has_chat_template: bool
+
+
+Row = dict[str, Any]  # {"messages": [...]} or {"text": str, "spans": [[start, end], ...]}
+
+
 def _text(row: dict, column: str) -> str:
     value = row.get(column)
+    if value is None:
+        raise BadRow(f"{column} is null")
     if not isinstance(value, str):
         raise BadRow(f"{column} is {type(value).__name__}, not text")
     if not value.strip():
@@ -27,51 +67,168 @@ def _text(row: dict, column: str) -> str:
     return value
 
 
-def instruction(row: dict, cfg: FormatConfig) -> list[dict[str, str]]:
-    messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
-    messages.append({"role": "user", "content": _text(row, cfg.prompt_column)})
-    messages.append({"role": "assistant", "content": _text(row, cfg.completion_column)})
-    return messages
+def _with_eos(text: str, spans: list[list[int]], ctx: FormatContext, cfg: FormatConfig) -> Row:
+    """Append EOS (trained, as part of the last span) unless the text already ends with it."""
+    if cfg.append_eos and ctx.eos_token and not text.endswith(ctx.eos_token):
+        text += ctx.eos_token
+        if spans:
+            spans[-1][1] = len(text)
+    return {"text": text, "spans": spans}
 
 
-def conversational(row: dict, cfg: FormatConfig) -> list[dict[str, str]]:
+def _system(cfg: FormatConfig) -> list[dict[str, str]]:
+    return [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+
+
+def instruction(row: dict, cfg: FormatConfig, ctx: FormatContext) -> Row:
+    prompt, completion = row.get(cfg.prompt_column), row.get(cfg.completion_column)
+    if isinstance(prompt, list):  # TRL's conversational prompt/completion: lists of messages
+        return conversational({"messages": list(prompt) + list(completion or [])},
+                              FormatConfig(messages_column="messages", system_prompt=cfg.system_prompt), ctx)
+    return {"messages": _system(cfg) + [
+        {"role": "user", "content": _text(row, cfg.prompt_column)},
+        {"role": "assistant", "content": _text(row, cfg.completion_column)},
+    ]}
+
+
+def conversational(row: dict, cfg: FormatConfig, ctx: FormatContext) -> Row:
     raw = row.get(cfg.messages_column)
     if not isinstance(raw, list) or not raw:
         raise BadRow(f"{cfg.messages_column} is not a list of messages")
-    messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+    messages = []
     for turn in raw:
         if not isinstance(turn, dict):
             raise BadRow("a message is not a mapping")
-        role = turn.get("role", _SHAREGPT_ROLES.get(turn.get("from")))  # ShareGPT uses from/value
-        content = turn.get("content", turn.get("value"))
+        # ShareGPT uses from/value; Arrow gives every struct field, so absent keys read as None.
+        role = turn.get("role") or _SHAREGPT_ROLES.get(turn.get("from"))
+        content = turn.get("content") if turn.get("content") is not None else turn.get("value")
         if role not in ROLES:
-            raise BadRow(f"unknown role {turn.get('role', turn.get('from'))!r}")
+            raise BadRow(f"unknown role {turn.get('role') or turn.get('from')!r}")
         if not isinstance(content, str) or not content.strip():
             raise BadRow(f"empty or non-text {role} content")
         messages.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in messages):
         raise BadRow("no assistant turn")
-    return messages
+    if messages[0]["role"] != "system":
+        messages = _system(cfg) + messages
+    return {"messages": messages}
 
 
-STRATEGIES: dict[str, Callable[[dict, FormatConfig], list[dict[str, str]]]] = {
+def alpaca(row: dict, cfg: FormatConfig, ctx: FormatContext) -> Row:
+    instr, output = _text(row, cfg.instruction_column), _text(row, cfg.output_column)
+    extra = row.get(cfg.input_column)
+    if extra is not None and not isinstance(extra, str):
+        raise BadRow(f"{cfg.input_column} is {type(extra).__name__}, not text")
+    extra = (extra or "").strip()
+    if _alpaca_chat(cfg, ctx):
+        user = f"{instr}\n\n{extra}" if extra else instr
+        return {"messages": _system(cfg) + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]}
+    prompt = (ALPACA_PROMPT.format(instruction=instr, input=extra) if extra
+              else ALPACA_PROMPT_NO_INPUT.format(instruction=instr))
+    return _with_eos(prompt + output, [[len(prompt), len(prompt) + len(output)]], ctx, cfg)
+
+
+def _alpaca_chat(cfg: FormatConfig, ctx: FormatContext) -> bool:
+    return cfg.alpaca_style == "chat" or (cfg.alpaca_style == "auto" and ctx.has_chat_template)
+
+
+def renders_chat(cfg: FormatConfig, ctx: FormatContext) -> bool:
+    """Whether the strategy emits messages (rendered by the chat template) rather than plain text."""
+    return cfg.strategy in ("instruction", "conversational") or (cfg.strategy == "alpaca" and _alpaca_chat(cfg, ctx))
+
+
+def text(row: dict, cfg: FormatConfig, ctx: FormatContext) -> Row:
+    """Bring-your-own formatted text. With format.response_template, what follows its first occurrence is
+    trained; without, spans stay empty and the collator's response_template locates the completion."""
+    value = _text(row, cfg.text_column)
+    if not cfg.response_template:
+        return _with_eos(value, [], ctx, cfg)
+    at = value.find(cfg.response_template)
+    if at < 0:
+        raise BadRow("response_template not found in the text")
+    start = at + len(cfg.response_template)
+    return _with_eos(value, [[start, len(value)]], ctx, cfg)
+
+
+def template_fields(template: str) -> list[str]:
+    """The column names a str.format template uses, in order."""
+    names = [f for _, f, _, _ in string.Formatter().parse(template) if f]
+    return list(dict.fromkeys(n.split(".")[0].split("[")[0] for n in names if n != "eos_token"))
+
+
+def template(row: dict, cfg: FormatConfig, ctx: FormatContext) -> Row:
+    """A str.format template over the row's columns. The completion span is known by construction: everything
+    rendered after `response_template` (the validated split point), through the EOS."""
+    values = {}
+    for name in template_fields(cfg.template):
+        value = row.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
+        values[name] = _text({name: value}, name)
+    cut = cfg.template.index(cfg.response_template) + len(cfg.response_template)
+    try:
+        prompt = cfg.template[:cut].format(eos_token=ctx.eos_token, **values)
+        answer = cfg.template[cut:].format(eos_token=ctx.eos_token, **values)
+    except (ValueError, IndexError) as exc:
+        raise ConfigError(f"format.template={cfg.template!r} is not a valid format string: {exc}") from exc
+    return _with_eos(prompt + answer, [[len(prompt), len(prompt) + len(answer)]], ctx, cfg)
+
+
+STRATEGIES: dict[str, Callable[[dict, FormatConfig, FormatContext], Row]] = {
     "instruction": instruction,
     "conversational": conversational,
+    "alpaca": alpaca,
+    "text": text,
+    "template": template,
 }
 
 
-def formatter(cfg: FormatConfig) -> Callable[[dict], list[dict[str, str]]]:
-    if cfg.strategy not in STRATEGIES:
-        raise ConfigError(f"format.strategy={cfg.strategy} is not implemented yet; use {', '.join(STRATEGIES)}.")
+def formatter(cfg: FormatConfig, ctx: FormatContext) -> Callable[[dict], Row]:
     fn = STRATEGIES[cfg.strategy]
-    return lambda row: fn(row, cfg)
+    return lambda row: fn(row, cfg, ctx)
 
 
 def required_columns(cfg: FormatConfig) -> list[str]:
     return {
         "instruction": [cfg.prompt_column, cfg.completion_column],
         "conversational": [cfg.messages_column],
-    }.get(cfg.strategy, [])
+        "alpaca": [cfg.instruction_column, cfg.output_column],
+        "text": [cfg.text_column],
+        "template": template_fields(cfg.template or ""),
+    }[cfg.strategy]
+
+
+def used_columns(cfg: FormatConfig) -> list[str]:
+    """Every column the strategy reads (required + optional): the rest are dropped before formatting."""
+    return required_columns(cfg) + ([cfg.input_column] if cfg.strategy == "alpaca" else [])
+
+
+def check_columns(cfg: FormatConfig, have: list[str], where: str, renames: Optional[dict[str, str]] = None) -> None:
+    """Fail before formatting when the strategy's columns are missing, naming the mapping that would fix it."""
+    missing = [c for c in required_columns(cfg) if c not in have]
+    if not missing:
+        return
+    hint = suggest_mapping(missing, have)
+    fix = (f" Map them with data.columns, e.g. " + ", ".join(f"+data.columns.{src}={dst}" for dst, src in hint.items())
+           + f" (or point format.*_column at the existing columns)." if hint
+           else " Rename columns with data.columns.OLD=NEW, or point format.*_column at existing columns.")
+    renamed = f" (after data.columns={renames})" if renames else ""
+    raise ConfigError(
+        f"format.strategy={cfg.strategy} needs column(s) {missing}, but {where} has {have}{renamed}.{fix}"
+    )
+
+
+def suggest_mapping(missing: list[str], have: list[str]) -> dict[str, str]:
+    """{needed column: existing column} guessed from common names, then from spelling."""
+    free = [h for h in have if h not in missing]
+    out = {}
+    for need in missing:
+        pool = [h for h in free if h not in out.values()]
+        by_name = [h for h in pool if h.lower() in _SYNONYMS.get(need, [])]
+        close = by_name or difflib.get_close_matches(need, pool, n=1, cutoff=0.4)
+        if close:
+            out[need] = close[0]
+    return out
 
 
 def split_for_generation(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:

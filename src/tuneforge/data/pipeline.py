@@ -1,21 +1,58 @@
-"""The data stage: raw rows -> formatted messages -> tokens + labels, with everything counted."""
+"""The data stage: sources -> (mix) -> format -> render -> tokenize + labels, counted and cached by content.
+
+One batched `datasets.map` per source and split does format, render and tokenize together, so rows
+cross the Arrow boundary once. Every row reaches the tokenizer as text + trained character spans:
+chat rows are rendered with the chat template first (render.py), plain-text strategies carry their
+spans by construction (formats.py).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
 
-from datasets import Dataset
+import pyarrow.compute as pc
+from datasets import Dataset, DatasetDict, Features, List, Value, concatenate_datasets
+from datasets.fingerprint import generate_random_fingerprint
 from transformers import PreTrainedTokenizerBase
 
-from tuneforge.config import ConfigError, DataConfig, FormatConfig, TrainConfig
-from tuneforge.data.formats import BadRow, formatter, required_columns
-from tuneforge.data.sources import load_raw
-from tuneforge.data.tokenize import IGNORE, TemplateError, tokenize_conversations
-from tuneforge.tokenizer import stop_token_ids
+from tuneforge.config import ConfigError, DataConfig, FormatConfig, MixSourceConfig, TrainConfig
+from tuneforge.data import cache
+from tuneforge.data.formats import (
+    BadRow,
+    FormatContext,
+    check_columns,
+    formatter,
+    renders_chat,
+    used_columns,
+)
+from tuneforge.data.mix import mix_counts
+from tuneforge.data.render import render_conversations
+from tuneforge.data.sources import ROW, data_sources, load_source
+from tuneforge.data.text_masks import tokenize_texts
+from tuneforge.tokenizer import content_hash, stop_token_ids
 
 log = logging.getLogger(__name__)
+
+# Columns the model trains on, and what the held-out split keeps for generation scoring.
+TRAIN_COLUMNS = ["input_ids", "labels"]
+GENERATION_COLUMNS = ["messages", "text", "spans"]
+_MESSAGES = List({"role": Value("string"), "content": Value("string")})
+# Fixed output schema: a batch with no chat (or no text) rows still yields the same column types.
+OUT_FEATURES = Features({
+    "input_ids": List(Value("int64")),
+    "labels": List(Value("int64")),
+    "truncated": Value("bool"),
+    "n_trained": Value("int64"),
+    "bad": Value("string"),
+    ROW: Value("int64"),
+    "messages": _MESSAGES,
+    "text": Value("string"),
+    "spans": List(List(Value("int64"))),
+})
 
 
 @dataclass
@@ -28,81 +65,206 @@ class DataStats:
     fully_masked: int = 0
     tokens: int = 0
     trained_tokens: int = 0
+    # Rows kept per source (path), for mixes.
+    sources: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def rows_dropped(self) -> int:
+        return self.rows_in - self.rows_kept
 
 
 @dataclass
 class PreparedData:
     train: Dataset  # input_ids, labels
-    eval: Dataset  # input_ids, labels, messages (for generation scoring)
+    eval: Dataset  # input_ids, labels, messages (+ text, spans when plain-text rows exist), for generation scoring
     stats: dict[str, DataStats]
+    cache_path: Optional[str] = None
+    cache_hit: bool = False
 
 
 def prepare(data_cfg: DataConfig, format_cfg: FormatConfig, train_cfg: TrainConfig,
             tokenizer: PreTrainedTokenizerBase) -> PreparedData:
-    raw = load_raw(data_cfg)
-    needed = required_columns(format_cfg)
-    missing = [c for c in needed if c not in raw["train"].column_names]
-    if missing:
-        have = raw["train"].column_names
-        hint = ", ".join(f"+data.columns.{h}={m}" for m, h in zip(missing, have)) if have else ""
-        raise ConfigError(
-            f"format.strategy={format_cfg.strategy} needs column(s) {missing}; the data has {have}. "
-            f"Rename with data.columns (e.g. {hint}) or point format.*_column at existing columns."
-        )
-    stops = [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer)]
-    stats = {}
-    out = {}
-    for split, ds in raw.items():
-        st = DataStats(rows_in=len(ds))
-        formatted = _format(ds, format_cfg, data_cfg.on_bad_row, st, split)
-        if split == "train" and len(formatted) == 0:
-            raise ConfigError(f"No usable training rows left after dropping {st.bad_rows}; check the data and format.")
-        tok = formatted.map(
-            tokenize_conversations,
-            batched=True,
-            num_proc=data_cfg.num_proc,
-            fn_kwargs={"tokenizer": tokenizer, "stop_strings": stops, "max_length": train_cfg.max_length,
-                       "truncation_mode": train_cfg.truncation_mode},
-            remove_columns=[c for c in formatted.column_names if c != "messages"],
-            desc=f"Tokenizing {split}",
-        )
-        trained = [sum(1 for x in labels if x != IGNORE) for labels in tok["labels"]]
-        st.truncated = sum(tok["truncated"])
-        st.tokens = sum(tok["num_tokens"])
-        st.trained_tokens = sum(trained)
-        keep = [i for i, n in enumerate(trained) if n > 0]
-        st.fully_masked = len(tok) - len(keep)
-        tok = tok.select(keep) if st.fully_masked else tok
-        st.rows_kept = len(tok)
-        stats[split] = st
-        columns = ["input_ids", "labels"] + (["messages"] if split == "eval" else [])
-        out[split] = tok.select_columns(columns)
+    """Prepared train/eval sets (tokens + loss labels) and their statistics; reused from the cache when the
+    data content, configs and tokenizer content are unchanged."""
+    sources = data_sources(data_cfg, format_cfg)
+    for src in sources:
+        _check_chat_template(src.format, tokenizer)
+    key = (cache.cache_key(data_cfg, sources, train_cfg.max_length, train_cfg.truncation_mode,
+                           content_hash(tokenizer)) if data_cfg.cache else None)
+    if key and (hit := cache.load(data_cfg, key)):
+        splits, stats = hit
+        log.info("Prepared data from cache %s", cache.data_cache_dir(data_cfg) / key)
+        return PreparedData(train=splits["train"], eval=splits["eval"],
+                            stats={k: DataStats(**v) for k, v in stats.items()},
+                            cache_path=str(cache.data_cache_dir(data_cfg) / key), cache_hit=True)
+    splits, stats = _build(data_cfg, sources, train_cfg, tokenizer, key or generate_random_fingerprint())
+    for split, st in stats.items():
         _report(split, st)
-    return PreparedData(train=out["train"], eval=out["eval"], stats=stats)
+    path = None
+    if key:
+        path = str(cache.save(data_cfg, key, splits, {k: v.as_dict() for k, v in stats.items()}))
+        splits = cache.load(data_cfg, key)[0]  # memory-mapped, as a cache hit would give
+    return PreparedData(train=splits["train"], eval=splits["eval"], stats=stats, cache_path=path)
 
 
-def _format(ds: Dataset, cfg: FormatConfig, on_bad_row: str, st: DataStats, split: str) -> Dataset:
-    fmt = formatter(cfg)
-    messages, reasons, bad_idx = [], Counter(), []
-    for i, row in enumerate(ds):
+def _check_chat_template(fmt: FormatConfig, tokenizer: PreTrainedTokenizerBase) -> None:
+    ctx = format_context(tokenizer)
+    if renders_chat(fmt, ctx) and not ctx.has_chat_template:
+        raise ConfigError(
+            f"format.strategy={fmt.strategy} renders messages with the tokenizer's chat template, but this tokenizer "
+            "has none. Set tokenizer.chat_template=chatml (or a .jinja file), or use format.strategy=template "
+            "(or alpaca, which falls back to the classic Alpaca prompt)."
+        )
+
+
+def format_context(tokenizer: PreTrainedTokenizerBase) -> FormatContext:
+    return FormatContext(eos_token=tokenizer.eos_token or "", has_chat_template=bool(tokenizer.chat_template))
+
+
+def _build(cfg: DataConfig, sources: list[MixSourceConfig], train_cfg: TrainConfig,
+           tokenizer: PreTrainedTokenizerBase, key: str) -> tuple[DatasetDict, dict[str, DataStats]]:
+    raws = [load_source(src, cfg) for src in sources]
+    weights = [s.weight for s in sources] if sources[0].weight is not None else None
+    counts = mix_counts([len(r["train"]) for r in raws], weights, cfg.max_samples)
+    out, stats = {}, {}
+    for split in ("train", "eval"):
+        st, parts = DataStats(), []
+        for i, (src, raw) in enumerate(zip(sources, raws)):
+            ds = raw[split].select(range(counts[i])) if split == "train" else raw[split]
+            where = f"{split} split of {src.path!r}"
+            check_columns(src.format, [c for c in ds.column_names if c != ROW], where, src.columns or None)
+            ds = ds.select_columns([c for c in ds.column_names if c in used_columns(src.format) or c == ROW])
+            done = _process(ds, src.format, cfg, train_cfg, tokenizer, where,
+                            fingerprint=_fingerprint(key, split, i))
+            label = src.path if len(sources) > 1 else ""
+            parts.append(_account(done, st, label))
+        merged = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+        if len(parts) > 1 and split == "train" and cfg.shuffle:
+            merged = merged.shuffle(seed=cfg.seed)
+        if split == "train" and len(merged) == 0:
+            raise ConfigError(_empty_message(st))
+        keep = TRAIN_COLUMNS if split == "train" else TRAIN_COLUMNS + _generation_columns(merged)
+        out[split] = merged.select_columns(keep)
+        stats[split] = st
+    return DatasetDict(out), stats
+
+
+def _fingerprint(key: str, split: str, i: int) -> str:
+    # Given explicitly, so datasets never hashes the tokenizer passed to map (slow, and already in `key`).
+    return hashlib.sha256(f"{key}:{split}:{i}".encode()).hexdigest()[:16]
+
+
+def _process(ds: Dataset, fmt: FormatConfig, cfg: DataConfig, train_cfg: TrainConfig,
+             tokenizer: PreTrainedTokenizerBase, where: str, fingerprint: str) -> Dataset:
+    if len(ds) == 0:  # map would return the input columns unchanged
+        return Dataset.from_dict({k: [] for k in OUT_FEATURES}, features=OUT_FEATURES)
+    return ds.map(
+        process_batch,
+        batched=True,
+        batch_size=cfg.map_batch_size,
+        num_proc=cfg.num_proc if cfg.num_proc and len(ds) > cfg.map_batch_size else None,
+        remove_columns=[c for c in ds.column_names if c != ROW],
+        features=OUT_FEATURES,
+        keep_in_memory=True,  # the result is saved once, into tuneforge's cache
+        new_fingerprint=fingerprint,
+        fn_kwargs={
+            "fmt": fmt, "ctx": format_context(tokenizer), "tokenizer": tokenizer,
+            "stops": [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer)],
+            "max_length": train_cfg.max_length, "truncation_mode": train_cfg.truncation_mode,
+            "on_bad_row": cfg.on_bad_row, "where": where,
+        },
+        desc=f"Preparing {where}",
+    )
+
+
+def process_batch(batch: dict[str, list], fmt: FormatConfig, ctx: FormatContext, tokenizer: PreTrainedTokenizerBase,
+                  stops: list[str], max_length: int, truncation_mode: str, on_bad_row: str, where: str) -> dict:
+    """Batched map function: raw rows -> formatted -> rendered -> tokens + labels; malformed rows are kept
+    as empty rows with the reason in `bad` (counted, then dropped) or raise with data.on_bad_row=error."""
+    n = len(batch[ROW])
+    columns = list(batch)
+    fn = formatter(fmt, ctx)
+    rows: list[Optional[dict[str, Any]]] = [None] * n
+    bad = [""] * n
+
+    def fail(i: int, reason: str) -> None:
+        if on_bad_row == "error":
+            raise ConfigError(f"{where}: row {batch[ROW][i]} is malformed: {reason} "
+                              "(data.on_bad_row=error; data.on_bad_row=drop skips and counts such rows).")
+        bad[i] = reason
+
+    for i in range(n):
         try:
-            messages.append(fmt(row))
-        except (BadRow, TemplateError) as exc:
-            if on_bad_row == "error":
-                raise ConfigError(f"{split} row {i} is malformed: {exc} (data.on_bad_row=error).") from exc
-            reasons[str(exc)] += 1
-            bad_idx.append(i)
-    st.bad_rows = dict(reasons)
-    st.bad_row_examples = bad_idx[:5]
-    return Dataset.from_dict({"messages": messages})
+            rows[i] = fn({c: batch[c][i] for c in columns})
+        except BadRow as exc:
+            fail(i, str(exc))
+    chat = [i for i, r in enumerate(rows) if r is not None and "messages" in r]
+    for i, result in zip(chat, render_conversations(tokenizer, [rows[i]["messages"] for i in chat], stops)):
+        if isinstance(result, Exception):
+            fail(i, str(result))
+            rows[i] = None
+        else:
+            rows[i]["rendered"], rows[i]["spans"] = result
+    good = [i for i in range(n) if rows[i] is not None]
+    texts = [rows[i].get("rendered", rows[i].get("text")) for i in good]
+    tok = tokenize_texts(tokenizer, texts, [rows[i]["spans"] for i in good], max_length, truncation_mode)
+    out = {"input_ids": [[]] * n, "labels": [[]] * n, "truncated": [False] * n, "n_trained": [0] * n,
+           "bad": bad, ROW: batch[ROW], "messages": [None] * n, "text": [None] * n, "spans": [None] * n}
+    for j, i in enumerate(good):
+        for k in ("input_ids", "labels", "truncated", "n_trained"):
+            out[k][i] = tok[k][j]
+        out["messages"][i] = rows[i].get("messages")
+        if "messages" not in rows[i]:  # plain-text rows keep text + spans (generation prompt and reference)
+            out["text"][i], out["spans"][i] = rows[i]["text"], rows[i]["spans"]
+    return out
+
+
+def _account(done: Dataset, st: DataStats, label: str) -> Dataset:
+    """Add a processed part's counts to `st`; return its usable rows (well-formed, something to train)."""
+    table = done.data.table  # map output: no indices mapping
+    bad = table.column("bad").to_pylist()
+    n_trained = table.column("n_trained").to_pylist()
+    rows = table.column(ROW).to_pylist()
+    st.rows_in += len(bad)
+    reasons = Counter(f"{label}: {b}" if label else b for b in bad if b)
+    for reason, count in reasons.items():
+        st.bad_rows[reason] = st.bad_rows.get(reason, 0) + count
+    st.bad_row_examples += [r for r, b in zip(rows, bad) if b][: max(0, 5 - len(st.bad_row_examples))]
+    keep = [i for i, (b, t) in enumerate(zip(bad, n_trained)) if not b and t > 0]
+    st.fully_masked += sum(1 for b, t in zip(bad, n_trained) if not b and t == 0)
+    kept = table.take(keep) if len(keep) < len(bad) else table
+    st.rows_kept += len(keep)
+    st.truncated += pc.sum(kept.column("truncated")).as_py() or 0
+    st.tokens += pc.sum(pc.list_value_length(kept.column("input_ids"))).as_py() or 0
+    st.trained_tokens += pc.sum(kept.column("n_trained")).as_py() or 0
+    if label:
+        st.sources[label] = st.sources.get(label, 0) + len(keep)
+    return done.select(keep) if len(keep) < len(bad) else done
+
+
+def _generation_columns(ds: Dataset) -> list[str]:
+    """messages always (train.py reads them); text + spans only when plain-text rows are present."""
+    has_text = len(ds) > 0 and ds.data.column("text").null_count < len(ds.data)
+    return ["messages"] + (["text", "spans"] if has_text else [])
+
+
+def _empty_message(st: DataStats) -> str:
+    why = []
+    if st.bad_rows:
+        why.append(f"{sum(st.bad_rows.values())} malformed ({'; '.join(f'{n}x {r}' for r, n in st.bad_rows.items())})")
+    if st.fully_masked:
+        why.append(f"{st.fully_masked} with nothing to train (completion cut off by train.max_length, or "
+                   "format.strategy=text without format.response_template)")
+    return (f"No usable training rows: {st.rows_in} read, {', '.join(why) or 'the source is empty'}. "
+            "Check data.path/data.split, data.columns and the format settings (`tuneforge preview` shows rows).")
 
 
 def _report(split: str, st: DataStats) -> None:
     log.info("%s: %d rows in, %d kept, %d tokens (%d trained), %d truncated, %d fully masked",
              split, st.rows_in, st.rows_kept, st.tokens, st.trained_tokens, st.truncated, st.fully_masked)
     if st.bad_rows:
-        log.warning("%s: dropped %d malformed rows (%s); first: %s", split, sum(st.bad_rows.values()),
+        log.warning("%s: dropped %d malformed rows (%s); first row indices: %s", split, sum(st.bad_rows.values()),
                     "; ".join(f"{n}x {why}" for why, n in st.bad_rows.items()), st.bad_row_examples)

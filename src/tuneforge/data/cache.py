@@ -1,0 +1,132 @@
+"""Content-addressed cache of prepared (tokenized + masked) data.
+
+The key hashes what the result depends on -- the bytes of local data files (or the hub dataset's
+own fingerprint), the data and format configs, the sequence-length settings, the tokenizer's
+content (not its name), the data-stage code and the library versions -- and nothing it does not
+(num_proc, batch size). A hit is answered before any data is loaded, so a re-run costs a
+memory-mapped load; a changed tokenizer, template, file or setting misses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
+
+import datasets
+import tokenizers
+import transformers
+import xxhash
+from datasets import Dataset, DatasetDict, Features, load_from_disk
+
+from tuneforge.config import DataConfig, MixSourceConfig
+from tuneforge.data.sources import BUILTIN_PREFIX, is_local, load_split_raw, local_files
+from tuneforge.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+_DATA_DIR = Path(__file__).resolve().parent
+STATS_FILE = "tuneforge_stats.json"
+# Settings that change how fast data is prepared, never what comes out.
+_NOT_IN_KEY = ("num_proc", "map_batch_size", "cache", "cache_dir")
+
+
+def file_digest(path: str) -> str:
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def source_fingerprint(src: MixSourceConfig, cfg: DataConfig) -> Any:
+    """What identifies a source's rows: builtin code + settings, local file bytes, or the hub fingerprint."""
+    if src.path.startswith(BUILTIN_PREFIX):
+        return {"builtin": src.path, "code": file_digest(str(_DATA_DIR / "demo.py"))}
+    if is_local(src.path):
+        files = local_files(src.path)
+        root = Path(src.path).expanduser()
+        base = root if root.is_dir() else root.parent
+        return {os.path.relpath(f, base): file_digest(f) for f in files}
+    # Hub: datasets fingerprints the downloaded revision; loading reuses its own cache.
+    return {split: load_split_raw(src, split, cfg)._fingerprint for split in filter(None, (src.split, src.eval_split))}
+
+
+def _eval_split_fingerprint(src: MixSourceConfig) -> Any:
+    if src.eval_split and is_local(src.eval_split) and not src.path.startswith(BUILTIN_PREFIX):
+        return {f: file_digest(f) for f in local_files(src.eval_split)}
+    return None
+
+
+def code_digest() -> str:
+    """The data stage's own code: a change in formatting or masking invalidates cached results."""
+    h = xxhash.xxh3_128()
+    for path in sorted(_DATA_DIR.glob("*.py")):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def cache_key(cfg: DataConfig, sources: list[MixSourceConfig], max_length: int, truncation_mode: str,
+              tokenizer_hash: str) -> str:
+    data = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_KEY}
+    payload = {
+        "data": data,
+        "sources": [{"config": asdict(s), "content": source_fingerprint(s, cfg),
+                     "eval_content": _eval_split_fingerprint(s)} for s in sources],
+        "max_length": max_length,
+        "truncation_mode": truncation_mode,
+        "tokenizer": tokenizer_hash,
+        "code": code_digest(),
+        "versions": [datasets.__version__, tokenizers.__version__, transformers.__version__],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def data_cache_dir(cfg: DataConfig) -> Path:
+    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_dir() / "data"
+
+
+def load(cfg: DataConfig, key: str) -> Optional[tuple[DatasetDict, dict]]:
+    """(splits, stats) of a previous preparation with this key, or None."""
+    path = data_cache_dir(cfg) / key
+    if not (path / STATS_FILE).is_file():
+        return None
+    try:
+        meta = json.loads((path / STATS_FILE).read_text())
+        splits = {name: load_from_disk(str(path / name)) for name in meta["saved"]}
+        # datasets cannot save or load a split with no rows: only its schema was kept.
+        splits.update({name: Dataset.from_dict({k: [] for k in feats}, features=Features.from_dict(feats))
+                       for name, feats in meta["empty"].items()})
+        return DatasetDict(splits), meta["stats"]
+    except (OSError, ValueError, KeyError) as exc:  # a damaged entry is a miss, rebuilt below
+        log.warning("Ignoring damaged data cache entry %s (%s)", path, exc)
+        return None
+
+
+def save(cfg: DataConfig, key: str, splits: DatasetDict, stats: dict) -> Path:
+    """Write atomically: a temporary directory renamed into place, so readers never see half an entry."""
+    root = data_cache_dir(cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / key
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
+    try:
+        saved = [name for name, ds in splits.items() if len(ds)]
+        for name in saved:
+            splits[name].save_to_disk(str(tmp / name))
+        empty = {name: ds.features.to_dict() for name, ds in splits.items() if not len(ds)}
+        (tmp / STATS_FILE).write_text(json.dumps({"stats": stats, "saved": saved, "empty": empty}, indent=1))
+        try:
+            tmp.rename(final)
+        except OSError:  # another process won the race with the same content
+            shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
