@@ -50,38 +50,79 @@ class TokenizerConfig:
 
 
 @dataclass
-class DataConfig:
-    # builtin:dates (the demo set), a hub dataset id, or a local file/directory/glob.
-    path: str = "builtin:dates"
-    name: Optional[str] = None
-    split: str = "train"
-    revision: Optional[str] = None
-    # Held-out split: an existing split name, else a seeded fraction of the training rows.
-    eval_split: Optional[str] = None
-    eval_fraction: float = 0.1
-    max_samples: Optional[int] = None
-    seed: int = 42
-    # Rows the builtin generators produce.
-    builtin_rows: int = 600
-    # Rename source columns to the names the format expects, e.g. {sentence: prompt}.
-    columns: dict[str, str] = field(default_factory=dict)
-    num_proc: Optional[int] = None
-    # drop | error: what to do with malformed rows (always counted and reported).
-    on_bad_row: str = "drop"
-
-
-@dataclass
 class FormatConfig:
     # instruction | conversational | alpaca | text | template
     strategy: str = "instruction"
     prompt_column: str = "prompt"
     completion_column: str = "completion"
+    # conversational: a list of {role, content} (or ShareGPT {from, value}) messages.
     messages_column: str = "messages"
     text_column: str = "text"
+    # alpaca: instruction/input/output columns (input is optional and omitted when empty).
+    instruction_column: str = "instruction"
+    input_column: str = "input"
+    output_column: str = "output"
+    # alpaca: auto (chat template when the tokenizer has one, else the classic Alpaca prompt) | chat | classic
+    alpaca_style: str = "auto"
     system_prompt: Optional[str] = None
     # For strategy=template: a format string over the row's columns, and where the response starts.
+    # For strategy=text: optional; when set, the text after it is trained (else the collator's template decides).
     template: Optional[str] = None
     response_template: Optional[str] = None
+    # text/template/classic alpaca: append the tokenizer's EOS when the text does not end with it (trained).
+    append_eos: bool = True
+
+
+@dataclass
+class MixSourceConfig:
+    """One source of a data mix (`data.mix`): where the rows come from and how they are formatted."""
+
+    path: str = MISSING
+    name: Optional[str] = None
+    split: str = "train"
+    revision: Optional[str] = None
+    eval_split: Optional[str] = None
+    columns: dict[str, str] = field(default_factory=dict)
+    # Sampling probability of this source (normalised over the mix); set for every source or none.
+    weight: Optional[float] = None
+    # Row cap for this source (applied after the held-out split).
+    max_samples: Optional[int] = None
+    # None: the top-level `format` section.
+    format: Optional[FormatConfig] = None
+
+
+@dataclass
+class DataConfig:
+    # builtin:dates (the demo set), a hub dataset id, or a local file/directory/glob (json, jsonl, csv, tsv,
+    # parquet, txt). Ignored when `mix` is set.
+    path: str = "builtin:dates"
+    name: Optional[str] = None
+    # A split name or a slice in datasets' syntax: train, train[:100], train[10%:].
+    split: str = "train"
+    revision: Optional[str] = None
+    # Held-out split: an existing split name, else a seeded fraction of the training rows.
+    eval_split: Optional[str] = None
+    eval_fraction: float = 0.1
+    # Cap on training rows (taken after shuffling); with `mix` + weights, the mixed total.
+    max_samples: Optional[int] = None
+    # Shuffle the training rows (seeded) before capping them.
+    shuffle: bool = True
+    seed: int = 42
+    # Rows the builtin generators produce.
+    builtin_rows: int = 600
+    # Rename source columns to the names the format expects, e.g. {sentence: prompt}.
+    columns: dict[str, str] = field(default_factory=dict)
+    # Several sources, each with its own columns/format/weight; replaces path/name/split/columns.
+    mix: list[MixSourceConfig] = field(default_factory=list)
+    num_proc: Optional[int] = None
+    # Rows per `datasets.map` batch.
+    map_batch_size: int = 1000
+    # drop | error: what to do with malformed rows (always counted and reported).
+    on_bad_row: str = "drop"
+    # Reuse tokenized data keyed by the data content, the format and the tokenizer content.
+    cache: bool = True
+    # None: <tuneforge cache>/data ($TUNEFORGE_CACHE or the user cache dir).
+    cache_dir: Optional[str] = None
 
 
 @dataclass
@@ -167,6 +208,18 @@ class EvalConfig:
 
 
 @dataclass
+class PreviewConfig:
+    """`tuneforge preview`: formatted samples with their loss masks, and data statistics."""
+
+    # Samples printed (`n=5` on the command line is short for preview.n=5).
+    n: int = 5
+    # Where preview.html and the histogram go; None: outputs/preview/<date>/<time>.
+    output_dir: Optional[str] = None
+    # Which prepared split to show: train | eval.
+    split: str = "train"
+
+
+@dataclass
 class TuneforgeConfig:
     """The `train` command's whole config."""
 
@@ -180,6 +233,7 @@ class TuneforgeConfig:
     peft: PeftConfig = field(default_factory=PeftConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    preview: PreviewConfig = field(default_factory=PreviewConfig)
     # sft (causal LM) | classification
     task: str = "sft"
     # Print what would run, load nothing.
@@ -222,6 +276,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.attn_implementation": ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"),
     "data.on_bad_row": ("drop", "error"),
     "format.strategy": ("instruction", "conversational", "alpaca", "text", "template"),
+    "format.alpaca_style": ("auto", "chat", "classic"),
+    "preview.split": ("train", "eval"),
     "collator.name": ("completion_only", "assistant_only", "lm", "padding"),
     "packing.mode": ("none", "wrapped", "bfd", "padding_free"),
     "quant.bnb_4bit_quant_type": ("nf4", "fp4"),
@@ -314,14 +370,56 @@ def validate(cfg: TuneforgeConfig) -> TuneforgeConfig:
         )
     if cfg.packing.mode != "none" and cfg.task == "classification":
         raise ConfigError("packing.mode must be none for task=classification (one label per sequence).")
-    if cfg.format.strategy == "template" and not cfg.format.template:
-        raise ConfigError("format.strategy=template needs format.template, e.g. '### Question: {prompt}\\n### Answer: {completion}'.")
-    if cfg.format.strategy == "template" and not cfg.format.response_template:
+    validate_data(cfg.data, cfg.format)
+    return cfg
+
+
+def validate_format(fmt: FormatConfig, key: str = "format") -> None:
+    """Rules of one format section (the top-level one, or a mix source's)."""
+    for name, allowed in (("strategy", CHOICES["format.strategy"]), ("alpaca_style", CHOICES["format.alpaca_style"])):
+        value = getattr(fmt, name)
+        if value not in allowed:
+            raise ConfigError(f"{key}.{name}={value!r} is not valid; choose one of {', '.join(allowed)}.{closest(value, allowed)}")
+    if fmt.strategy == "template" and not fmt.template:
+        raise ConfigError(f"{key}.strategy=template needs {key}.template, e.g. '### Question: {{prompt}}\\n### Answer: {{completion}}'.")
+    if fmt.strategy == "template" and not fmt.response_template:
         raise ConfigError(
-            "format.strategy=template needs format.response_template (the text that starts the answer) "
+            f"{key}.strategy=template needs {key}.response_template (the text that starts the answer) "
             "so that the prompt can be masked."
         )
-    return cfg
+    if fmt.strategy == "template" and fmt.response_template not in fmt.template:
+        raise ConfigError(
+            f"{key}.response_template={fmt.response_template!r} does not occur in {key}.template={fmt.template!r}; "
+            "it must be the literal text just before the completion."
+        )
+
+
+def validate_data(data: DataConfig, fmt: FormatConfig) -> None:
+    """Data-source rules: sizes, the mix shape (weights for all sources or none), every format."""
+    for key, value in (("data.max_samples", data.max_samples), ("data.num_proc", data.num_proc),
+                       ("data.map_batch_size", data.map_batch_size)):
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key}={value} must be > 0 (or null).")
+    validate_format(fmt)
+    if not data.mix:
+        return
+    weighted = [s.weight is not None for s in data.mix]
+    if any(weighted) and not all(weighted):
+        raise ConfigError("data.mix: set weight on every source or on none (weights are sampling probabilities).")
+    for i, source in enumerate(data.mix):
+        key = f"data.mix[{i}]"
+        if source.weight is not None and source.weight <= 0:
+            raise ConfigError(f"{key}.weight={source.weight} must be > 0.")
+        if source.max_samples is not None and source.max_samples <= 0:
+            raise ConfigError(f"{key}.max_samples={source.max_samples} must be > 0.")
+        validate_format(source.format or fmt, f"{key}.format" if source.format else "format")
+    ignored = [k for k in ("name", "revision", "eval_split") if getattr(data, k) is not None]
+    ignored += [k for k in ("columns",) if getattr(data, k)] + (["path"] if data.path != DataConfig.path else [])
+    if ignored:
+        raise ConfigError(
+            f"data.mix is set, so data.{', data.'.join(ignored)} would be ignored; "
+            "put them on the mix sources (data.mix[i].path, .columns, ...)."
+        )
 
 
 def to_object(cfg: DictConfig) -> Any:
