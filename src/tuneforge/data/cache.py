@@ -74,7 +74,8 @@ def code_digest() -> str:
 
 
 def cache_key(cfg: DataConfig, sources: list[MixSourceConfig], max_length: int, truncation_mode: str,
-              tokenizer_hash: str) -> str:
+              tokenizer_hash: str, extra: Optional[dict] = None) -> str:
+    """The content key; `extra`: anything else the labels depend on (the collator's masking settings)."""
     data = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_KEY}
     payload = {
         "data": data,
@@ -83,6 +84,7 @@ def cache_key(cfg: DataConfig, sources: list[MixSourceConfig], max_length: int, 
         "max_length": max_length,
         "truncation_mode": truncation_mode,
         "tokenizer": tokenizer_hash,
+        "extra": extra or {},
         "code": code_digest(),
         "versions": [datasets.__version__, tokenizers.__version__, transformers.__version__],
     }

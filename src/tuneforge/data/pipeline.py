@@ -19,7 +19,7 @@ from datasets import Dataset, DatasetDict, Features, List, Value, concatenate_da
 from datasets.fingerprint import generate_random_fingerprint
 from transformers import PreTrainedTokenizerBase
 
-from tuneforge.config import ConfigError, DataConfig, FormatConfig, MixSourceConfig, TrainConfig
+from tuneforge.config import CollatorConfig, ConfigError, DataConfig, FormatConfig, MixSourceConfig, TrainConfig
 from tuneforge.data import cache
 from tuneforge.data.formats import (
     BadRow,
@@ -33,6 +33,7 @@ from tuneforge.data.mix import mix_counts
 from tuneforge.data.render import render_conversations
 from tuneforge.data.sources import ROW, data_sources, load_source
 from tuneforge.data.text_masks import tokenize_texts
+from tuneforge.data.tokenize import assistant_mask_route
 from tuneforge.tokenizer import content_hash, stop_token_ids
 
 log = logging.getLogger(__name__)
@@ -86,21 +87,24 @@ class PreparedData:
 
 
 def prepare(data_cfg: DataConfig, format_cfg: FormatConfig, train_cfg: TrainConfig,
-            tokenizer: PreTrainedTokenizerBase) -> PreparedData:
+            tokenizer: PreTrainedTokenizerBase, collator: Optional[CollatorConfig] = None) -> PreparedData:
     """Prepared train/eval sets (tokens + loss labels) and their statistics; reused from the cache when the
-    data content, configs and tokenizer content are unchanged."""
+    data content, configs and tokenizer content are unchanged. `collator` decides the labels (lm: every
+    token; otherwise the completions / assistant turns); None means the default completion_only."""
+    collator = collator or CollatorConfig()
     sources = data_sources(data_cfg, format_cfg)
     for src in sources:
         _check_chat_template(src.format, tokenizer)
+    labels_by = {"collator": [collator.name, collator.response_template, collator.instruction_template]}
     key = (cache.cache_key(data_cfg, sources, train_cfg.max_length, train_cfg.truncation_mode,
-                           content_hash(tokenizer)) if data_cfg.cache else None)
+                           content_hash(tokenizer), labels_by) if data_cfg.cache else None)
     if key and (hit := cache.load(data_cfg, key)):
         splits, stats = hit
         log.info("Prepared data from cache %s", cache.data_cache_dir(data_cfg) / key)
         return PreparedData(train=splits["train"], eval=splits["eval"],
                             stats={k: DataStats(**v) for k, v in stats.items()},
                             cache_path=str(cache.data_cache_dir(data_cfg) / key), cache_hit=True)
-    splits, stats = _build(data_cfg, sources, train_cfg, tokenizer, key or generate_random_fingerprint())
+    splits, stats = _build(data_cfg, sources, train_cfg, tokenizer, collator, key or generate_random_fingerprint())
     for split, st in stats.items():
         _report(split, st)
     path = None
@@ -125,7 +129,7 @@ def format_context(tokenizer: PreTrainedTokenizerBase) -> FormatContext:
 
 
 def _build(cfg: DataConfig, sources: list[MixSourceConfig], train_cfg: TrainConfig,
-           tokenizer: PreTrainedTokenizerBase, key: str) -> tuple[DatasetDict, dict[str, DataStats]]:
+           tokenizer: PreTrainedTokenizerBase, collator: CollatorConfig, key: str) -> tuple[DatasetDict, dict[str, DataStats]]:
     raws = [load_source(src, cfg) for src in sources]
     weights = [s.weight for s in sources] if sources[0].weight is not None else None
     counts = mix_counts([len(r["train"]) for r in raws], weights, cfg.max_samples)
@@ -137,7 +141,7 @@ def _build(cfg: DataConfig, sources: list[MixSourceConfig], train_cfg: TrainConf
             where = f"{split} split of {src.path!r}"
             check_columns(src.format, [c for c in ds.column_names if c != ROW], where, src.columns or None)
             ds = ds.select_columns([c for c in ds.column_names if c in used_columns(src.format) or c == ROW])
-            done = _process(ds, src.format, cfg, train_cfg, tokenizer, where,
+            done = _process(ds, src.format, cfg, train_cfg, tokenizer, collator, where,
                             fingerprint=_fingerprint(key, split, i))
             label = src.path if len(sources) > 1 else ""
             parts.append(_account(done, st, label))
@@ -158,7 +162,7 @@ def _fingerprint(key: str, split: str, i: int) -> str:
 
 
 def _process(ds: Dataset, fmt: FormatConfig, cfg: DataConfig, train_cfg: TrainConfig,
-             tokenizer: PreTrainedTokenizerBase, where: str, fingerprint: str) -> Dataset:
+             tokenizer: PreTrainedTokenizerBase, collator: CollatorConfig, where: str, fingerprint: str) -> Dataset:
     if len(ds) == 0:  # map would return the input columns unchanged
         return Dataset.from_dict({k: [] for k in OUT_FEATURES}, features=OUT_FEATURES)
     return ds.map(
@@ -174,14 +178,16 @@ def _process(ds: Dataset, fmt: FormatConfig, cfg: DataConfig, train_cfg: TrainCo
             "fmt": fmt, "ctx": format_context(tokenizer), "tokenizer": tokenizer,
             "stops": [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer)],
             "max_length": train_cfg.max_length, "truncation_mode": train_cfg.truncation_mode,
-            "on_bad_row": cfg.on_bad_row, "where": where,
+            "on_bad_row": cfg.on_bad_row, "where": where, "collator": collator,
+            "route": assistant_mask_route(tokenizer) if collator.name == "assistant_only" else "offsets",
         },
         desc=f"Preparing {where}",
     )
 
 
 def process_batch(batch: dict[str, list], fmt: FormatConfig, ctx: FormatContext, tokenizer: PreTrainedTokenizerBase,
-                  stops: list[str], max_length: int, truncation_mode: str, on_bad_row: str, where: str) -> dict:
+                  stops: list[str], max_length: int, truncation_mode: str, on_bad_row: str, where: str,
+                  collator: CollatorConfig, route: str) -> dict:
     """Batched map function: raw rows -> formatted -> rendered -> tokens + labels; malformed rows are kept
     as empty rows with the reason in `bad` (counted, then dropped) or raise with data.on_bad_row=error."""
     n = len(batch[ROW])
@@ -202,7 +208,7 @@ def process_batch(batch: dict[str, list], fmt: FormatConfig, ctx: FormatContext,
         except BadRow as exc:
             fail(i, str(exc))
     chat = [i for i, r in enumerate(rows) if r is not None and "messages" in r]
-    for i, result in zip(chat, render_conversations(tokenizer, [rows[i]["messages"] for i in chat], stops)):
+    for i, result in zip(chat, render_conversations(tokenizer, [rows[i]["messages"] for i in chat], stops, route)):
         if isinstance(result, Exception):
             fail(i, str(result))
             rows[i] = None
@@ -210,7 +216,7 @@ def process_batch(batch: dict[str, list], fmt: FormatConfig, ctx: FormatContext,
             rows[i]["rendered"], rows[i]["spans"] = result
     good = [i for i in range(n) if rows[i] is not None]
     texts = [rows[i].get("rendered", rows[i].get("text")) for i in good]
-    tok = tokenize_texts(tokenizer, texts, [rows[i]["spans"] for i in good], max_length, truncation_mode)
+    tok = tokenize_texts(tokenizer, texts, [rows[i]["spans"] for i in good], max_length, truncation_mode, collator)
     out = {"input_ids": [[]] * n, "labels": [[]] * n, "truncated": [False] * n, "n_trained": [0] * n,
            "bad": bad, ROW: batch[ROW], "messages": [None] * n, "text": [None] * n, "spans": [None] * n}
     for j, i in enumerate(good):

@@ -13,34 +13,38 @@ from typing import Any, Optional
 
 from transformers import PreTrainedTokenizerBase
 
-from tuneforge.data.tokenize import TemplateError, assistant_spans
+from tuneforge.data.tokenize import TemplateError, assistant_spans, conversation_spans
 
 OPEN, CLOSE = "\ue000", "\ue001"  # Unicode private-use characters: absent from real text (checked anyway)
 
 Messages = list[dict[str, Any]]
 
 
-def render_conversations(tokenizer: PreTrainedTokenizerBase, conversations: list[Messages],
-                         stop_strings: list[str]) -> list[tuple[str, list[list[int]]] | TemplateError]:
+def render_conversations(tokenizer: PreTrainedTokenizerBase, conversations: list[Messages], stop_strings: list[str],
+                         route: str = "offsets") -> list[tuple[str, list[list[int]]] | TemplateError]:
     """(text, spans) per conversation, or the TemplateError that makes it unusable. A span runs from the
     first character of an assistant content through its end-of-turn token; template text after it
-    (ChatML's newline) stays outside so it is not trained (DESIGN rule 2)."""
+    (ChatML's newline) stays outside so it is not trained (DESIGN rule 2). route="generation" (see
+    `tokenize.assistant_mask_route`) takes the template's own {% generation %} mask instead."""
     if not conversations:
         return []
+    if route == "generation":
+        return [_guarded(conversation_spans, tokenizer, c, stop_strings, route) for c in conversations]
     texts = tokenizer.apply_chat_template(conversations, tokenize=False)
     marked = tokenizer.apply_chat_template([_mark(c) for c in conversations], tokenize=False)
     out = []
     for conv, text, mark in zip(conversations, texts, marked):
         spans = _spans_from_markers(text, mark, conv, stop_strings)
-        if spans is None:
-            try:
-                text, found = assistant_spans(tokenizer, conv, stop_strings)
-                spans = [list(s) for s in found]
-            except TemplateError as exc:
-                out.append(exc)
-                continue
-        out.append((text, spans))
+        out.append((text, spans) if spans is not None else _guarded(assistant_spans, tokenizer, conv, stop_strings))
     return out
+
+
+def _guarded(fn, *args) -> tuple[str, list[list[int]]] | TemplateError:
+    try:
+        text, spans = fn(*args)
+    except TemplateError as exc:
+        return exc
+    return text, [list(s) for s in spans]
 
 
 def _mark(messages: Messages) -> Messages:
