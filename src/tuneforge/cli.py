@@ -20,6 +20,8 @@ USAGE = """usage: tuneforge COMMAND [key=value ...] [hydra flags]
 commands:
   train    fine-tune (default recipe: demo). e.g. tuneforge train recipe=demo train.max_steps=50
   infer    answer with a trained run: tuneforge infer run_dir=PATH prompt="..."
+  preview  formatted samples with trained/masked tokens + data statistics, no weights loaded:
+           tuneforge preview [overrides] [n=5]   (writes preview.html under outputs/preview/)
 
 Hydra flags work as usual: -m/--multirun, --cfg job, hydra.run.dir=DIR, --help.
 """
@@ -58,6 +60,12 @@ def _train_app(dcfg) -> float | None:
     return (metrics.get("eval_after") or {}).get(cfg.eval.metric)  # what a sweeper optimizes
 
 
+def _preview_app(dcfg) -> None:
+    from tuneforge.data import preview
+
+    preview.app(dcfg)
+
+
 def _infer_app(dcfg) -> None:
     from omegaconf import OmegaConf
 
@@ -80,7 +88,8 @@ def _friendly(app):
     return wrapped
 
 
-COMMANDS = {"train": ("config", _friendly(_train_app)), "infer": ("infer", _friendly(_infer_app))}
+COMMANDS = {"train": ("config", _friendly(_train_app)), "infer": ("infer", _friendly(_infer_app)),
+            "preview": ("config", _friendly(_preview_app))}
 
 
 def _precheck(config_name: str, overrides: list[str], multirun: bool) -> None:
@@ -123,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tuneforge: unknown command '{command}'.{closest(command, COMMANDS)}\n\n{USAGE}", file=sys.stderr)
         return 2
     config_name, app = COMMANDS[command]
+    if command == "preview":
+        from tuneforge.data.preview import cli_args
+
+        args = cli_args(args)
     flags, overrides, multirun = split_args(args)
     try:
         if not set(flags) & _INFO_FLAGS:

@@ -24,6 +24,7 @@ import tokenizers
 import transformers
 import xxhash
 from datasets import Dataset, DatasetDict, Features, load_from_disk
+from datasets.utils.tqdm import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
 from tuneforge.config import DataConfig, MixSourceConfig
 from tuneforge.data.sources import BUILTIN_PREFIX, is_local, load_split_raw, local_files
@@ -120,8 +121,14 @@ def save(cfg: DataConfig, key: str, splits: DatasetDict, stats: dict) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
     try:
         saved = [name for name, ds in splits.items() if len(ds)]
-        for name in saved:
-            splits[name].save_to_disk(str(tmp / name))
+        quiet = are_progress_bars_disabled()
+        disable_progress_bars()  # a bar per split for a sub-second write is noise
+        try:
+            for name in saved:
+                splits[name].save_to_disk(str(tmp / name))
+        finally:
+            if not quiet:
+                enable_progress_bars()
         empty = {name: ds.features.to_dict() for name, ds in splits.items() if not len(ds)}
         (tmp / STATS_FILE).write_text(json.dumps({"stats": stats, "saved": saved, "empty": empty}, indent=1))
         try:
