@@ -72,3 +72,13 @@ def test_cli_cfg_job_prints_the_composed_config():
     result = run_cli("train", "--cfg", "job", "train.max_steps=7")
     assert result.returncode == 0, result.stderr
     assert "max_steps: 7" in result.stdout and "name_or_path: embedded:smollm2-135m-instruct" in result.stdout
+
+
+def test_cli_works_from_any_directory_and_multirun_dry_run(tmp_path):
+    """-m multirun composes one job per grid point; dry_run loads nothing."""
+    result = run_cli("train", "-m", "train.learning_rate=1e-4,2e-4", "dry_run=true",
+                     f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("effective_batch_size: 8") == 2
+    assert "learning_rate: 0.0001" in result.stdout and "learning_rate: 0.0002" in result.stdout
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir()) == ["0", "1"]

@@ -79,3 +79,15 @@ def test_cached_model_loads_fast_and_keeps_tokenizer(smollm_dir):
     assert "<|im_start|>" in tokenizer.chat_template
     assert tokenizer.eos_token == "<|im_end|>"
     print(f"cached load: {seconds:.2f} s")
+
+
+def test_local_directory_as_model_path(smollm_dir):
+    """Any hub id or local directory works as model.name_or_path; a local one is used as is."""
+    from tuneforge.config import ModelConfig
+    from tuneforge.models.loading import load_config, resolve_path
+
+    cfg = ModelConfig(name_or_path=smollm_dir)
+    assert resolve_path(cfg) == smollm_dir
+    assert load_config(smollm_dir, cfg).hidden_size == 576
+    assert resolve_path(ModelConfig(name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")) == \
+        "HuggingFaceTB/SmolLM2-135M-Instruct"  # hub ids pass through to from_pretrained untouched

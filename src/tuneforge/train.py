@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -75,8 +76,32 @@ class LogToFile(TrainerCallback):
             log.info("step %d: %s", state.global_step, {k: round(v, 6) if isinstance(v, float) else v for k, v in logs.items()})
 
 
+def plan(cfg: TuneforgeConfig) -> dict:
+    """What a run would do, computed without loading any weights (`dry_run=true`)."""
+    t = cfg.train
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return {
+        "model": cfg.model.name_or_path,
+        "quantization": f"4-bit {cfg.quant.bnb_4bit_quant_type}" if cfg.quant.load_in_4bit else cfg.model.dtype,
+        "adapter": f"LoRA r={cfg.peft.r} alpha={cfg.peft.lora_alpha} on {cfg.peft.target_modules}"
+        if cfg.peft.method == "lora" else "none (full fine-tune)",
+        "data": cfg.data.path,
+        "format": cfg.format.strategy,
+        "collator": cfg.collator.name,
+        "packing": cfg.packing.mode,
+        "max_length": t.max_length,
+        "effective_batch_size": t.per_device_train_batch_size * t.gradient_accumulation_steps * world,
+        "max_steps": t.max_steps if t.max_steps > 0 else f"{t.num_train_epochs} epoch(s)",
+        "learning_rate": t.learning_rate,
+    }
+
+
 def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any) -> dict:
     """Train, save and score; returns the metrics written to metrics.json."""
+    if cfg.dry_run:
+        for key, value in plan(cfg).items():
+            print(f"{key:>22}: {value}")
+        return {}
     runs.claim_run_dir(run_dir)
     runs.write_config(run_dir, resolved_config)
 
@@ -112,6 +137,7 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any) -> dict:
     metrics = _metrics(result, trainer, data, tok_report, load_seconds, tokenizer, before, after)
     runs.write_json(run_dir / runs.METRICS_FILE, metrics)
     if after is not None:
+        runs.write_predictions(run_dir / "predictions_before.jsonl", before.predictions)
         runs.write_predictions(run_dir / "predictions.jsonl", after.predictions)
         print_comparison(before.scores, after.scores, len(held_out))
     runs.plot_losses(trainer.state.log_history, run_dir / "loss.png")
