@@ -67,9 +67,9 @@ def _text(row: dict, column: str) -> str:
     return value
 
 
-def _with_eos(text: str, spans: list[list[int]], ctx: FormatContext, cfg: FormatConfig) -> Row:
-    """Append EOS (trained, as part of the last span) unless the text already ends with it."""
-    if cfg.append_eos and ctx.eos_token and not text.endswith(ctx.eos_token):
+def _with_eos(text: str, spans: list[list[int]], ctx: FormatContext, cfg: FormatConfig, has_eos: bool = False) -> Row:
+    """Append EOS (trained, as part of the last span) unless the text already ends with it (or has it)."""
+    if cfg.append_eos and ctx.eos_token and not has_eos and not text.endswith(ctx.eos_token):
         text += ctx.eos_token
         if spans:
             spans[-1][1] = len(text)
@@ -171,7 +171,8 @@ def template(row: dict, cfg: FormatConfig, ctx: FormatContext) -> Row:
         answer = cfg.template[cut:].format(eos_token=ctx.eos_token, **values)
     except (ValueError, IndexError) as exc:
         raise ConfigError(f"format.template={cfg.template!r} is not a valid format string: {exc}") from exc
-    return _with_eos(prompt + answer, [[len(prompt), len(prompt) + len(answer)]], ctx, cfg)
+    has_eos = "{eos_token}" in cfg.template or bool(ctx.eos_token and ctx.eos_token in cfg.template)
+    return _with_eos(prompt + answer, [[len(prompt), len(prompt) + len(answer)]], ctx, cfg, has_eos)
 
 
 STRATEGIES: dict[str, Callable[[dict, FormatConfig, FormatContext], Row]] = {

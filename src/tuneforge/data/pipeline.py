@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
+import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict, Features, List, Value, concatenate_datasets
 from datasets.fingerprint import generate_random_fingerprint
@@ -241,7 +242,7 @@ def _account(done: Dataset, st: DataStats, label: str) -> Dataset:
     st.bad_row_examples += [r for r, b in zip(rows, bad) if b][: max(0, 5 - len(st.bad_row_examples))]
     keep = [i for i, (b, t) in enumerate(zip(bad, n_trained)) if not b and t > 0]
     st.fully_masked += sum(1 for b, t in zip(bad, n_trained) if not b and t == 0)
-    kept = table.take(keep) if len(keep) < len(bad) else table
+    kept = table.take(pa.array(keep, type=pa.int64())) if len(keep) < len(bad) else table
     st.rows_kept += len(keep)
     st.truncated += pc.sum(kept.column("truncated")).as_py() or 0
     st.tokens += pc.sum(pc.list_value_length(kept.column("input_ids"))).as_py() or 0
