@@ -1,0 +1,60 @@
+"""`tuneforge preview`: samples with trained/masked tokens, statistics, preview.html and the histogram."""
+
+from __future__ import annotations
+
+import io
+
+from rich.console import Console
+
+from conftest import run_cli
+from tuneforge.config import DataConfig, TuneforgeConfig
+from tuneforge.data.pipeline import prepare
+from tuneforge.data.preview import CLOSE, OPEN, cli_args, padding_waste, percentile, segments, show
+
+
+def test_padding_waste_and_percentile():
+    # batches [10, 2] -> width 10, [5, 5] -> width 5: 8 padded of 30 positions
+    assert padding_waste([10, 2, 5, 5], batch_size=2) == 8 / 30
+    assert padding_waste([3, 3], batch_size=2, multiple=8) == 10 / 16
+    assert percentile(list(range(1, 101)), 0.95) == 95 and percentile([7], 0.95) == 7
+
+
+def test_segments_split_trained_from_masked(smollm_tokenizer):
+    ids = smollm_tokenizer("Q: capital of France?\nA: Paris", add_special_tokens=False)["input_ids"]
+    labels = [-100] * (len(ids) - 1) + [ids[-1]]
+    assert segments(smollm_tokenizer, ids, labels) == [(False, "Q: capital of France?\nA:"), (True, " Paris")]
+
+
+def test_show_prints_marked_samples_stats_and_writes_files(smollm_tokenizer, tmp_path):
+    cfg = TuneforgeConfig(data=DataConfig(builtin_rows=30, cache_dir=str(tmp_path / "cache")))
+    cfg.preview.n, cfg.preview.output_dir = 2, str(tmp_path / "preview")
+    data = prepare(cfg.data, cfg.format, cfg.train, smollm_tokenizer)
+    buf = io.StringIO()
+    out = show(data, smollm_tokenizer, cfg, Console(file=buf, width=200))  # not a terminal: plain markers
+    text = buf.getvalue()
+    assert text.count("--- row") == 2
+    answer = data.train[0]["input_ids"]
+    completion = smollm_tokenizer.decode([i for i, l in zip(answer, data.train[0]["labels"]) if l != -100])
+    assert f"{OPEN}{completion}{CLOSE}" in text and f"{OPEN}<|im_start|>" not in text
+    assert "27 rows read, 27 kept, 0 dropped" in text
+    assert "tokens per row: min" in text and "p95" in text and "padding waste at batch size 8" in text
+    page = (out / "preview.html").read_text()
+    assert page.count('<span class="t">') >= 2 and "token_lengths.png" in page
+    assert (out / "token_lengths.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_args_shorthand():
+    args = cli_args(["n=3", "data.builtin_rows=40"])
+    assert args[:2] == ["preview.n=3", "data.builtin_rows=40"] and args[2].startswith("hydra.run.dir=outputs/preview/")
+    assert cli_args(["hydra.run.dir=x"]) == ["hydra.run.dir=x"]
+
+
+def test_preview_cli_on_the_demo(tmp_path):
+    out = tmp_path / "pv"
+    proc = run_cli("preview", "n=1", "data.builtin_rows=40", f"preview.output_dir={out}", f"hydra.run.dir={tmp_path}/run",
+                   f"data.cache_dir={tmp_path}/cache", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "--- row 0 ---" in proc.stdout and OPEN in proc.stdout and "padding waste" in proc.stdout
+    assert (out / "preview.html").exists() and (out / "token_lengths.png").exists()
+    bad = run_cli("preview", "n=1", "data.on_bad_rows=drop", timeout=120)
+    assert bad.returncode == 2 and "data.on_bad_row" in bad.stderr
