@@ -71,6 +71,8 @@ class FormatConfig:
     response_template: Optional[str] = None
     # text/template/classic alpaca: append the tokenizer's EOS when the text does not end with it (trained).
     append_eos: bool = True
+    # task=classification: the label column (class names or integer ids); the text comes from text_column.
+    label_column: str = "label"
 
 
 @dataclass
@@ -127,16 +129,23 @@ class DataConfig:
 
 @dataclass
 class CollatorConfig:
-    # completion_only (masks prompts) | assistant_only | lm (trains every token) | padding (classification)
+    # completion_only (masks prompts) | assistant_only (chat-template assistant turns) | lm (trains every token)
+    # | padding (classification). Masks are built when the data is tokenized; the collator only pads/flattens.
     name: str = "completion_only"
+    # completion_only, text rows without trained spans: where a response starts. A string (found in the text,
+    # i.e. in context) or token ids as tokenized in context (e.g. tokenizer.encode("\n### Assistant:")[2:]).
     response_template: Optional[Any] = None
+    # With response_template: where a user turn starts, so multi-turn text trains every response and no prompt.
     instruction_template: Optional[Any] = None
+    # Pad each batch (or padding-free row) to a multiple of this, e.g. 8 or 64 for GPU kernels.
     pad_to_multiple_of: Optional[int] = None
 
 
 @dataclass
 class PackingConfig:
-    # none | wrapped | bfd | padding_free
+    # none | padding_free (each batch flattened into one row: no padding) | bfd (best-fit-decreasing rows of
+    # train.max_length) | wrapped (concatenate and cut into rows of train.max_length). Packed sequences never
+    # attend to each other: position ids restart per sequence, and a start-up probe checks it.
     mode: str = "none"
 
 
@@ -205,6 +214,8 @@ class EvalConfig:
     max_input_tokens: int = 1024
     # exact_match is the demo's main metric.
     metric: str = "exact_match"
+    # `tuneforge eval`: also score the base model (the same weights with the adapter off).
+    compare_base: bool = False
 
 
 @dataclass
@@ -259,6 +270,32 @@ class InferConfig:
     seed: int = 0
 
 
+@dataclass
+class EvaluateConfig:
+    """The `eval` command's config: a run directory and the `eval.*` settings."""
+
+    run_dir: str = MISSING
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass
+class MergeConfig:
+    # dequantized: merge into the de-quantized NF4 weights the adapter was trained on (faithful) |
+    # original: merge into the original full-precision weights (common practice; drift is measured).
+    base: str = "dequantized"
+    check_prompts: int = 4
+    check_max_new_tokens: int = 24
+
+
+@dataclass
+class MergeCommandConfig:
+    """The `merge` command's config."""
+
+    run_dir: str = MISSING
+    out: Optional[str] = None
+    merge: MergeConfig = field(default_factory=MergeConfig)
+
+
 GROUPS = ("model", "tokenizer", "data", "format", "collator", "packing", "quant", "peft", "train", "eval")
 
 
@@ -267,6 +304,8 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="tuneforge_schema", node=TuneforgeConfig)
     cs.store(name="infer_schema", node=InferConfig)
+    cs.store(name="evaluate_schema", node=EvaluateConfig)
+    cs.store(name="merge_schema", node=MergeCommandConfig)
 
 
 # Legal values for the enum-like string keys: checked here so a typo names the key and the closest value.
@@ -289,6 +328,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.save_strategy": ("no", "steps", "epoch", "best"),
     "tokenizer.padding_side": ("left", "right"),
 }
+
+
+# Attention implementations whose transformers mask builder isolates packed sequences by their restarting
+# position ids (with no attention mask and no KV cache), measured: tests/test_packing.py.
+PACKING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+# Format strategies that produce plain text (no chat-template assistant turns).
+TEXT_STRATEGIES = ("text", "template")
 
 
 def closest(word: str, candidates) -> str:
@@ -358,6 +404,7 @@ def validate(cfg: TuneforgeConfig) -> TuneforgeConfig:
         raise ConfigError("train.eval_strategy=steps needs train.eval_steps (a positive step count).")
     if t.save_strategy == "steps" and t.save_steps <= 0:
         raise ConfigError("train.save_strategy=steps needs train.save_steps > 0.")
+    validate_collator_packing(cfg)
     if cfg.task == "sft" and cfg.collator.name == "padding":
         raise ConfigError(
             "collator=padding builds no language-model labels; with task=sft use collator=completion_only, "
@@ -420,6 +467,49 @@ def validate_data(data: DataConfig, fmt: FormatConfig) -> None:
             f"data.mix is set, so data.{', data.'.join(ignored)} would be ignored; "
             "put them on the mix sources (data.mix[i].path, .columns, ...)."
         )
+
+
+def _is_template(value: Any) -> bool:
+    if isinstance(value, str):
+        return bool(value)
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(t, int) for t in value)
+
+
+def validate_collator_packing(cfg: TuneforgeConfig) -> None:
+    """Collator/packing rules: each names both keys and what to use instead."""
+    col, mode = cfg.collator, cfg.packing.mode
+    if col.pad_to_multiple_of is not None and col.pad_to_multiple_of <= 0:
+        raise ConfigError(f"collator.pad_to_multiple_of={col.pad_to_multiple_of} must be > 0 (or null).")
+    for key in ("response_template", "instruction_template"):
+        value = getattr(col, key)
+        if value is None:
+            continue
+        if col.name != "completion_only":
+            raise ConfigError(f"collator.{key} is only used by collator=completion_only, not collator={col.name}; "
+                              "remove it or use collator=completion_only.")
+        if not _is_template(value):
+            raise ConfigError(f"collator.{key}={value!r}: give a non-empty string or a list of token ids.")
+    if col.instruction_template is not None and col.response_template is None:
+        raise ConfigError("collator.instruction_template needs collator.response_template (where each response starts).")
+    if col.name == "padding" and mode != "none":
+        raise ConfigError(f"packing.mode={mode} with collator=padding: the padding collator takes one sequence per "
+                          "row with one label; use packing=none.")
+    if mode != "none" and cfg.model.attn_implementation not in PACKING_ATTENTION:
+        raise ConfigError(
+            f"packing.mode={mode} with model.attn_implementation={cfg.model.attn_implementation}: that "
+            "implementation ignores the restarting position ids, so packed sequences would attend to each other; "
+            f"use model.attn_implementation=sdpa (or {', '.join(a for a in PACKING_ATTENTION if a != 'sdpa')}), "
+            "or packing=none."
+        )
+    strategy = cfg.format.strategy
+    if col.name == "assistant_only" and strategy in TEXT_STRATEGIES:
+        raise ConfigError(f"collator=assistant_only masks chat-template assistant turns, but format.strategy={strategy} "
+                          "yields plain text; use collator=completion_only (with collator.response_template).")
+    if (col.name == "completion_only" and strategy == "text" and col.response_template is None
+            and not cfg.format.response_template):
+        raise ConfigError("format.strategy=text with collator=completion_only needs to know where completions start: "
+                          "set collator.response_template (e.g. '### Assistant:'), or format.response_template, "
+                          "or use collator=lm to train every token.")
 
 
 def to_object(cfg: DictConfig) -> Any:
