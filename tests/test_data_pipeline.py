@@ -209,3 +209,17 @@ def test_alpaca_5000_end_to_end(smollm_tokenizer, tmp_path):
     by_output = {r["output"]: r for r in rows}
     for text in trained_texts(smollm_tokenizer, data.train.select(range(20))):
         assert text.endswith("<|im_end|>") and text[: -len("<|im_end|>")] in by_output
+
+
+def test_content_opaque_templates_render_once(smollm_tokenizer):
+    from tuneforge.data.render import content_opaque
+
+    assert content_opaque(smollm_tokenizer.chat_template)
+    copies = "{% for m in messages %}{{ m['role'] | upper }}: {{ m['content'] }}\n{% endfor %}"
+    assert content_opaque(copies)
+    for inspects in ("{% for m in messages %}{{ m['content'] | trim }}{% endfor %}",
+                     "{% for m in messages %}{% if '<think>' in m.content %}T{% endif %}{{ m.content }}{% endfor %}",
+                     "{% for m in messages %}{% set c = m['content'] %}{{ c }}{% endfor %}",
+                     "{% for x in messages %}{{ x | tojson }}{% endfor %}",
+                     "{{ messages | map(attribute='content') | join(' ') }}"):
+        assert not content_opaque(inspects), inspects

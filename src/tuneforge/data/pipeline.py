@@ -33,7 +33,7 @@ from tuneforge.data.formats import (
 from tuneforge.data.mix import mix_counts
 from tuneforge.data.render import render_conversations
 from tuneforge.data.sources import ROW, data_sources, load_source
-from tuneforge.data.text_masks import tokenize_texts
+from tuneforge.data.text_masks import build_labels, encode_async, reset_call_state
 from tuneforge.data.tokenize import assistant_mask_route
 from tuneforge.tokenizer import content_hash, stop_token_ids
 
@@ -93,6 +93,7 @@ def prepare(data_cfg: DataConfig, format_cfg: FormatConfig, train_cfg: TrainConf
     data content, configs and tokenizer content are unchanged. `collator` decides the labels (lm: every
     token; otherwise the completions / assistant turns); None means the default completion_only."""
     collator = collator or CollatorConfig()
+    reset_call_state(tokenizer)
     sources = data_sources(data_cfg, format_cfg)
     for src in sources:
         _check_chat_template(src.format, tokenizer)
@@ -186,6 +187,9 @@ def _process(ds: Dataset, fmt: FormatConfig, cfg: DataConfig, train_cfg: TrainCo
     )
 
 
+_CHUNK = 250  # rows rendered per tokenizer call inside a map batch
+
+
 def process_batch(batch: dict[str, list], fmt: FormatConfig, ctx: FormatContext, tokenizer: PreTrainedTokenizerBase,
                   stops: list[str], max_length: int, truncation_mode: str, on_bad_row: str, where: str,
                   collator: CollatorConfig, route: str) -> dict:
@@ -208,24 +212,32 @@ def process_batch(batch: dict[str, list], fmt: FormatConfig, ctx: FormatContext,
             rows[i] = fn({c: batch[c][i] for c in columns})
         except BadRow as exc:
             fail(i, str(exc))
-    chat = [i for i, r in enumerate(rows) if r is not None and "messages" in r]
-    for i, result in zip(chat, render_conversations(tokenizer, [rows[i]["messages"] for i in chat], stops, route)):
-        if isinstance(result, Exception):
-            fail(i, str(result))
-            rows[i] = None
-        else:
-            rows[i]["rendered"], rows[i]["spans"] = result
-    good = [i for i in range(n) if rows[i] is not None]
-    texts = [rows[i].get("rendered", rows[i].get("text")) for i in good]
-    tok = tokenize_texts(tokenizer, texts, [rows[i]["spans"] for i in good], max_length, truncation_mode, collator)
+    # Chunks: the tokenizer encodes one chunk in a background thread (it releases the GIL) while the next
+    # chunk renders, so on two cores the Python work hides behind the tokenizer's.
+    pending = []
+    for start in range(0, n, _CHUNK):
+        chunk = [i for i in range(start, min(start + _CHUNK, n)) if rows[i] is not None]
+        chat = [i for i in chunk if "messages" in rows[i]]
+        for i, result in zip(chat, render_conversations(tokenizer, [rows[i]["messages"] for i in chat], stops, route)):
+            if isinstance(result, Exception):
+                fail(i, str(result))
+                rows[i] = None
+            else:
+                rows[i]["rendered"], rows[i]["spans"] = result
+        chunk = [i for i in chunk if rows[i] is not None]
+        texts = [rows[i].get("rendered", rows[i].get("text")) for i in chunk]
+        pending.append((chunk, texts, encode_async(tokenizer, texts)))
     out = {"input_ids": [[]] * n, "labels": [[]] * n, "truncated": [False] * n, "n_trained": [0] * n,
            "bad": bad, ROW: batch[ROW], "messages": [None] * n, "text": [None] * n, "spans": [None] * n}
-    for j, i in enumerate(good):
-        for k in ("input_ids", "labels", "truncated", "n_trained"):
-            out[k][i] = tok[k][j]
-        out["messages"][i] = rows[i].get("messages")
-        if "messages" not in rows[i]:  # plain-text rows keep text + spans (generation prompt and reference)
-            out["text"][i], out["spans"][i] = rows[i]["text"], rows[i]["spans"]
+    for chunk, texts, encoded in pending:
+        tok = build_labels(texts, [rows[i]["spans"] for i in chunk], encoded.result(), max_length, truncation_mode,
+                           collator)
+        for j, i in enumerate(chunk):
+            for k in ("input_ids", "labels", "truncated", "n_trained"):
+                out[k][i] = tok[k][j]
+            out["messages"][i] = rows[i].get("messages")
+            if "messages" not in rows[i]:  # plain-text rows keep text + spans (generation prompt and reference)
+                out["text"][i], out["spans"][i] = rows[i]["text"], rows[i]["spans"]
     return out
 
 

@@ -1,14 +1,18 @@
 """Render chat conversations to text + the character spans of their assistant turns, in batches.
 
-Two renders per conversation whatever its number of turns: the plain render (the exact training text)
-and a render whose assistant contents are wrapped in private-use marker characters. Removing the
-markers must give back the plain render exactly -- that per-row check is what makes the marker
-positions trustworthy, even for templates that trim or rewrite content. A row that fails the check
-falls back to the prefix-render method of `tokenize.assistant_spans` (2 renders per assistant turn).
+The assistant contents are rendered wrapped in private-use marker characters; removing the markers
+gives the training text, and their positions give the spans. That is exact when the template only
+ever copies content into the output (SmolLM2/ChatML, Phi-3, ...): `content_opaque` proves it from the
+template's syntax tree, and such templates cost ONE render per conversation, whatever its number of
+turns. Any other template (e.g. one that trims content) also gets the plain render, and the marked
+render must equal it once the markers are removed -- that per-row check is what makes the positions
+trustworthy. A row that fails it falls back to the prefix-render method of `tokenize.assistant_spans`
+(2 renders per assistant turn).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 from transformers import PreTrainedTokenizerBase
@@ -30,8 +34,12 @@ def render_conversations(tokenizer: PreTrainedTokenizerBase, conversations: list
         return []
     if route == "generation":
         return [_guarded(conversation_spans, tokenizer, c, stop_strings, route) for c in conversations]
-    texts = tokenizer.apply_chat_template(conversations, tokenize=False)
-    marked = tokenizer.apply_chat_template([_mark(c) for c in conversations], tokenize=False)
+    if content_opaque(tokenizer.chat_template or ""):
+        marked = tokenizer.apply_chat_template([_mark(c) for c in conversations], tokenize=False)
+        texts = [m.replace(OPEN, "").replace(CLOSE, "") for m in marked]
+    else:
+        texts = tokenizer.apply_chat_template(conversations, tokenize=False)
+        marked = _fast_render(tokenizer, [_mark(c) for c in conversations])
     out = []
     for conv, text, mark in zip(conversations, texts, marked):
         spans = _spans_from_markers(text, mark, conv, stop_strings)
@@ -45,6 +53,116 @@ def _guarded(fn, *args) -> tuple[str, list[list[int]]] | TemplateError:
     except TemplateError as exc:
         return exc
     return text, [list(s) for s in spans]
+
+
+# Tests that read a value's type or presence, never its text: the markers cannot change their outcome.
+_TYPE_TESTS = {"string", "defined", "undefined", "none", "mapping", "sequence", "iterable"}
+# Filters over message lists that neither read nor transform any content.
+_LIST_FILTERS = {"length", "count", "first", "last", "list", "reverse", "selectattr", "rejectattr"}
+# Message fields other than content that a template may pass to filters (`message['role'] | upper`).
+_OTHER_FIELDS = {"role", "name", "from", "type", "tool_call_id"}
+
+
+@functools.lru_cache(maxsize=32)
+def content_opaque(template: str) -> bool:
+    """True when the template provably copies every message content verbatim into the output and never
+    inspects it (only type tests and truthiness, and contents are never empty here). Conservative: anything
+    it cannot prove -- filters or method calls on content or on whole messages, comparisons, assignments,
+    custom tags -- is False."""
+    from jinja2 import nodes
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        tree = ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+    except Exception:  # e.g. transformers' {% generation %} tag: not provable here
+        return False
+    parents = {id(child): parent for parent in tree.find_all(nodes.Node) for child in parent.iter_child_nodes()}
+    for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
+        if _key(node) == "content" and not _copied_or_tested(node, parents):
+            return False
+    bound = _message_names(tree)
+    for call in tree.find_all((nodes.Filter, nodes.Call)):
+        if getattr(call, "name", None) in _LIST_FILTERS:
+            continue
+        operands = ([call.node] if getattr(call, "node", None) is not None else []) + list(call.args) + [
+            kw.value for kw in call.kwargs]
+        for operand in operands:
+            names = [operand] if isinstance(operand, nodes.Name) else list(operand.find_all(nodes.Name))
+            if any(n.name in bound and not _field_access(n, operand, parents) for n in names):
+                return False
+    return True
+
+
+def _key(node) -> Optional[str]:
+    from jinja2 import nodes
+
+    if isinstance(node, nodes.Getattr):
+        return node.attr
+    if isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
+        return node.arg.value
+    return None
+
+
+def _copied_or_tested(node, parents) -> bool:
+    """The content flows only into the output (through string concatenation/conditionals) or into a test."""
+    from jinja2 import nodes
+
+    child, parent = node, parents.get(id(node))
+    while parent is not None:
+        if isinstance(parent, nodes.Output):
+            return True
+        if isinstance(parent, nodes.Test):
+            return parent.name in _TYPE_TESTS
+        if isinstance(parent, (nodes.If, nodes.CondExpr)) and getattr(parent, "test", None) is child:
+            return True  # truthiness: contents are never empty, marked or not
+        if not isinstance(parent, (nodes.Add, nodes.Concat, nodes.CondExpr, nodes.And, nodes.Or, nodes.Not)):
+            return False
+        child, parent = parent, parents.get(id(parent))
+    return False
+
+
+def _message_names(tree) -> set[str]:
+    """`messages` and every variable bound (by for or set) to something derived from it."""
+    from jinja2 import nodes
+
+    bound, grew = {"messages"}, True
+    while grew:
+        grew = False
+        for node in tree.find_all((nodes.For, nodes.Assign)):
+            source = node.iter if isinstance(node, nodes.For) else node.node
+            if any(n.name in bound for n in source.find_all(nodes.Name)) or (
+                    isinstance(source, nodes.Name) and source.name in bound):
+                targets = [node.target] if isinstance(node.target, nodes.Name) else list(node.target.find_all(nodes.Name))
+                for t in targets:
+                    if t.name not in bound:
+                        bound.add(t.name)
+                        grew = True
+    return bound
+
+
+def _field_access(name, operand, parents) -> bool:
+    """The message variable is only used to read a known non-content field (`message['role']`)."""
+    node = name
+    while node is not operand:
+        node = parents[id(node)]
+        if _key(node) in _OTHER_FIELDS:
+            return True
+    return False
+
+
+def _fast_render(tokenizer: PreTrainedTokenizerBase, conversations: list[Messages]) -> list[str]:
+    """The compiled template called directly: apply_chat_template's per-row deep copies cost about a third of
+    a render. Safe because each marked render is checked against apply_chat_template's plain render, and a
+    mismatch falls back to the exact method."""
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        compiled = _compile_jinja_template(tokenizer.get_chat_template())
+    except Exception:  # a private helper: if it moves, the public call is only slower
+        return tokenizer.apply_chat_template(conversations, tokenize=False)
+    specials = dict(tokenizer.special_tokens_map)
+    return [compiled.render(messages=c, tools=None, documents=None, add_generation_prompt=False, **specials)
+            for c in conversations]
 
 
 def _mark(messages: Messages) -> Messages:

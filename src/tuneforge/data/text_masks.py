@@ -9,13 +9,27 @@ spans), computed per span by bisection instead of per token: this stage is the c
 
 from __future__ import annotations
 
+import os
 from bisect import bisect_left, bisect_right
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional
 
 from transformers import PreTrainedTokenizerBase
 
 from tuneforge.config import CollatorConfig
 from tuneforge.data.tokenize import IGNORE, completion_labels
+
+
+def reset_call_state(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Clear the truncation/padding that an earlier `tokenizer(..., truncation=True)` call left on the Rust
+    tokenizer. transformers sets both again on every call, so this changes no later call's result; it keeps
+    them out of the tokenizer's content hash (a cache key) and lets `encode` use the Rust tokenizer directly."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        if backend.truncation is not None:
+            backend.no_truncation()
+        if backend.padding is not None:
+            backend.no_padding()
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
@@ -30,24 +44,50 @@ def encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> tuple[list[l
     return enc["input_ids"], enc["offset_mapping"]
 
 
+_ENCODERS: dict[int, ThreadPoolExecutor] = {}
+
+
+def encode_async(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> Future:
+    """`encode` on this process's background thread (one per process: map workers are forked)."""
+    pid = os.getpid()
+    if pid not in _ENCODERS:
+        _ENCODERS[pid] = ThreadPoolExecutor(1, thread_name_prefix="tuneforge-encode")
+    return _ENCODERS[pid].submit(encode, tokenizer, texts)
+
+
 def span_labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[list[int]]) -> list[int]:
     """Token i is trained when its characters overlap a span -- `tokenize.labels_from_spans`' rule (a zero-width
-    token counts as the point where it sits), by bisection over the non-decreasing token starts and ends."""
-    starts = [s for s, _ in offsets]
-    ends = [max(e, s + 1) for s, e in offsets]
+    token counts as the point where it sits) -- found by bisection over the non-decreasing token starts and
+    ends: O(log n) per span instead of a Python step per token."""
     labels = [IGNORE] * len(ids)
     for start, end in spans:
-        a, b = bisect_right(ends, start), bisect_left(starts, end)
+        a = bisect_right(offsets, start, key=_end)
+        b = bisect_left(offsets, end, key=_start)
         labels[a:b] = ids[a:b]
     return labels
+
+
+def _start(offset: tuple[int, int]) -> int:
+    return offset[0]
+
+
+def _end(offset: tuple[int, int]) -> int:
+    return max(offset[1], offset[0] + 1)
 
 
 def tokenize_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str], spans: list[Optional[list[list[int]]]],
                    max_length: int, truncation_mode: str, collator: CollatorConfig) -> dict[str, list]:
     """input_ids, labels and per-row bookkeeping (truncated, n_trained) for a batch. `collator.name=lm` trains
     every token; rows with spans train them; rows without are left to `collator.response_template`."""
+    return build_labels(texts, spans, encode(tokenizer, texts), max_length, truncation_mode, collator)
+
+
+def build_labels(texts: list[str], spans: list[Optional[list[list[int]]]],
+                 encoded: tuple[list[list[int]], list[list[tuple[int, int]]]], max_length: int, truncation_mode: str,
+                 collator: CollatorConfig) -> dict[str, list]:
+    """`tokenize_texts` after the tokenizer call (`encoded` = `encode(...)`), so that call can run elsewhere."""
     out: dict[str, list] = {"input_ids": [], "labels": [], "truncated": [], "n_trained": []}
-    all_ids, all_offsets = encode(tokenizer, texts)
+    all_ids, all_offsets = encoded
     for text, ids, offsets, row_spans in zip(texts, all_ids, all_offsets, spans):
         truncated = len(ids) > max_length
         if truncated:
