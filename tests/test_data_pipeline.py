@@ -223,3 +223,27 @@ def test_content_opaque_templates_render_once(smollm_tokenizer):
                      "{% for x in messages %}{{ x | tojson }}{% endfor %}",
                      "{{ messages | map(attribute='content') | join(' ') }}"):
         assert not content_opaque(inspects), inspects
+
+
+def test_num_proc_gives_the_same_rows(smollm_tokenizer, tmp_path):
+    path = _jsonl(tmp_path / "rows.jsonl", QA * 3)
+    one = prepare(_data(path, tmp_path, cache=False), FormatConfig(), TRAIN, smollm_tokenizer)
+    two = prepare(_data(path, tmp_path, cache=False, num_proc=2, map_batch_size=4), FormatConfig(), TRAIN,
+                  smollm_tokenizer)
+    assert two.train["input_ids"] == one.train["input_ids"] and two.train["labels"] == one.train["labels"]
+
+
+def test_alpaca_classic_with_a_tokenizer_without_chat_template(tmp_path):
+    from transformers import AutoTokenizer
+
+    from tuneforge.config import TokenizerConfig
+    from tuneforge.tokenizer import apply_fixes
+
+    tok = AutoTokenizer.from_pretrained(str(shared("tokenizers/opt-125m")))
+    apply_fixes(tok, TokenizerConfig())
+    assert not tok.chat_template
+    path = _jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "Name a colour.", "input": "", "output": "Blue"}] * 2)
+    data = prepare(_data(path, tmp_path), FormatConfig(strategy="alpaca"), TRAIN, tok)
+    row = data.train[0]
+    assert trained_texts(tok, data.train)[0] == "Blue</s>"  # the classic prompt, the answer + EOS trained
+    assert tok.decode(row["input_ids"]).startswith("Below is an instruction") and row["input_ids"][-1] == tok.eos_token_id
