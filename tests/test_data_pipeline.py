@@ -247,3 +247,16 @@ def test_alpaca_classic_with_a_tokenizer_without_chat_template(tmp_path):
     row = data.train[0]
     assert trained_texts(tok, data.train)[0] == "Blue</s>"  # the classic prompt, the answer + EOS trained
     assert tok.decode(row["input_ids"]).startswith("Below is an instruction") and row["input_ids"][-1] == tok.eos_token_id
+
+
+def test_text_without_spans_uses_the_collator_response_template(smollm_tokenizer, tmp_path):
+    path = _jsonl(tmp_path / "rows.jsonl", [{"text": f"Q: {q['prompt']}\nA: {q['completion']}"} for q in QA])
+    data = prepare(_data(path, tmp_path), FormatConfig(strategy="text"), TRAIN, smollm_tokenizer,
+                   CollatorConfig(response_template="A:"))
+    assert trained_texts(smollm_tokenizer, data.train)[2] == " 4<|im_end|>"
+
+
+def test_max_samples_caps_training_rows(smollm_tokenizer, tmp_path):
+    path = _jsonl(tmp_path / "rows.jsonl", QA)
+    data = prepare(_data(path, tmp_path, max_samples=4), FormatConfig(), TRAIN, smollm_tokenizer)
+    assert data.stats["train"].rows_in == 4 and len(data.train) == 4

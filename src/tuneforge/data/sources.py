@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, ReadInstruction, load_dataset
+from datasets.exceptions import DatasetNotFoundError
 
 from tuneforge.config import ConfigError, DataConfig, FormatConfig, MixSourceConfig
 from tuneforge.data.demo import BUILTIN
@@ -87,11 +88,17 @@ def load_split_raw(src: MixSourceConfig, split: str, cfg: DataConfig) -> Dataset
         return _local(src.path, split)
     try:
         return load_dataset(src.path, src.name, split=split, revision=src.revision)
-    except (FileNotFoundError, ConnectionError, ValueError) as exc:
+    except (FileNotFoundError, ConnectionError, DatasetNotFoundError) as exc:
         raise ConfigError(
             f"data.path={src.path!r} is not a local file, directory or glob, and loading it from the hub failed "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})."
+            f"({type(exc).__name__}: {_first_line(exc)})."
         ) from exc
+    except ValueError as exc:  # e.g. an unknown split or config name
+        raise ConfigError(f"data.path={src.path!r} (name={src.name!r}, split={split!r}): {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def _builtin(path: str, split: str, cfg: DataConfig) -> Dataset:
