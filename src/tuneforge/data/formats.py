@@ -83,6 +83,8 @@ def _system(cfg: FormatConfig) -> list[dict[str, str]]:
 def instruction(row: dict, cfg: FormatConfig, ctx: FormatContext) -> Row:
     prompt, completion = row.get(cfg.prompt_column), row.get(cfg.completion_column)
     if isinstance(prompt, list):  # TRL's conversational prompt/completion: lists of messages
+        if isinstance(completion, str):
+            completion = [{"role": "assistant", "content": completion}]
         return conversational({"messages": list(prompt) + list(completion or [])},
                               FormatConfig(messages_column="messages", system_prompt=cfg.system_prompt), ctx)
     return {"messages": _system(cfg) + [

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import pyarrow.compute as pc
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
@@ -85,7 +86,7 @@ def padding_waste(lengths: list[int], batch_size: int, multiple: Optional[int] =
 
 
 def length_stats(ds: Dataset, st: DataStats, batch_size: int, multiple: Optional[int]) -> tuple[LengthStats, list[int]]:
-    lengths = [len(x) for x in ds["input_ids"]]
+    lengths = pc.list_value_length(ds.with_format("arrow")[:]["input_ids"]).to_pylist() if len(ds) else []
     ordered = sorted(lengths)
     return LengthStats(
         rows=len(lengths),
