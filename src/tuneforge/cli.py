@@ -20,6 +20,8 @@ USAGE = """usage: tuneforge COMMAND [key=value ...] [hydra flags]
 commands:
   train    fine-tune (default recipe: demo). e.g. tuneforge train recipe=demo train.max_steps=50
   infer    answer with a trained run: tuneforge infer run_dir=PATH prompt="..."
+  merge    fold the adapter into full-precision weights: tuneforge merge run_dir=PATH [out=DIR] [merge.base=original]
+  eval     score a trained run on its held-out split: tuneforge eval run_dir=PATH [eval.compare_base=true]
   preview  formatted samples with trained/masked tokens + data statistics, no weights loaded:
            tuneforge preview [overrides] [n=5]   (writes preview.html under outputs/preview/)
 
@@ -51,11 +53,16 @@ def split_args(args: list[str]) -> tuple[list[str], list[str], bool]:
 def _train_app(dcfg) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
-    from tuneforge import train
     from tuneforge.compose import to_validated
 
     cfg = to_validated(dcfg)  # every multirun job is validated on its own values
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.task == "classification":
+        from tuneforge import classify
+
+        return classify.run(cfg, run_dir, dcfg).get("eval_accuracy")
+    from tuneforge import train
+
     metrics = train.run(cfg, run_dir, dcfg)
     return (metrics.get("eval_after") or {}).get(cfg.eval.metric)  # what a sweeper optimizes
 
@@ -86,6 +93,14 @@ def _friendly(app):
 
     wrapped.__name__ = app.__name__
     return wrapped
+
+
+def _merge_app(dcfg) -> None:
+    from omegaconf import OmegaConf
+
+    from tuneforge import merge
+
+    merge.run(OmegaConf.to_object(dcfg))
 
 
 COMMANDS = {"train": ("config", _friendly(_train_app)), "infer": ("infer", _friendly(_infer_app)),

@@ -19,7 +19,9 @@ from omegaconf.errors import OmegaConfBaseException
 from tuneforge.config import (
     GROUPS,
     ConfigError,
+    EvaluateConfig,
     InferConfig,
+    MergeCommandConfig,
     TuneforgeConfig,
     closest,
     register_configs,
@@ -28,7 +30,8 @@ from tuneforge.config import (
 )
 from tuneforge.paths import conf_dir, recipes_dir
 
-SCHEMAS = {"config": TuneforgeConfig, "infer": InferConfig}
+SCHEMAS = {"config": TuneforgeConfig, "infer": InferConfig, "evaluate": EvaluateConfig,
+           "merge": MergeCommandConfig}
 # Keys whose values are free-form mappings (new sub-keys are legal).
 _MAPPING_KEYS = ("data.columns",)
 

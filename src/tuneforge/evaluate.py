@@ -1,17 +1,24 @@
-"""Generation metrics on held-out conversations, through the shared inference helper."""
+"""Evaluation: generation metrics on held-out prompts (through the shared inference helper), eval loss
+and perplexity, and the `tuneforge eval` command."""
 
 from __future__ import annotations
 
+import logging
+import math
 import re
 import string
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
 from tuneforge.data.formats import split_for_generation
-from tuneforge.inference import GenerationSettings, generate
+from tuneforge.inference import GenerationSettings, Rendered, eval_mode, generate
+
+log = logging.getLogger(__name__)
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
@@ -31,7 +38,20 @@ def normalized_exact_match(prediction: str, reference: str) -> float:
     return float(normalize(prediction) == normalize(reference))
 
 
-METRICS = {"exact_match": exact_match, "normalized_exact_match": normalized_exact_match}
+def rouge_l(prediction: str, reference: str) -> float:
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"]).score(reference, prediction)["rougeL"].fmeasure
+
+
+def chrf(prediction: str, reference: str) -> float:
+    from sacrebleu.metrics import CHRF
+
+    return CHRF().sentence_score(prediction, [reference]).score / 100.0
+
+
+METRICS = {"exact_match": exact_match, "normalized_exact_match": normalized_exact_match,
+           "rouge_l": rouge_l, "chrf": chrf}
 
 
 @dataclass
@@ -40,11 +60,29 @@ class GenerationEval:
     predictions: list[dict[str, Any]]
 
 
-def evaluate_generations(model, tokenizer, conversations: list[list[dict]], settings: GenerationSettings) -> GenerationEval:
-    prompts, references = zip(*(split_for_generation(c) for c in conversations)) if conversations else ((), ())
-    predictions = generate(model, tokenizer, list(prompts), settings)
+def generation_pairs(eval_rows, limit: int) -> list[tuple[Any, str]]:
+    """(prompt, reference) for the first `limit` held-out rows: chat rows give their messages up to the
+    last assistant turn; plain-text rows give the text up to their last trained span (rendered as is)."""
+    pairs = []
+    for row in eval_rows:
+        if len(pairs) >= limit:
+            break
+        if row.get("messages"):
+            pairs.append(split_for_generation(row["messages"]))
+        elif row.get("text") and row.get("spans"):
+            start, end = row["spans"][-1]
+            pairs.append((Rendered(row["text"][:start]), row["text"][start:end]))
+    return pairs
+
+
+def evaluate_generations(model, tokenizer, pairs: list[tuple[Any, str]], settings: GenerationSettings) -> GenerationEval:
+    prompts = [p for p, _ in pairs]
+    predictions = generate(model, tokenizer, prompts, settings)
+    eos = tokenizer.eos_token or ""
     rows = []
-    for prompt, ref, pred in zip(prompts, references, predictions):
+    for (prompt, ref), pred in zip(pairs, predictions):
+        ref = ref[: -len(eos)] if eos and ref.endswith(eos) else ref
+        prompt = prompt.text if isinstance(prompt, Rendered) else prompt
         rows.append({"prompt": prompt, "reference": ref, "prediction": pred,
                      **{name: fn(pred, ref) for name, fn in METRICS.items()}})
     n = max(len(rows), 1)
@@ -52,12 +90,88 @@ def evaluate_generations(model, tokenizer, conversations: list[list[dict]], sett
     return GenerationEval(scores=scores, predictions=rows)
 
 
-def print_comparison(before: dict[str, float], after: dict[str, float], n: int, console: Console | None = None) -> None:
-    table = Table(title=f"Held-out generation ({n} prompts, same 4-bit base)")
+def score_with_and_without_adapter(model, tokenizer, pairs, settings) -> tuple[GenerationEval, GenerationEval | None]:
+    """(fine-tuned, base): the base is the same (4-bit) weights with the adapter switched off."""
+    tuned = evaluate_generations(model, tokenizer, pairs, settings)
+    if not hasattr(model, "disable_adapter"):
+        return tuned, None
+    with model.disable_adapter():
+        base = evaluate_generations(model, tokenizer, pairs, settings)
+    return tuned, base
+
+
+@torch.inference_mode()
+def eval_loss(model, dataset, collate, batch_size: int) -> dict[str, float]:
+    """Token-weighted mean loss over the trained (label != -100) tokens, and its perplexity."""
+    total, count = 0.0, 0
+    device = next(p.device for p in model.parameters())
+    with eval_mode(model):
+        for start in range(0, len(dataset), batch_size):
+            batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            n = int((batch["labels"][:, 1:] != -100).sum())  # the model shifts labels by one
+            if n == 0:
+                continue
+            out = model(**batch, use_cache=False)
+            total += float(out.loss) * n
+            count += n
+    loss = total / count if count else float("nan")
+    return {"eval_loss": loss, "perplexity": math.exp(loss) if count else float("nan"), "eval_tokens": count}
+
+
+def print_comparison(rows: dict[str, dict[str, float]], title: str, console: Console | None = None) -> None:
+    """One column per model (e.g. base / fine-tuned), one row per metric, and the change."""
+    names = list(rows)
+    table = Table(title=title)
     table.add_column("metric")
-    table.add_column("before", justify="right")
-    table.add_column("after", justify="right")
-    table.add_column("change", justify="right")
-    for name in after:
-        table.add_row(name, f"{before[name]:.3f}", f"{after[name]:.3f}", f"{after[name] - before[name]:+.3f}")
+    for name in names:
+        table.add_column(name, justify="right")
+    if len(names) == 2:
+        table.add_column("change", justify="right")
+    metrics = [m for m in rows[names[-1]] if all(m in rows[n] for n in names)]
+    for metric in metrics:
+        values = [rows[n][metric] for n in names]
+        cells = [f"{v:.3f}" for v in values]
+        if len(names) == 2:
+            cells.append(f"{values[1] - values[0]:+.3f}")
+        table.add_row(metric, *cells)
     (console or Console()).print(table)
+
+
+def run(cfg) -> dict:
+    """`tuneforge eval run_dir=PATH`: writes eval.json + predictions.jsonl under RUN_DIR/eval/."""
+    from tuneforge import runs
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from tuneforge.data.pipeline import prepare
+    from tuneforge.models.trained import load_trained
+
+    model, tokenizer, run_cfg = load_trained(cfg.run_dir)
+    ev = cfg.eval
+    data = prepare(run_cfg.data, run_cfg.format, run_cfg.train, tokenizer, run_cfg.collator)
+    if len(data.eval) == 0:
+        raise ValueError("The run's data has no held-out split (data.eval_fraction=0 and no data.eval_split).")
+    settings = GenerationSettings(max_new_tokens=ev.max_new_tokens, max_input_tokens=ev.max_input_tokens,
+                                  batch_size=ev.batch_size)
+    pairs = generation_pairs(data.eval, ev.num_samples)
+    # Held-out rows are never packed: plain padding is the faithful batch for the loss.
+    collate = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
+    result: dict[str, Any] = {"run_dir": str(cfg.run_dir), "samples": len(pairs), "eval_rows": len(data.eval)}
+    tuned = evaluate_generations(model, tokenizer, pairs, settings)
+    result["fine_tuned"] = {**tuned.scores, **eval_loss(model, data.eval, collate, ev.batch_size)}
+    table = {"fine-tuned": result["fine_tuned"]}
+    if ev.compare_base and hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            base = evaluate_generations(model, tokenizer, pairs, settings)
+            result["base"] = {**base.scores, **eval_loss(model, data.eval, collate, ev.batch_size)}
+        table = {"base": result["base"], "fine-tuned": result["fine_tuned"]}
+        for row, b in zip(tuned.predictions, base.predictions):
+            row["base_prediction"] = b["prediction"]
+    out_dir = Path(cfg.run_dir) / "eval"
+    out_dir.mkdir(exist_ok=True)
+    runs.write_json(out_dir / "eval.json", result)
+    runs.write_predictions(out_dir / "predictions.jsonl", tuned.predictions)
+    print_comparison(table, f"tuneforge eval: {len(pairs)} held-out prompts, {result['fine_tuned']['eval_tokens']} "
+                            "eval-loss tokens")
+    log.info("Wrote %s and %s", out_dir / "eval.json", out_dir / "predictions.jsonl")
+    return result

@@ -17,7 +17,16 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
 
 from tuneforge.tokenizer import stop_token_ids
 
-Prompt = Union[str, Sequence[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A prompt already formatted for the model (plain-text formats): tokenized as is, no chat template."""
+
+    text: str
+
+
+Prompt = Union[str, Rendered, Sequence[dict[str, Any]]]
 
 
 @dataclass
@@ -37,7 +46,9 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, max_input_tok
     A raw string becomes a single user turn. Too-long prompts lose their oldest tokens: the end,
     which holds the generation prompt, is always kept.
     """
-    if tokenizer.chat_template:
+    if isinstance(prompt, Rendered):
+        ids = tokenizer(prompt.text)["input_ids"]
+    elif tokenizer.chat_template:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -11,7 +11,7 @@ import calendar
 import datetime as dt
 import random
 
-PROMPT = "Rewrite this date in ISO 8601 format (YYYY-MM-DD). Answer with the date only.\nDate: {date}"
+PROMPT = "Write this date as YYYY-MM-DD: {date}"
 
 
 def _ordinal(n: int) -> str:
@@ -48,4 +48,6 @@ def generate_dates(rows: int, seed: int = 42) -> list[dict[str, str]]:
     return out
 
 
-BUILTIN = {"dates": generate_dates}
+from tuneforge.data.topics import generate_topics  # noqa: E402  (registry below)
+
+BUILTIN = {"dates": generate_dates, "topics": generate_topics}

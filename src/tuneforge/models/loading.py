@@ -105,6 +105,6 @@ def fit_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
         value = getattr(tokenizer, name)
         if value is not None:
             setattr(model.config, name, value)
-            if model.generation_config is not None:
+            if getattr(model, "generation_config", None) is not None:
                 setattr(model.generation_config, name, value)
     return added
