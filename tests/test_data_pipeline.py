@@ -12,7 +12,7 @@ from conftest import shared
 from tuneforge.config import CollatorConfig, ConfigError, DataConfig, FormatConfig, MixSourceConfig, TrainConfig
 from tuneforge.data.pipeline import prepare
 from tuneforge.data.render import render_conversations
-from tuneforge.data.text_masks import encode, span_labels
+from tuneforge.data.text_masks import encode, encoding_span_labels, offsets_of, span_labels
 from tuneforge.data.tokenize import IGNORE, assistant_spans, labels_from_spans
 from tuneforge.tokenizer import stop_token_ids
 
@@ -95,10 +95,14 @@ def test_render_falls_back_when_the_template_rewrites_content(smollm_tokenizer):
 
 def test_span_labels_equal_the_reference_rule(smollm_tokenizer):
     texts = ["Q: what?\nA: 42<|im_end|>", "héllo wörld 🙂 ok", "a  b\n\n c"]
-    spans = [[[11, 26]], [[3, 9], [12, 14]], [[1, 4]]]
-    ids, offsets = encode(smollm_tokenizer, texts)
-    for i, o, s in zip(ids, offsets, spans):
-        assert span_labels(i, o, s) == labels_from_spans(i, o, s)
+    spans = [[[11, 24]], [[3, 9], [12, 14]], [[1, 4]]]
+    ids, encodings = encode(smollm_tokenizer, texts)
+    for i, enc, s in zip(ids, encodings, spans):
+        offsets = offsets_of(enc)
+        assert span_labels(i, offsets, s) == labels_from_spans(i, offsets, s)
+        assert encoding_span_labels(i, enc, s) == labels_from_spans(i, offsets, s)
+    # A boundary no token covers: the lookup declines and the offsets decide.
+    assert encoding_span_labels(ids[0], encodings[0], [[11, 99]]) is None
 
 
 def test_bad_rows_are_counted_with_reasons_and_first_indices(smollm_tokenizer, tmp_path, caplog):
@@ -260,3 +264,24 @@ def test_max_samples_caps_training_rows(smollm_tokenizer, tmp_path):
     path = _jsonl(tmp_path / "rows.jsonl", QA)
     data = prepare(_data(path, tmp_path, max_samples=4), FormatConfig(), TRAIN, smollm_tokenizer)
     assert data.stats["train"].rows_in == 4 and len(data.train) == 4
+
+
+def test_fast_labels_equal_the_reference_tokenizer_stage_on_alpaca(smollm_tokenizer):
+    """Render (one pass) + bisection/char lookups == prefix renders + tokenize.tokenize_text_rows, row for row."""
+    from tuneforge.data.formats import FormatContext, formatter
+    from tuneforge.data.text_masks import tokenize_texts
+    from tuneforge.data.tokenize import tokenize_text_rows
+
+    tok = smollm_tokenizer
+    rows = [r for r in json.loads(shared("alpaca_5000.json").read_text())[:400] if r["output"].strip()]
+    fmt = formatter(FormatConfig(strategy="alpaca"), FormatContext(tok.eos_token, True))
+    convs = [fmt(r)["messages"] for r in rows]
+    stops = [tok.convert_ids_to_tokens(i) for i in stop_token_ids(tok)]
+    fast = render_conversations(tok, convs, stops)
+    ref = [assistant_spans(tok, c, stops) for c in convs]
+    assert [t for t, _ in fast] == [t for t, _ in ref]
+    ours = tokenize_texts(tok, [t for t, _ in fast], [s for _, s in fast], 128, "keep_end", CollatorConfig())
+    theirs = tokenize_text_rows({"text": [t for t, _ in ref], "spans": [s for _, s in ref]}, tok, CollatorConfig(),
+                                128, "keep_end")
+    assert ours["input_ids"] == theirs["input_ids"] and ours["labels"] == theirs["labels"]
+    assert sum(ours["truncated"]) > 0  # truncation exercised

@@ -4,7 +4,8 @@ Every formatted row reaches this stage as text + spans (chat rows after renderin
 strategies by construction). Spans map to tokens through the offsets of the whole text tokenized
 in context, so a template that tokenizes differently alone than in context cannot break masking
 (DESIGN rule 6). Same rules as `tokenize.tokenize_text_rows` (which it calls for rows without
-spans), computed per span by bisection instead of per token: this stage is the cold path's cost.
+spans), computed per span (char -> token lookups, or bisection) instead of per token: this stage is
+on the cold path.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import os
 from bisect import bisect_left, bisect_right
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Optional
+from typing import Any, Optional
 
 from transformers import PreTrainedTokenizerBase
 
@@ -32,16 +33,21 @@ def reset_call_state(tokenizer: PreTrainedTokenizerBase) -> None:
             backend.no_padding()
 
 
-def encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
-    """(ids, offsets) per text. No special tokens are added: the chat template or the format placed every
-    one of them, and adding BOS again would differ from inference."""
+def encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> tuple[list[list[int]], list[Any]]:
+    """(ids, offsets) per text, where offsets are a list of (start, end) or the Rust `Encoding` that answers
+    char -> token questions without building that list (see `offsets_of`). No special tokens are added: the
+    chat template or the format placed every one of them, and adding BOS again would differ from inference."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and backend.truncation is None and backend.padding is None:
         # The Rust tokenizer directly: the same ids as tokenizer(texts), without building attention masks.
         encs = backend.encode_batch(texts, add_special_tokens=False)
-        return [e.ids for e in encs], [e.offsets for e in encs]
+        return [e.ids for e in encs], encs
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     return enc["input_ids"], enc["offset_mapping"]
+
+
+def offsets_of(offsets: Any) -> list[tuple[int, int]]:
+    return offsets if isinstance(offsets, list) else offsets.offsets
 
 
 _ENCODERS: dict[int, ThreadPoolExecutor] = {}
@@ -53,6 +59,26 @@ def encode_async(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> Future
     if pid not in _ENCODERS:
         _ENCODERS[pid] = ThreadPoolExecutor(1, thread_name_prefix="tuneforge-encode")
     return _ENCODERS[pid].submit(encode, tokenizer, texts)
+
+
+def encoding_span_labels(ids: list[int], enc: Any, spans: list[list[int]]) -> Optional[list[int]]:
+    """`span_labels` from a Rust `Encoding`: a few char -> token lookups per span instead of all offsets; None
+    when a span boundary character belongs to no token (the offsets decide then)."""
+    labels = [IGNORE] * len(ids)
+    for start, end in spans:
+        if end <= start:
+            continue
+        a, last = enc.char_to_token(start), enc.char_to_token(end - 1)
+        if a is None or last is None:
+            return None
+        # Neighbours by the same overlap rule (zero-width tokens, several tokens on one character).
+        while a > 0 and _end(enc.token_to_chars(a - 1)) > start:
+            a -= 1
+        b = last + 1
+        while b < len(ids) and enc.token_to_chars(b)[0] < end:
+            b += 1
+        labels[a:b] = ids[a:b]
+    return labels
 
 
 def span_labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[list[int]]) -> list[int]:
@@ -83,24 +109,28 @@ def tokenize_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str], spans: 
 
 
 def build_labels(texts: list[str], spans: list[Optional[list[list[int]]]],
-                 encoded: tuple[list[list[int]], list[list[tuple[int, int]]]], max_length: int, truncation_mode: str,
+                 encoded: tuple[list[list[int]], list[Any]], max_length: int, truncation_mode: str,
                  collator: CollatorConfig) -> dict[str, list]:
     """`tokenize_texts` after the tokenizer call (`encoded` = `encode(...)`), so that call can run elsewhere."""
     out: dict[str, list] = {"input_ids": [], "labels": [], "truncated": [], "n_trained": []}
     all_ids, all_offsets = encoded
     for text, ids, offsets, row_spans in zip(texts, all_ids, all_offsets, spans):
         truncated = len(ids) > max_length
-        if truncated:
-            cut = slice(None, max_length) if truncation_mode == "keep_start" else slice(-max_length, None)
-            ids, offsets = ids[cut], offsets[cut]
+        cut = slice(None, max_length) if truncation_mode == "keep_start" else slice(-max_length, None)
         if collator.name == "lm":
+            ids = ids[cut]
             labels = list(ids)
         elif row_spans:
-            labels = span_labels(ids, offsets, row_spans)
+            # A token's label depends on its own characters only: label the whole row, then cut.
+            labels = None if isinstance(offsets, list) else encoding_span_labels(ids, offsets, row_spans)
+            labels = (labels or span_labels(ids, offsets_of(offsets), row_spans))[cut]
+            ids = ids[cut]
         elif collator.response_template is not None:
+            ids, offsets = ids[cut], offsets_of(offsets)[cut]
             labels = completion_labels(ids, offsets, text, collator.response_template,
                                        collator.instruction_template) or [IGNORE] * len(ids)
         else:
+            ids = ids[cut]
             labels = [IGNORE] * len(ids)
         out["input_ids"].append(ids)
         out["labels"].append(labels)
