@@ -79,9 +79,32 @@ def test_wrapped_rows_are_full_and_restart_positions_at_sequence_starts(smollm_t
         bounds.add(total)
         total += len(r)
     batch = collate(smollm_tokenizer, "wrapped")([packed[i] for i in range(len(packed))])
-    restarts = {i for i, p in enumerate(batch["position_ids"][0].tolist()) if p == 0}
+    assert "attention_mask" not in batch
+    positions = [p for row, n in zip(batch["position_ids"].tolist(), lengths) for p in row[:n]]
+    restarts = {i for i, p in enumerate(positions) if p == 0}
     assert restarts == bounds | set(range(0, total, 100))
+    labels = [l for row, n in zip(batch["labels"].tolist(), lengths) for l in row[:n]]
+    assert all(labels[i] == IGNORE for i in restarts)  # nothing predicts a sequence's first token
     assert stats.fill == pytest.approx(total / (len(packed) * 100))
+
+
+def test_bfd_batches_keep_one_packed_row_per_batch_row(smollm_tokenizer):
+    tok = smollm_tokenizer
+    ds = rows(tok, 10)
+    packed, stats = pack(ds, PackingConfig(mode="bfd"), max_length=160)
+    batch = collate(tok, "bfd")([packed[i] for i in range(4)])
+    # No attention mask: with one, transformers would not isolate the packed sequences.
+    assert "attention_mask" not in batch and batch["input_ids"].shape == (4, max(len(packed[i]["input_ids"]) for i in range(4)))
+    for r in range(4):
+        lengths, n = packed[r]["seq_lengths"], len(packed[r]["input_ids"])
+        expected = [p for k in lengths for p in range(k)] + [0] * (batch["input_ids"].shape[1] - n)
+        assert batch["position_ids"][r].tolist() == expected  # pads: position 0 each, one-token blocks
+        labels = batch["labels"][r].tolist()
+        starts = [sum(lengths[:j]) for j in range(len(lengths))]
+        assert all(labels[i] == IGNORE for i in starts) and all(l == IGNORE for l in labels[n:])
+        # Every other label is the one built at preparation time: masks survive packing.
+        assert [l for i, l in enumerate(labels[:n]) if i not in starts] == [
+            l for i, l in enumerate(packed[r]["labels"]) if i not in starts]
 
 
 def test_none_and_padding_free_leave_rows_alone(smollm_tokenizer):
@@ -213,7 +236,8 @@ def tiny_llama(smollm_dir, attn: str = "sdpa", layers: int = 2):
     """A small random Llama with SmolLM2's vocabulary (the tokenizer's ids stay valid)."""
     config = AutoConfig.from_pretrained(smollm_dir)
     config.update(dict(num_hidden_layers=layers, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                       num_key_value_heads=2, head_dim=16))
+                       num_key_value_heads=2, head_dim=16,
+                       initializer_range=0.1))  # sharper attention than 0.02: contamination shows more
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
 

@@ -21,20 +21,32 @@ from tuneforge.data.tokenize import IGNORE
 
 @dataclass
 class CausalLMCollator(DataCollatorForLanguageModeling):
-    """TRL's causal-LM collator, plus left padding (TRL pads on the right only).
+    """TRL's causal-LM collator, plus left padding and packed rows, which TRL lacks.
 
-    Left-padded rows carry explicit position ids (0 at each row's first real token), so a padded row
-    computes exactly what it computes alone, also for models with absolute position embeddings.
+    - Left padding: rows carry explicit position ids (0 at each row's first real token), so a padded row
+      computes exactly what it computes alone, also for models with absolute position embeddings.
+    - `packed_rows` (bfd/wrapped rows with `seq_lengths`): one packed row per batch row, padded to the
+      longest, with position ids restarting at every sequence start and NO attention mask. transformers
+      builds a block-diagonal causal mask from restarting position ids only when no attention mask is
+      given; pads (position 0 each) then form one-token blocks nobody attends to. Unlike TRL's padding-free
+      layout (the whole batch flattened into one row), attention stays per row: on sdpa/eager, which
+      compute the full masked square, that is (rows x max_length^2) instead of (rows x max_length)^2.
+      The first label of every sequence is -100: it would be predicted from the previous sequence.
     """
 
     padding_side: str = "right"
+    packed_rows: bool = False
 
     def __post_init__(self):
-        if self.padding_side == "left" and not self.padding_free:
+        if self.packed_rows or (self.padding_side == "left" and not self.padding_free):
             self.return_position_ids = True
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = super().torch_call(examples)
+        if self.packed_rows and not self.padding_free:
+            del batch["attention_mask"]
+            batch["labels"][batch["position_ids"] == 0] = IGNORE
+            return batch
         if self.padding_free or self.padding_side == "right":
             return batch
         width = batch["input_ids"].shape[1]
@@ -48,16 +60,17 @@ def build_collator(cfg: CollatorConfig, packing: PackingConfig, tokenizer: PreTr
                    padding_side: str = "right") -> Callable:
     """The batch collator for `collator.name` and `packing.mode`.
 
-    Every packing mode feeds the model padding-free batches: rows flattened into one, position ids
-    restarting at every sequence start (from `seq_lengths` for packed rows), the first label of every
-    sequence -100 and NO attention mask -- the only layout in which transformers' sdpa/eager/flex
-    attention isolate the packed sequences (with an all-ones mask they attend to each other).
+    No packed batch carries an attention mask: transformers' sdpa/eager/flex attention isolate packed
+    sequences by their restarting position ids only without one (with an all-ones mask they attend to
+    each other). `padding_free` flattens each batch into one row (TRL's layout, best with varlen
+    flash-attention kernels); `bfd`/`wrapped` keep one packed row per batch row (see CausalLMCollator).
     """
     if cfg.name == "padding":
         return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=cfg.pad_to_multiple_of)
     return CausalLMCollator(
         pad_token_id=tokenizer.pad_token_id,
-        padding_free=packing.mode != "none",
+        padding_free=packing.mode == "padding_free",
+        packed_rows=packing.mode in ("bfd", "wrapped"),
         pad_to_multiple_of=cfg.pad_to_multiple_of,
         padding_side=padding_side,
     )

@@ -7,8 +7,9 @@ Modes (`packing.mode`):
 - wrapped: concatenate and cut into rows of exactly `train.max_length`; TRL's wrapped mode drops the
   sequence boundaries, ours records them in `seq_lengths` so position ids restart at each sequence start.
 
-Every mode but `none` feeds the model padding-free batches (see `collators.build_collator`); the loss
-masks (labels) travel with the tokens, so completion-only masking survives packing.
+Every mode but `none` feeds the model batches without an attention mask and with position ids restarting
+per sequence (see `collators.build_collator`); the loss masks (labels) travel with the tokens, so
+completion-only masking survives packing.
 `check_no_contamination` is the start-up probe that fails a run whose model lets packed sequences see
 each other (an attention implementation or a model that ignores position ids, a KV cache left on).
 """
@@ -100,8 +101,7 @@ def _sequence_losses(model, batch: dict[str, Any], lengths: list[int]) -> torch.
 
 
 def check_no_contamination(model, collate: Callable, rows: list[list[int]], tolerance: float = 1e-2) -> float:
-    """Start-up probe: forward `rows` packed into one padding-free batch (built by the run's collator) and
-    each alone; raise ContaminationError when a sequence's packed loss differs from its unpacked loss by
+    """Start-up probe: forward `rows` packed into one row (collated by the run's collator) and each alone; raise ContaminationError when a sequence's packed loss differs from its unpacked loss by
     more than `tolerance` (relative). Clean packing agrees to ~1e-7 in fp32 and ~1e-3 in bf16/4-bit; a
     sequence that attends to its neighbour is off by ~1e-1. Returns the largest relative difference."""
     was_training = model.training
@@ -111,7 +111,8 @@ def check_no_contamination(model, collate: Callable, rows: list[list[int]], tole
             device = next(model.parameters()).device
             to = lambda b: {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}  # noqa: E731
             lengths = [len(r) for r in rows]
-            packed = _sequence_losses(model, to(collate([{"input_ids": r} for r in rows])), lengths)
+            row = {"input_ids": [t for r in rows for t in r], "seq_lengths": lengths}  # one packed row
+            packed = _sequence_losses(model, to(collate([row])), lengths)
             alone = torch.cat([_sequence_losses(model, to(collate([{"input_ids": r}])), [len(r)]) for r in rows])
     finally:
         model.train(was_training)
