@@ -171,6 +171,9 @@ class PeftConfig:
     bias: str = "none"
     use_rslora: bool = False
     modules_to_save: Optional[list[str]] = None
+    # Train the embeddings of tokens added by the tokenizer config (PEFT trainable_token_indices); a new
+    # token starting as the mean embedding means nothing until trained. PAD is never included.
+    train_new_tokens: bool = True
 
 
 @dataclass
@@ -231,6 +234,16 @@ class PreviewConfig:
 
 
 @dataclass
+class DoctorConfig:
+    # Run the checks at the start of `train` (errors stop it before any weights load).
+    enabled: bool = True
+    # Error when more than this fraction of rows has every label -100.
+    max_fully_masked: float = 0.01
+    # Also write the report as JSON here (`tuneforge doctor --json` writes doctor.json).
+    json_path: Optional[str] = None
+
+
+@dataclass
 class TuneforgeConfig:
     """The `train` command's whole config."""
 
@@ -245,6 +258,7 @@ class TuneforgeConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     preview: PreviewConfig = field(default_factory=PreviewConfig)
+    doctor: DoctorConfig = field(default_factory=DoctorConfig)
     # sft (causal LM) | classification
     task: str = "sft"
     # Print what would run, load nothing.

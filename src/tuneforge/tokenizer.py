@@ -27,6 +27,8 @@ class TokenizerReport:
 
     fixes: list[str] = field(default_factory=list)
     added_tokens: list[str] = field(default_factory=list)
+    # The special tokens as loaded, before any fix.
+    original: dict[str, str | None] = field(default_factory=dict)
 
 
 def load_tokenizer(name_or_path: str, cfg: TokenizerConfig, revision: str | None = None,
@@ -39,7 +41,7 @@ def load_tokenizer(name_or_path: str, cfg: TokenizerConfig, revision: str | None
 
 
 def apply_fixes(tokenizer: PreTrainedTokenizerBase, cfg: TokenizerConfig) -> TokenizerReport:
-    report = TokenizerReport()
+    report = TokenizerReport(original={k: getattr(tokenizer, f"{k}_token") for k in ("pad", "bos", "eos", "unk")})
     _set_chat_template(tokenizer, cfg.chat_template, report)
     if cfg.add_special_tokens:
         if tokenizer.add_tokens(list(cfg.add_special_tokens), special_tokens=True):
@@ -84,18 +86,31 @@ def _fix_pad(tokenizer: PreTrainedTokenizerBase, how: str, report: TokenizerRepo
     log.info("Tokenizer fix: %s", report.fixes[-1])
 
 
-CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+IM_START = "<|im_start|>"
+
+
+def chatml_template(bos: str, eos: str) -> str:
+    """A ChatML template built from the tokenizer's own BOS/EOS (the classic bring-your-own-template
+    recipe): every turn is `BOS role\n content EOS\n`, so the end of each assistant turn is EOS."""
+    return (
+        "{% for message in messages %}{{ '" + bos + "' + message['role'] + '\\n' + message['content'] + '" + eos
+        + "' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '" + bos + "assistant\\n' }}{% endif %}"
+    )
 
 
 def _set_chat_template(tokenizer: PreTrainedTokenizerBase, how: str, report: TokenizerReport) -> None:
     if how == "keep":
         return
     if how == "chatml":
-        template = CHATML
-    elif how.endswith(".jinja") or Path(how).is_file():
+        if tokenizer.eos_token is None:
+            raise ConfigError("tokenizer.chat_template=chatml needs an EOS token to end turns; this tokenizer has none.")
+        if tokenizer.bos_token is None or tokenizer.bos_token == tokenizer.eos_token:
+            # A turn opener equal to EOS would make every turn start with "stop": use <|im_start|> as BOS.
+            if tokenizer.add_special_tokens({"bos_token": IM_START}):
+                report.added_tokens.append(IM_START)
+            report.fixes.append(f"bos_token -> {IM_START!r} (BOS must differ from EOS for ChatML turns)")
+        template = chatml_template(tokenizer.bos_token, tokenizer.eos_token)
+    elif how.endswith(".jinja") or Path(how).expanduser().is_file():
         path = Path(how).expanduser()
         if not path.is_file():
             raise ConfigError(f"tokenizer.chat_template={how!r}: file not found.")
@@ -132,3 +147,8 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
         if tok in vocab and tok in (tokenizer.chat_template or "") and vocab[tok] not in ids:
             ids.append(vocab[tok])
     return ids
+
+
+def new_token_ids(tokenizer: PreTrainedTokenizerBase, report: TokenizerReport) -> list[int]:
+    """Ids of the tokens the fixes added that carry meaning (a new PAD is never trained)."""
+    return [tokenizer.convert_tokens_to_ids(t) for t in report.added_tokens if t != tokenizer.pad_token]

@@ -10,16 +10,17 @@ from typing import Any
 
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
-from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from tuneforge import runs
-from tuneforge.config import CollatorConfig, TrainConfig, TuneforgeConfig
+from tuneforge.config import ConfigError, TrainConfig, TuneforgeConfig
+from tuneforge.data.collators import TokenCounter, build_collator
+from tuneforge.data.packing import check_no_contamination, pack, probe_rows
 from tuneforge.data.pipeline import PreparedData, prepare
-from tuneforge.evaluate import evaluate_generations, print_comparison
+from tuneforge.evaluate import evaluate_generations, generation_pairs, print_comparison
 from tuneforge.inference import GenerationSettings
 from tuneforge.models.adapters import apply_peft
 from tuneforge.models.loading import device_supports_bf16, fit_embeddings, load_model, resolve_path
-from tuneforge.tokenizer import content_hash, load_tokenizer
+from tuneforge.tokenizer import content_hash, load_tokenizer, new_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +64,6 @@ def sft_config(cfg: TrainConfig, run_dir: Path) -> SFTConfig:
     )
 
 
-def collator(cfg: CollatorConfig, pad_token_id: int) -> DataCollatorForLanguageModeling:
-    # Labels come from the data stage; at batch time the collator only pads (labels with -100).
-    return DataCollatorForLanguageModeling(pad_token_id=pad_token_id, pad_to_multiple_of=cfg.pad_to_multiple_of)
-
-
 class LogToFile(TrainerCallback):
     """Trainer logs (loss, lr, grad norm) into tuneforge's log, which Hydra writes to the run directory."""
 
@@ -107,26 +103,35 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any) -> dict:
 
     model_path = resolve_path(cfg.model)
     tokenizer, tok_report = load_tokenizer(model_path, cfg.tokenizer, cfg.model.revision, cfg.model.trust_remote_code)
-    data = prepare(cfg.data, cfg.format, cfg.train, tokenizer)
+    data = prepare(cfg.data, cfg.format, cfg.train, tokenizer, cfg.collator)
+    if cfg.doctor.enabled:
+        _doctor(cfg, tokenizer, tok_report, model_path, data, run_dir)
+    train_rows, packing_stats = pack(data.train, cfg.packing, cfg.train.max_length)
 
     start = time.perf_counter()
     model = load_model(model_path, cfg.model, cfg.quant)
     load_seconds = time.perf_counter() - start
     fit_embeddings(model, tokenizer)
-    model = apply_peft(model, cfg.peft, cfg.quant.load_in_4bit, cfg.train.gradient_checkpointing)
+    model = apply_peft(model, cfg.peft, cfg.quant.load_in_4bit, cfg.train.gradient_checkpointing,
+                       new_token_ids(tokenizer, tok_report))
 
     gen = GenerationSettings(max_new_tokens=cfg.eval.max_new_tokens, max_input_tokens=cfg.eval.max_input_tokens,
                              batch_size=cfg.eval.batch_size)
-    held_out = list(data.eval["messages"][: cfg.eval.num_samples]) if cfg.eval.before_after else []
+    held_out = generation_pairs(data.eval, cfg.eval.num_samples) if cfg.eval.before_after else []
     before = _score(model, tokenizer, held_out, gen, adapter_off=True) if held_out else None
 
+    # Labels come from the data stage; the collator only pads or flattens, and counts tokens for metrics.
+    collate = TokenCounter(build_collator(cfg.collator, cfg.packing, tokenizer, cfg.tokenizer.padding_side),
+                           cfg.train.dataloader_num_workers)
+    if cfg.packing.mode != "none":
+        check_no_contamination(model, collate.collate, probe_rows(data.train))
     trainer = SFTTrainer(
         model=model,
         args=sft_config(cfg.train, run_dir),
-        train_dataset=data.train,
-        eval_dataset=data.eval.remove_columns("messages") if cfg.train.eval_strategy != "no" else None,
+        train_dataset=train_rows,
+        eval_dataset=data.eval.select_columns(["input_ids", "labels"]) if cfg.train.eval_strategy != "no" else None,
         processing_class=tokenizer,
-        data_collator=collator(cfg.collator, tokenizer.pad_token_id),
+        data_collator=collate,
         callbacks=[LogToFile()],
     )
     result = trainer.train()
@@ -135,14 +140,34 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any) -> dict:
 
     after = _score(model, tokenizer, held_out, gen) if held_out else None
     metrics = _metrics(result, trainer, data, tok_report, load_seconds, tokenizer, before, after)
+    # Over every batch the collator built (train, and eval when train.eval_strategy is set).
+    metrics["batches"] = collate.summary() | {"packing": packing_stats.as_dict()}
+    metrics["padding_efficiency"] = metrics["batches"]["padding_efficiency"]
+    metrics["trained_token_fraction"] = metrics["batches"]["trained_token_fraction"]
     runs.write_json(run_dir / runs.METRICS_FILE, metrics)
     if after is not None:
         runs.write_predictions(run_dir / "predictions_before.jsonl", before.predictions)
         runs.write_predictions(run_dir / "predictions.jsonl", after.predictions)
-        print_comparison(before.scores, after.scores, len(held_out))
+        print_comparison({"before": before.scores, "after": after.scores},
+                         f"Held-out generation ({len(held_out)} prompts, same base weights)")
     runs.plot_losses(trainer.state.log_history, run_dir / "loss.png")
     log.info("Run saved in %s", run_dir)
     return metrics
+
+
+def _doctor(cfg, tokenizer, tok_report, model_path, data, run_dir) -> None:
+    """The doctor's checks on what training will use; errors stop the run before weights load."""
+    from tuneforge import doctor
+    from tuneforge.models.loading import load_config
+
+    checks = doctor.run_checks(doctor.Context(cfg, tokenizer, tok_report, load_config(model_path, cfg.model), data))
+    doctor.write_json(checks, run_dir / "doctor.json")
+    if doctor.has_errors(checks):
+        doctor.print_table(checks)
+        raise ConfigError("the doctor found errors (table above); fix them or set doctor.enabled=false to override.")
+    for c in checks:
+        if c.status in (doctor.WARNING, doctor.FIXED):
+            log.info("doctor: %s %s: %s", c.name, c.status, c.action)
 
 
 def _score(model, tokenizer, conversations, settings, adapter_off: bool = False):

@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 GC_KWARGS = {"use_reentrant": False}
 
 
-def lora_config(cfg: PeftConfig, task_type: str = "CAUSAL_LM") -> LoraConfig:
+def lora_config(cfg: PeftConfig, task_type: str = "CAUSAL_LM", new_token_ids: list[int] | None = None) -> LoraConfig:
     target = cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules)
     return LoraConfig(
         r=cfg.r,
@@ -25,11 +25,14 @@ def lora_config(cfg: PeftConfig, task_type: str = "CAUSAL_LM") -> LoraConfig:
         bias=cfg.bias,
         use_rslora=cfg.use_rslora,
         modules_to_save=list(cfg.modules_to_save) if cfg.modules_to_save else None,
+        # Only the new rows of the embedding train (not the whole matrix, as modules_to_save would).
+        trainable_token_indices=list(new_token_ids) if new_token_ids and cfg.train_new_tokens else None,
         task_type=task_type,
     )
 
 
-def apply_peft(model: PreTrainedModel, cfg: PeftConfig, quantized: bool, gradient_checkpointing: bool):
+def apply_peft(model: PreTrainedModel, cfg: PeftConfig, quantized: bool, gradient_checkpointing: bool,
+               new_token_ids: list[int] | None = None):
     """Wrap the model for training: kbit preparation on a 4-bit base, then LoRA (or nothing)."""
     if quantized:
         model = prepare_model_for_kbit_training(
@@ -41,7 +44,7 @@ def apply_peft(model: PreTrainedModel, cfg: PeftConfig, quantized: bool, gradien
             model.enable_input_require_grads()
     if cfg.method == "none":
         return model
-    model = get_peft_model(model, lora_config(cfg))
+    model = get_peft_model(model, lora_config(cfg, new_token_ids=new_token_ids))
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA: %s trainable of %s parameters (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     return model
