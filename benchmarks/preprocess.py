@@ -81,14 +81,18 @@ def arm_tuneforge(tokenizer, path, cache_dir):
     return data
 
 
-def git_commit() -> str:
+# What this benchmark runs: uncommitted changes here are listed next to the commit in the results.
+_MEASURED = ["src/tuneforge/data", "src/tuneforge/tokenizer.py", "src/tuneforge/config.py", "benchmarks/preprocess.py"]
+
+
+def git_commit() -> dict:
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src", "benchmarks"], cwd=REPO,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *_MEASURED], cwd=REPO,
+                               capture_output=True, text=True).stdout.split("\n")
+        return {"commit": sha, "uncommitted": [line[3:] for line in dirty if line.strip()]}
     except OSError:
-        return "unknown"
+        return {"commit": "unknown", "uncommitted": []}
 
 
 def versions() -> dict:
@@ -176,7 +180,7 @@ def main(argv=None) -> int:
 
     record = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "git_commit": git_commit(),
+        "git": git_commit(),
         "versions": versions(),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "load_average_start": load_avg_start, "load_average_end": os.getloadavg()},

@@ -157,7 +157,7 @@ def test_mix_with_weights_and_a_format_per_source(smollm_tokenizer, tmp_path):
     cfg = DataConfig(mix=mix, max_samples=20, eval_fraction=0.0, cache_dir=str(tmp_path / "cache"))
     data = prepare(cfg, FormatConfig(), TRAIN, smollm_tokenizer)
     st = data.stats["train"]
-    assert st.rows_kept == 20 and st.sources == {chat: 15, plain: 5}
+    assert st.rows_kept == 20 and st.sources == {f"mix[0] {chat}": 15, f"mix[1] {plain}": 5}
     texts = trained_texts(smollm_tokenizer, data.train)
     assert sum(t.endswith("<|im_end|>") and not t.startswith(" ") for t in texts) == 15  # chat completions
     assert sum(t.startswith(" ") for t in texts) == 5  # " 3<|im_end|>" after "=>"

@@ -145,10 +145,10 @@ def _build(cfg: DataConfig, sources: list[MixSourceConfig], train_cfg: TrainConf
             ds = ds.select_columns([c for c in ds.column_names if c in used_columns(src.format) or c == ROW])
             done = _process(ds, src.format, cfg, train_cfg, tokenizer, collator, where,
                             fingerprint=_fingerprint(key, split, i))
-            label = src.path if len(sources) > 1 else ""
+            label = f"mix[{i}] {src.path}" if len(sources) > 1 else ""
             parts.append(_account(done, st, label))
         merged = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-        if len(parts) > 1 and split == "train" and cfg.shuffle:
+        if len(parts) > 1 and cfg.shuffle:  # interleave sources (eval too: scoring reads its first rows)
             merged = merged.shuffle(seed=cfg.seed)
         if split == "train" and len(merged) == 0:
             raise ConfigError(_empty_message(st))
