@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import os
 import warnings
 from typing import Any, Optional, Sequence
 
@@ -55,15 +56,20 @@ def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str,
             continue
         prefix = render(tokenizer, messages[:i], add_generation_prompt=True)
         through = render(tokenizer, messages[: i + 1])
-        if not (through.startswith(prefix) and text.startswith(through)):
+        # Templates may close a conversation with text a continued one lacks (Phi-3 appends EOS after the
+        # last turn): the turn ends where `through` and the whole text part ways.
+        end = len(os.path.commonprefix([through, text]))
+        if not (text.startswith(prefix) and through.startswith(prefix)) or end <= len(prefix):
             raise TemplateError(
                 "the chat template does not render this conversation's prefix as a prefix of the whole, "
                 "so assistant turns cannot be located; use collator=completion_only with a response_template"
             )
-        start, end = len(prefix), len(through)
+        start = len(prefix)
+        through = through[:end]
         turn = through[start:]
-        # Train through the end-of-turn token; what the template adds after it (a newline) stays masked.
-        cut = max((turn.rfind(s) + len(s) for s in stop_strings if s in turn), default=-1)
+        # Train through the first end-of-turn token; what the template adds after it (a newline, or Phi-3's
+        # closing EOS) stays masked, as in the single-render route (render.py).
+        cut = min((turn.find(s) + len(s) for s in stop_strings if s in turn), default=-1)
         if cut > 0:
             end = start + cut
         spans.append((start, end))
