@@ -133,6 +133,7 @@ def format_context(tokenizer: PreTrainedTokenizerBase) -> FormatContext:
 def _build(cfg: DataConfig, sources: list[MixSourceConfig], train_cfg: TrainConfig,
            tokenizer: PreTrainedTokenizerBase, collator: CollatorConfig, key: str) -> tuple[DatasetDict, dict[str, DataStats]]:
     raws = [load_source(src, cfg) for src in sources]
+    tok = _tokenizer_kwargs(tokenizer, collator)
     weights = [s.weight for s in sources] if sources[0].weight is not None else None
     counts = mix_counts([len(r["train"]) for r in raws], weights, cfg.max_samples)
     out, stats = {}, {}
@@ -143,8 +144,8 @@ def _build(cfg: DataConfig, sources: list[MixSourceConfig], train_cfg: TrainConf
             where = f"{split} split of {src.path!r}"
             check_columns(src.format, [c for c in ds.column_names if c != ROW], where, src.columns or None)
             ds = ds.select_columns([c for c in ds.column_names if c in used_columns(src.format) or c == ROW])
-            done = _process(ds, src.format, cfg, train_cfg, tokenizer, collator, where,
-                            fingerprint=_fingerprint(key, split, i))
+            done = _process(ds, src.format, cfg, train_cfg, tok, where,
+                            fingerprint=_fingerprint(key, split, i), keep_generation=split == "eval")
             label = f"mix[{i}] {src.path}" if len(sources) > 1 else ""
             parts.append(_account(done, st, label))
         merged = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
@@ -163,8 +164,17 @@ def _fingerprint(key: str, split: str, i: int) -> str:
     return hashlib.sha256(f"{key}:{split}:{i}".encode()).hexdigest()[:16]
 
 
-def _process(ds: Dataset, fmt: FormatConfig, cfg: DataConfig, train_cfg: TrainConfig,
-             tokenizer: PreTrainedTokenizerBase, collator: CollatorConfig, where: str, fingerprint: str) -> Dataset:
+def _tokenizer_kwargs(tokenizer: PreTrainedTokenizerBase, collator: CollatorConfig) -> dict[str, Any]:
+    """What `process_batch` needs from the tokenizer and collator, worked out once (get_vocab is not free)."""
+    return {
+        "tokenizer": tokenizer, "ctx": format_context(tokenizer), "collator": collator,
+        "stops": [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer)],
+        "route": assistant_mask_route(tokenizer) if collator.name == "assistant_only" else "offsets",
+    }
+
+
+def _process(ds: Dataset, fmt: FormatConfig, cfg: DataConfig, train_cfg: TrainConfig, tok: dict[str, Any],
+             where: str, fingerprint: str, keep_generation: bool) -> Dataset:
     if len(ds) == 0:  # map would return the input columns unchanged
         return Dataset.from_dict({k: [] for k in OUT_FEATURES}, features=OUT_FEATURES)
     return ds.map(
@@ -177,11 +187,8 @@ def _process(ds: Dataset, fmt: FormatConfig, cfg: DataConfig, train_cfg: TrainCo
         keep_in_memory=True,  # the result is saved once, into tuneforge's cache
         new_fingerprint=fingerprint,
         fn_kwargs={
-            "fmt": fmt, "ctx": format_context(tokenizer), "tokenizer": tokenizer,
-            "stops": [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer)],
-            "max_length": train_cfg.max_length, "truncation_mode": train_cfg.truncation_mode,
-            "on_bad_row": cfg.on_bad_row, "where": where, "collator": collator,
-            "route": assistant_mask_route(tokenizer) if collator.name == "assistant_only" else "offsets",
+            **tok, "fmt": fmt, "max_length": train_cfg.max_length, "truncation_mode": train_cfg.truncation_mode,
+            "on_bad_row": cfg.on_bad_row, "where": where, "keep_generation": keep_generation,
         },
         desc=f"Preparing {where}",
     )
@@ -192,9 +199,10 @@ _CHUNK = 250  # rows rendered per tokenizer call inside a map batch
 
 def process_batch(batch: dict[str, list], fmt: FormatConfig, ctx: FormatContext, tokenizer: PreTrainedTokenizerBase,
                   stops: list[str], max_length: int, truncation_mode: str, on_bad_row: str, where: str,
-                  collator: CollatorConfig, route: str) -> dict:
+                  collator: CollatorConfig, route: str, keep_generation: bool) -> dict:
     """Batched map function: raw rows -> formatted -> rendered -> tokens + labels; malformed rows are kept
-    as empty rows with the reason in `bad` (counted, then dropped) or raise with data.on_bad_row=error."""
+    as empty rows with the reason in `bad` (counted, then dropped) or raise with data.on_bad_row=error.
+    `keep_generation`: also return messages / text + spans (held-out rows, for generation scoring)."""
     n = len(batch[ROW])
     columns = list(batch)
     fn = formatter(fmt, ctx)
@@ -235,6 +243,8 @@ def process_batch(batch: dict[str, list], fmt: FormatConfig, ctx: FormatContext,
         for j, i in enumerate(chunk):
             for k in ("input_ids", "labels", "truncated", "n_trained"):
                 out[k][i] = tok[k][j]
+            if not keep_generation:
+                continue
             out["messages"][i] = rows[i].get("messages")
             if "messages" not in rows[i]:  # plain-text rows keep text + spans (generation prompt and reference)
                 out["text"][i], out["spans"][i] = rows[i]["text"], rows[i]["spans"]

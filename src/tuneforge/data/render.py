@@ -35,7 +35,7 @@ def render_conversations(tokenizer: PreTrainedTokenizerBase, conversations: list
     if route == "generation":
         return [_guarded(conversation_spans, tokenizer, c, stop_strings, route) for c in conversations]
     if content_opaque(tokenizer.chat_template or ""):
-        marked = tokenizer.apply_chat_template([_mark(c) for c in conversations], tokenize=False)
+        marked = _fast_render(tokenizer, [_mark(c) for c in conversations], check_first=True)
         texts = [m.replace(OPEN, "").replace(CLOSE, "") for m in marked]
     else:
         texts = tokenizer.apply_chat_template(conversations, tokenize=False)
@@ -150,10 +150,13 @@ def _field_access(name, operand, parents) -> bool:
     return False
 
 
-def _fast_render(tokenizer: PreTrainedTokenizerBase, conversations: list[Messages]) -> list[str]:
-    """The compiled template called directly: apply_chat_template's per-row deep copies cost about a third of
-    a render. Safe because each marked render is checked against apply_chat_template's plain render, and a
-    mismatch falls back to the exact method."""
+def _fast_render(tokenizer: PreTrainedTokenizerBase, conversations: list[Messages], check_first: bool = False
+                 ) -> list[str]:
+    """The compiled template called directly: apply_chat_template's per-row copies and checks cost about a third
+    of a render, and do nothing for the plain {role, content} dicts formatting produces. Either every marked
+    render is then checked against apply_chat_template's plain render (the verified path), or, with
+    `check_first`, the first conversation is rendered both ways and any difference means the public call
+    renders them all."""
     try:
         from transformers.utils.chat_template_utils import _compile_jinja_template
 
@@ -161,8 +164,11 @@ def _fast_render(tokenizer: PreTrainedTokenizerBase, conversations: list[Message
     except Exception:  # a private helper: if it moves, the public call is only slower
         return tokenizer.apply_chat_template(conversations, tokenize=False)
     specials = dict(tokenizer.special_tokens_map)
-    return [compiled.render(messages=c, tools=None, documents=None, add_generation_prompt=False, **specials)
-            for c in conversations]
+    out = [compiled.render(messages=c, tools=None, documents=None, add_generation_prompt=False, **specials)
+           for c in conversations]
+    if check_first and out and out[0] != tokenizer.apply_chat_template(conversations[0], tokenize=False):
+        return tokenizer.apply_chat_template(conversations, tokenize=False)
+    return out
 
 
 def _mark(messages: Messages) -> Messages:
