@@ -117,8 +117,9 @@ class DataConfig:
     # Several sources, each with its own columns/format/weight; replaces path/name/split/columns.
     mix: list[MixSourceConfig] = field(default_factory=list)
     num_proc: Optional[int] = None
-    # Rows per `datasets.map` batch.
-    map_batch_size: int = 1000
+    # Rows per `datasets.map` batch: larger batches keep the tokenizer busier (fewer pauses between batches);
+    # lower it for very long rows (memory).
+    map_batch_size: int = 2000
     # drop | error: what to do with malformed rows (always counted and reported).
     on_bad_row: str = "drop"
     # Reuse tokenized data keyed by the data content, the format and the tokenizer content.
