@@ -43,6 +43,17 @@ def test_show_prints_marked_samples_stats_and_writes_files(smollm_tokenizer, tmp
     assert (out / "token_lengths.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_terminal_output_is_coloured_not_marked(smollm_tokenizer, tmp_path):
+    cfg = TuneforgeConfig(data=DataConfig(builtin_rows=30, cache_dir=str(tmp_path / "cache")))
+    cfg.preview.n, cfg.preview.output_dir = 1, str(tmp_path / "preview")
+    data = prepare(cfg.data, cfg.format, cfg.train, smollm_tokenizer)
+    buf = io.StringIO()
+    show(data, smollm_tokenizer, cfg, Console(file=buf, width=200, force_terminal=True, color_system="standard"))
+    text = buf.getvalue()
+    assert "\x1b[1;32m" in text and "\x1b[2m" in text  # bold green = trained, dim = masked
+    assert OPEN not in text
+
+
 def test_cli_args_shorthand():
     args = cli_args(["n=3", "data.builtin_rows=40"])
     assert args[:2] == ["preview.n=3", "data.builtin_rows=40"] and args[2].startswith("hydra.run.dir=outputs/preview/")
