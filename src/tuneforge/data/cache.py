@@ -66,9 +66,10 @@ def _eval_split_fingerprint(src: MixSourceConfig) -> Any:
 
 
 def code_digest() -> str:
-    """The data stage's own code: a change in formatting or masking invalidates cached results."""
+    """The data stage's code (+ tokenizer.py, whose stop tokens end the trained spans): a change in formatting
+    or masking invalidates cached results."""
     h = xxhash.xxh3_128()
-    for path in sorted(_DATA_DIR.glob("*.py")):
+    for path in sorted(_DATA_DIR.glob("*.py")) + [_DATA_DIR.parent / "tokenizer.py"]:
         h.update(path.name.encode())
         h.update(path.read_bytes())
     return h.hexdigest()
