@@ -285,3 +285,18 @@ def test_fast_labels_equal_the_reference_tokenizer_stage_on_alpaca(smollm_tokeni
                                 128, "keep_end")
     assert ours["input_ids"] == theirs["input_ids"] and ours["labels"] == theirs["labels"]
     assert sum(ours["truncated"]) > 0  # truncation exercised
+
+
+def test_marker_render_matches_prefix_renders_on_phi3():
+    """Phi-3 closes a conversation with EOS after the last turn; both routes train through <|end|> only."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(shared("tokenizers/phi-3-mini-4k-instruct")))
+    stops = [tok.convert_ids_to_tokens(i) for i in stop_token_ids(tok)]
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Capital of France?"},
+            {"role": "assistant", "content": "Paris."}]
+    (text, spans), = render_conversations(tok, [conv], stops)
+    ref_text, ref_spans = assistant_spans(tok, conv, stops)
+    assert text == ref_text and spans == [list(s) for s in ref_spans]
+    assert [text[s:e] for s, e in spans] == ["Hello!<|end|>", "Paris.<|end|>"]
