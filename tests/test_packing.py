@@ -242,6 +242,16 @@ def tiny_llama(smollm_dir, attn: str = "sdpa", layers: int = 2):
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
 
 
+def test_left_and_right_padding_give_the_same_loss(smollm_dir, smollm_tokenizer):
+    tok, model = smollm_tokenizer, tiny_llama(smollm_dir).eval()
+    ds = rows(tok, 4)
+    examples = [ds[i] for i in range(len(ds))]
+    with torch.no_grad():
+        losses = {side: model(**build_collator(CollatorConfig(), PackingConfig(), tok, side)(examples),
+                              use_cache=False).loss for side in ("right", "left")}
+    assert relative(losses["left"], losses["right"]) < TOL
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa", pytest.param("flex_attention", marks=pytest.mark.slow)])
 def test_attention_implementations_honour_packed_position_ids(smollm_dir, smollm_tokenizer, attn):
     model = tiny_llama(smollm_dir, attn).eval()
@@ -287,3 +297,16 @@ def test_gradient_accumulation_is_token_normalised(smollm_dir, smollm_tokenizer,
     with capsys.disabled():
         print(f"\ngradient accumulation ({mode}): 8x1 vs 2x4 relative error: loss {errors[0]:.1e}, lora_B grads {errors[1]:.1e}")
     assert errors[0] < TOL and errors[1] < TOL
+
+
+def test_mean_of_micro_batch_means_would_fail_the_check(smollm_dir, smollm_tokenizer):
+    """Why token-count normalisation matters: averaging each micro-batch's own mean loss (the classic
+    gradient-accumulation bug) is off by far more than the tolerance on the same rows."""
+    tok = smollm_tokenizer
+    model = get_peft_model(tiny_llama(smollm_dir), LoraConfig(**LORA)).eval()
+    ds, c = rows(tok, 8), collate(tok, "none")
+    with torch.no_grad():
+        whole = model(**c([ds[i] for i in range(8)]), use_cache=False).loss
+        means = [model(**c([ds[i], ds[i + 1]]), use_cache=False).loss for i in range(0, 8, 2)]
+    # Even a random model, whose per-token losses are all near ln(vocab), is off by ~9e-4.
+    assert relative(sum(means) / 4, whole) > TOL
