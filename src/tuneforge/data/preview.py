@@ -178,8 +178,11 @@ def show(data: PreparedData, tokenizer: PreTrainedTokenizerBase, cfg: TuneforgeC
     terminal = console.is_terminal
     legend = ("[bold green]trained[/] vs [dim]masked[/] tokens" if terminal
               else f"{OPEN}trained{CLOSE} tokens are marked; the rest is masked (label -100)")
-    console.print(f"{len(samples)} {split} sample(s) as the model sees them: {legend}" +
-                  (" (from cache)" if data.cache_hit else ""))
+    sources = ", ".join(f"{s.path} ({(s.format or cfg.format).strategy})" for s in cfg.data.mix) or (
+        f"{cfg.data.path} ({cfg.format.strategy})")
+    console.print(f"data: {sources}; collator={cfg.collator.name}; train.max_length={cfg.train.max_length}"
+                  + (f"; prepared data from cache {data.cache_path}" if data.cache_hit else ""), markup=False)
+    console.print(f"{len(samples)} {split} sample(s) as the model sees them: {legend}")
     for i, segs in enumerate(samples):
         console.rule(f"row {i}", style="dim") if terminal else console.print(f"--- row {i} ---")
         if terminal:
