@@ -185,7 +185,6 @@ def report(title, results, capsys):
             print(f"  {name:30s} loss {l:.1e}  grads {g:.1e}")
 
 
-@pytest.mark.slow
 def test_packed_equals_unpacked_on_the_embedded_model(smollm_tokenizer, lora_smollm, capsys):
     ds = rows(smollm_tokenizer, 3).select_columns(["input_ids", "labels"])
     clean = equivalence(lora_smollm, smollm_tokenizer, ds, contaminated=False, only=("bfd",))
