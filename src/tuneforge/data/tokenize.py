@@ -121,7 +121,7 @@ def assistant_mask_route(tokenizer: PreTrainedTokenizerBase) -> str:
     if template and has_generation_markers(template):
         if is_chat_template_stop_token_trained(tokenizer):
             return "generation"
-        log.warning("The chat template's {%% generation %%} mask leaves out the end-of-turn token; "
+        log.warning("The chat template's {% generation %} mask leaves out the end-of-turn token; "
                     "masking assistant turns from rendered offsets instead.")
     return "offsets"
 
