@@ -47,7 +47,8 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, max_input_tok
     which holds the generation prompt, is always kept.
     """
     if isinstance(prompt, Rendered):
-        ids = tokenizer(prompt.text)["input_ids"]
+        # Exactly as the data stage tokenized the training text: the format placed any special tokens.
+        ids = tokenizer(prompt.text, add_special_tokens=False)["input_ids"]
     elif tokenizer.chat_template:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

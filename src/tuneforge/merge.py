@@ -13,7 +13,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from tuneforge import runs
 from tuneforge.config import ConfigError, MergeCommandConfig, ModelConfig, QuantConfig
@@ -29,35 +28,12 @@ CHECK_PROMPTS = ["What is the capital of France?", "Write this date as YYYY-MM-D
                  "List three colours.", "Summarise: the cat sat on the mat."]
 
 
-def dequantize_model(model: nn.Module) -> nn.Module:
-    """Replace every bitsandbytes Linear4bit with an nn.Linear holding its de-quantized weights (fp32)."""
-    import bitsandbytes as bnb
-
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, bnb.nn.Linear4bit):
-                weight = bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state).float()
-                linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                                   device=weight.device, dtype=torch.float32)
-                linear.weight.data.copy_(weight)
-                if child.bias is not None:
-                    linear.bias.data.copy_(child.bias.data.float())
-                setattr(module, child_name, linear)
-    model.to(torch.float32)
-    if hasattr(model, "hf_quantizer"):
-        model.hf_quantizer = None
-    for attr in ("quantization_config", "_pre_quantization_dtype"):
-        if hasattr(model.config, attr):
-            delattr(model.config, attr)
-    model.is_loaded_in_4bit = False
-    return model
-
-
 def _merged_base(run_dir: Path, base: str, tokenizer):
     cfg_model, cfg_quant = _run_model_cfg(run_dir)
     path = resolve_path(cfg_model)
     if base == "dequantized" and cfg_quant.load_in_4bit:
-        model = dequantize_model(load_model(path, cfg_model, cfg_quant))
+        # transformers' own de-quantization: every Linear4bit becomes an nn.Linear with the NF4 values.
+        model = load_model(path, cfg_model, cfg_quant).dequantize(dtype=torch.float32)
     else:
         model = load_model(path, replace(cfg_model, dtype="float32"), QuantConfig(load_in_4bit=False))
     fit_embeddings(model, tokenizer)
