@@ -170,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tuneforge: unknown command '{command}'.{closest(command, COMMANDS)}\n\n{USAGE}", file=sys.stderr)
         return 2
     config_name, app = COMMANDS[command]
+    if command in ("doctor", "preview"):
+        # Inspection commands make no run directory and no log file (user overrides still win).
+        args = ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=stdout"] + args
     if command == "doctor" and "--json" in args:  # a flag people expect; Hydra would reject it
         args = [a for a in args if a != "--json"] + ["doctor.json_path=doctor.json"]
     if command == "preview":
