@@ -11,7 +11,7 @@ import calendar
 import datetime as dt
 import random
 
-PROMPT = "Write this date as YYYY-MM-DD: {date}"
+PROMPT = "Rewrite this date in ISO 8601 format (YYYY-MM-DD). Answer with the date only.\nDate: {date}"
 
 
 def _ordinal(n: int) -> str:
