@@ -225,7 +225,8 @@ def test_content_opaque_templates_render_once(smollm_tokenizer):
                      "{% for m in messages %}{% if '<think>' in m.content %}T{% endif %}{{ m.content }}{% endfor %}",
                      "{% for m in messages %}{% set c = m['content'] %}{{ c }}{% endfor %}",
                      "{% for x in messages %}{{ x | tojson }}{% endfor %}",
-                     "{{ messages | map(attribute='content') | join(' ') }}"):
+                     "{{ messages | map(attribute='content') | join(' ') }}",
+                     "{% for m in messages | selectattr('content', 'equalto', 'x') %}{{ m.content }}{% endfor %}"):
         assert not content_opaque(inspects), inspects
 
 

@@ -34,7 +34,7 @@ def render_conversations(tokenizer: PreTrainedTokenizerBase, conversations: list
         return []
     if route == "generation":
         return [_guarded(conversation_spans, tokenizer, c, stop_strings, route) for c in conversations]
-    if content_opaque(tokenizer.chat_template or ""):
+    if content_opaque(_template(tokenizer)):
         marked = _fast_render(tokenizer, [_mark(c) for c in conversations], check_first=True)
         texts = [m.replace(OPEN, "").replace(CLOSE, "") for m in marked]
     else:
@@ -45,6 +45,14 @@ def render_conversations(tokenizer: PreTrainedTokenizerBase, conversations: list
         spans = _spans_from_markers(text, mark, conv, stop_strings)
         out.append((text, spans) if spans is not None else _guarded(assistant_spans, tokenizer, conv, stop_strings))
     return out
+
+
+def _template(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The template apply_chat_template would use (a tokenizer may hold several, by name)."""
+    try:
+        return tokenizer.get_chat_template()
+    except (ValueError, TypeError):
+        return ""
 
 
 def _guarded(fn, *args) -> tuple[str, list[list[int]]] | TemplateError:
@@ -83,6 +91,8 @@ def content_opaque(template: str) -> bool:
     bound = _message_names(tree)
     for call in tree.find_all((nodes.Filter, nodes.Call)):
         if getattr(call, "name", None) in _LIST_FILTERS:
+            if any(isinstance(a, nodes.Const) and a.value == "content" for a in call.args):
+                return False  # e.g. selectattr('content', 'equalto', ...) compares contents
             continue
         operands = ([call.node] if getattr(call, "node", None) is not None else []) + list(call.args) + [
             kw.value for kw in call.kwargs]
