@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 from rich.console import Console
 
 from conftest import run_cli
 from tuneforge.config import DataConfig, TuneforgeConfig
 from tuneforge.data.pipeline import prepare
-from tuneforge.data.preview import CLOSE, OPEN, cli_args, padding_waste, percentile, segments, show
+from tuneforge.data.preview import CLOSE, OPEN, cli_args, output_dir, padding_waste, percentile, segments, show
 
 
 def test_padding_waste_and_percentile():
@@ -54,18 +55,23 @@ def test_terminal_output_is_coloured_not_marked(smollm_tokenizer, tmp_path):
     assert OPEN not in text
 
 
-def test_cli_args_shorthand():
-    args = cli_args(["n=3", "data.builtin_rows=40"])
-    assert args[:2] == ["preview.n=3", "data.builtin_rows=40"] and args[2].startswith("hydra.run.dir=outputs/preview/")
-    assert cli_args(["hydra.run.dir=x"]) == ["hydra.run.dir=x"]
+def test_cli_args_shorthand_and_default_directory():
+    assert cli_args(["n=3", "data.builtin_rows=40"]) == ["preview.n=3", "data.builtin_rows=40"]
+    assert str(output_dir(None)).startswith("outputs/preview/") and output_dir("~/pv") == Path("~/pv").expanduser()
 
 
 def test_preview_cli_on_the_demo(tmp_path):
     out = tmp_path / "pv"
-    proc = run_cli("preview", "n=1", "data.builtin_rows=40", f"preview.output_dir={out}", f"hydra.run.dir={tmp_path}/run",
-                   f"data.cache_dir={tmp_path}/cache", timeout=300)
+    proc = run_cli("preview", "n=1", "data.builtin_rows=40", f"preview.output_dir={out}",
+                   f"data.cache_dir={tmp_path}/cache", cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "--- row 0 ---" in proc.stdout and OPEN in proc.stdout and "padding waste" in proc.stdout
     assert (out / "preview.html").exists() and (out / "token_lengths.png").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "pv"]  # nothing dropped into the cwd
+    default = run_cli("preview", "n=1", "data.builtin_rows=40", f"data.cache_dir={tmp_path}/cache", cwd=tmp_path,
+                      timeout=300)
+    assert default.returncode == 0, default.stderr
+    (page,) = (tmp_path / "outputs" / "preview").glob("*/*/preview.html")
+    assert not (tmp_path / "preview.html").exists()
     bad = run_cli("preview", "n=1", "data.on_bad_rows=drop", timeout=120)
     assert bad.returncode == 2 and "data.on_bad_row" in bad.stderr

@@ -215,20 +215,13 @@ def run(cfg: TuneforgeConfig) -> Path:
 
 
 def cli_args(args: list[str]) -> list[str]:
-    """`n=5` is short for `preview.n=5`; Hydra's log goes to outputs/preview/ unless hydra.run.dir is given."""
-    args = [f"preview.{a}" if a.startswith("n=") else a for a in args]
-    if not any(a.startswith("hydra.run.dir=") for a in args):
-        args.append(f"hydra.run.dir={PREVIEW_ROOT}/${{now:%Y-%m-%d}}/${{now:%H-%M-%S-%f}}")
-    return args
+    """`n=5` is short for `preview.n=5`; everything else passes through."""
+    return [f"preview.{a}" if a.startswith("n=") else a for a in args]
 
 
 def app(dcfg) -> Path:
-    """The Hydra app behind `tuneforge preview`: files go to preview.output_dir, else Hydra's run directory."""
-    from hydra.core.hydra_config import HydraConfig
-
+    """The Hydra app behind `tuneforge preview`: files go to preview.output_dir, else a fresh
+    outputs/preview/<date>/<time> (never Hydra's run directory, which for inspection commands is the cwd)."""
     from tuneforge.compose import to_validated
 
-    cfg = to_validated(dcfg)
-    if cfg.preview.output_dir is None and HydraConfig.initialized():
-        cfg.preview.output_dir = HydraConfig.get().runtime.output_dir
-    return run(cfg)
+    return run(to_validated(dcfg))
