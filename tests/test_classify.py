@@ -27,7 +27,7 @@ def test_sst2_fine_tune_beats_majority_baseline(tmp_path):
     tsv = shared("sst2_dev.tsv")
     run_dir = tmp_path / "run"
     result = run_cli(
-        "train", "recipe=classify-demo", f"data.path={tsv}", "data.split=train[:400]", "data.eval_fraction=0.25",
+        "train", "recipe=classify-demo", f"data.path={tsv}", "data.split='train[:400]'", "data.eval_fraction=0.25",
         "format.text_column=content", "train.num_train_epochs=3", "train.max_length=48", f"hydra.run.dir={run_dir}",
     )
     assert result.returncode == 0, result.stderr[-3000:]

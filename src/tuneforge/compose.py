@@ -6,6 +6,7 @@ fails fast (before any model loads), exits non-zero and names the key with the c
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -22,6 +24,7 @@ from tuneforge.config import (
     EvaluateConfig,
     InferConfig,
     MergeCommandConfig,
+    MixSourceConfig,
     TuneforgeConfig,
     closest,
     register_configs,
@@ -55,7 +58,7 @@ def group_options(group: str) -> list[str]:
 
 def _first_of_sweeps(overrides: list[str]) -> list[str]:
     """For a multirun, check the first value of every sweep; each job is validated again when it runs."""
-    parsed = OverridesParser.create().parse_overrides(overrides)
+    parsed = _parse(overrides)
     out = []
     for raw, ov in zip(overrides, parsed):
         if ov.is_sweep_override():
@@ -69,11 +72,27 @@ def _first_of_sweeps(overrides: list[str]) -> list[str]:
     return out
 
 
+def _parse(overrides: list[str]):
+    try:
+        return OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as exc:
+        raise ConfigError(
+            f"{str(exc).splitlines()[0]} -- values with brackets, commas or spaces need quotes, "
+            "e.g. data.split='train[:100]'"
+        ) from None
+
+
+def _valid_list_item(key: str) -> bool:
+    """`data.mix.0.weight=...`: an element of a list-of-dataclass key."""
+    match = re.fullmatch(r"data\.mix\.\d+(?:\.(.+))?", key)
+    return bool(match) and (match.group(1) is None or match.group(1) in schema_keys(MixSourceConfig))
+
+
 def check_override_keys(overrides: list[str], schema: Any) -> None:
     """Reject unknown keys and group options before composing, with a suggestion."""
     valid = set(schema_keys(schema))
     groups = set(GROUPS) | {"recipe", "launcher"} if schema is TuneforgeConfig else set()
-    for ov in OverridesParser.create().parse_overrides(overrides):
+    for ov in _parse(overrides):
         key = ov.key_or_group
         if key.startswith("hydra.") or key == "hydra" or key.startswith("hydra/"):
             continue
@@ -86,7 +105,7 @@ def check_override_keys(overrides: list[str], schema: Any) -> None:
                         f"{closest(value, options)}"
                     )
             continue
-        if key in valid or any(key.startswith(m + ".") for m in _MAPPING_KEYS):
+        if key in valid or any(key.startswith(m + ".") for m in _MAPPING_KEYS) or _valid_list_item(key):
             continue
         candidates = sorted(valid | groups)
         raise ConfigError(f"unknown config key '{key}' (configs are strict).{closest(key, candidates)}")

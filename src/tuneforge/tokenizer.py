@@ -125,7 +125,14 @@ def content_hash(tokenizer: PreTrainedTokenizerBase) -> str:
     """A hash of what the tokenizer does (vocab, merges, specials, template), not of its name."""
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    h.update(backend.to_str().encode() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    if backend is not None:
+        # Per-call truncation/padding state left by an earlier call is not content: leave it out.
+        state = json.loads(backend.to_str())
+        state.pop("truncation", None)
+        state.pop("padding", None)
+        h.update(json.dumps(state, sort_keys=True).encode())
+    else:
+        h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
     h.update(json.dumps(
         {
             "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
