@@ -24,3 +24,29 @@ def test_gradient_through_4bit_layer_survives_generation(smollm_dir, smollm_toke
     expected = torch.ones(2, 5, layer.out_features) @ weight  # d(sum(x W^T))/dx
     assert x.grad is not None
     assert torch.allclose(x.grad, expected, rtol=1e-3, atol=1e-3)
+
+
+def test_added_tokens_are_trainable_under_lora(smollm_dir):
+    """A token added by the tokenizer config gets a trainable embedding row (PEFT trainable_token_indices)."""
+    from tuneforge.config import PeftConfig, TokenizerConfig
+    from tuneforge.models.adapters import apply_peft
+    from tuneforge.models.loading import fit_embeddings
+    from tuneforge.tokenizer import load_tokenizer, new_token_ids
+
+    tokenizer, report = load_tokenizer(smollm_dir, TokenizerConfig(add_special_tokens=["<|answer|>"]))
+    ids = new_token_ids(tokenizer, report)
+    assert ids == [tokenizer.convert_tokens_to_ids("<|answer|>")] and ids[0] == 49152
+    model = load_model(smollm_dir, ModelConfig(dtype="float32"), QuantConfig(load_in_4bit=False))
+    fit_embeddings(model, tokenizer)
+    assert model.get_input_embeddings().weight.shape[0] == 49216  # 49152 + 64, not 65536
+    model = apply_peft(model, PeftConfig(lora_dropout=0.0), quantized=False, gradient_checkpointing=False,
+                       new_token_ids=ids)
+    before = model.get_input_embeddings()(torch.tensor([ids])).detach().clone()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad and "token_adapter" in n]
+    assert trainable, "the new token's embedding is not trainable"
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    batch = torch.tensor([[1, 2, ids[0], 3]])
+    model(input_ids=batch, labels=batch).loss.backward()
+    opt.step()
+    after = model.get_input_embeddings()(torch.tensor([ids])).detach()
+    assert not torch.allclose(before, after)
