@@ -5,6 +5,7 @@ in a fresh process)."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from omegaconf import OmegaConf
@@ -45,17 +46,21 @@ def test_run_directory_contents(trained_run):
     assert "Held-out generation" in result.stdout
 
 
-def test_in_memory_generation_equals_reloaded_adapter(trained_run, tmp_path):
-    run_dir, _ = trained_run
-    rows = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+def _infer_in_fresh_process(run_dir, rows, tmp_path) -> list[str]:
+    """`tuneforge infer` on the prompts of prediction rows; its completions in order."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"messages": r["prompt"]}) + "\n" for r in rows))
     answers = tmp_path / "answers.jsonl"
     result = run_cli("infer", f"run_dir={run_dir}", f"prompts_file={prompts}", f"output_file={answers}",
                      "max_new_tokens=12")
     assert result.returncode == 0, result.stderr[-3000:]
-    reloaded = [json.loads(line)["completion"] for line in answers.read_text().splitlines()]
-    assert reloaded == [r["prediction"] for r in rows]
+    return [json.loads(line)["completion"] for line in answers.read_text().splitlines()]
+
+
+def test_in_memory_generation_equals_reloaded_adapter(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    rows = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    assert _infer_in_fresh_process(run_dir, rows, tmp_path) == [r["prediction"] for r in rows]
 
 
 def test_second_run_into_same_directory_is_refused(trained_run):
@@ -77,18 +82,12 @@ def test_eval_command_scores_base_and_fine_tuned_and_matches_infer(trained_run, 
     for model in ("fine_tuned", "base"):
         scores = report[model]
         assert {"exact_match", "normalized_exact_match", "rouge_l", "chrf", "eval_loss", "perplexity"} <= set(scores)
-        assert abs(scores["perplexity"] - __import__("math").exp(scores["eval_loss"])) < 1e-6 * scores["perplexity"]
+        assert abs(scores["perplexity"] - math.exp(scores["eval_loss"])) < 1e-6 * scores["perplexity"]
     assert report["fine_tuned"]["eval_loss"] != report["base"]["eval_loss"]  # the adapter is really applied
     rows = [json.loads(line) for line in (run_dir / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and {"prompt", "reference", "prediction", "base_prediction", "chrf"} <= set(rows[0])
     # `infer` and `eval` go through the same helper: same prompt, same answer.
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"messages": r["prompt"]}) + "\n" for r in rows))
-    answers = tmp_path / "a.jsonl"
-    inf = run_cli("infer", f"run_dir={run_dir}", f"prompts_file={prompts}", f"output_file={answers}",
-                  "max_new_tokens=12")
-    assert inf.returncode == 0, inf.stderr[-3000:]
-    assert [json.loads(l)["completion"] for l in answers.read_text().splitlines()] == [r["prediction"] for r in rows]
+    assert _infer_in_fresh_process(run_dir, rows, tmp_path) == [r["prediction"] for r in rows]
 
 
 def test_merge_into_dequantized_base_reproduces_the_adapter(trained_run, tmp_path):

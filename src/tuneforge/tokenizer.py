@@ -126,11 +126,13 @@ def content_hash(tokenizer: PreTrainedTokenizerBase) -> str:
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        # Per-call truncation/padding state left by an earlier call is not content: leave it out.
-        state = json.loads(backend.to_str())
-        state.pop("truncation", None)
-        state.pop("padding", None)
-        h.update(json.dumps(state, sort_keys=True).encode())
+        # Truncation/padding left on the Rust tokenizer by an earlier call is not content, and
+        # transformers sets both again on every call: clear them rather than re-serialise 3 MB of JSON.
+        if backend.truncation is not None:
+            backend.no_truncation()
+        if backend.padding is not None:
+            backend.no_padding()
+        h.update(backend.to_str().encode())
     else:
         h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
     h.update(json.dumps(
