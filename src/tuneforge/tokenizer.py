@@ -121,17 +121,24 @@ def _set_chat_template(tokenizer: PreTrainedTokenizerBase, how: str, report: Tok
     report.fixes.append(f"chat_template set ({how if len(how) < 40 else 'inline template'})")
 
 
+def reset_call_state(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Clear the truncation/padding that an earlier `tokenizer(..., truncation=True)` call left on the Rust
+    tokenizer. transformers sets both again on every call, so this changes no later call's result; it keeps
+    them out of the tokenizer's content hash (a cache key) and lets `encode` use the Rust tokenizer directly."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        if backend.truncation is not None:
+            backend.no_truncation()
+        if backend.padding is not None:
+            backend.no_padding()
+
+
 def content_hash(tokenizer: PreTrainedTokenizerBase) -> str:
     """A hash of what the tokenizer does (vocab, merges, specials, template), not of its name."""
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        # Truncation/padding left on the Rust tokenizer by an earlier call is not content, and
-        # transformers sets both again on every call: clear them rather than re-serialise 3 MB of JSON.
-        if backend.truncation is not None:
-            backend.no_truncation()
-        if backend.padding is not None:
-            backend.no_padding()
+        reset_call_state(tokenizer)  # cheaper than re-serialising 3 MB of JSON without that state
         h.update(backend.to_str().encode())
     else:
         h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())

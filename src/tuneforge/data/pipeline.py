@@ -33,9 +33,9 @@ from tuneforge.data.formats import (
 from tuneforge.data.mix import mix_counts
 from tuneforge.data.render import render_conversations
 from tuneforge.data.sources import ROW, data_sources, load_source
-from tuneforge.data.text_masks import build_labels, encode_async, reset_call_state
+from tuneforge.data.text_masks import build_labels, encode_async
 from tuneforge.data.tokenize import assistant_mask_route
-from tuneforge.tokenizer import content_hash, stop_token_ids
+from tuneforge.tokenizer import content_hash, reset_call_state, stop_token_ids
 
 log = logging.getLogger(__name__)
 

@@ -21,18 +21,6 @@ from tuneforge.config import CollatorConfig
 from tuneforge.data.tokenize import IGNORE, completion_labels
 
 
-def reset_call_state(tokenizer: PreTrainedTokenizerBase) -> None:
-    """Clear the truncation/padding that an earlier `tokenizer(..., truncation=True)` call left on the Rust
-    tokenizer. transformers sets both again on every call, so this changes no later call's result; it keeps
-    them out of the tokenizer's content hash (a cache key) and lets `encode` use the Rust tokenizer directly."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        if backend.truncation is not None:
-            backend.no_truncation()
-        if backend.padding is not None:
-            backend.no_padding()
-
-
 def encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> tuple[list[list[int]], list[Any]]:
     """(ids, offsets) per text, where offsets are a list of (start, end) or the Rust `Encoding` that answers
     char -> token questions without building that list (see `offsets_of`). No special tokens are added: the
