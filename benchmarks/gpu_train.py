@@ -11,7 +11,8 @@ and the same seeded synthetic token data, and trains with TRL's `SFTTrainer`:
           no attention mask), the run's SFTConfig from `tuneforge.train.sft_config`, QLoRA NF4, sdpa.
   b_flex  b with flex_attention (block-sparse document masking instead of sdpa's dense masked square).
   c       b + Liger layer kernels (RMSNorm, RoPE, SwiGLU) + no activation checkpointing.
-  c_gc    b + Liger, activation checkpointing kept (the memory-lean variant).
+  c_gc    b + Liger, activation checkpointing kept (the memory-lean variant); c_gc4 with 4 rows per batch.
+  c1      c with one packed row per batch (what fits an 8B bf16 base without activation checkpointing).
   *_bf16  the same arm with a bf16 base (LoRA) instead of NF4 (QLoRA): arm (d) is b/c vs b_bf16/c_bf16.
 
 Measured per arm: non-pad tokens/s over the timed steps, median step time (step end to step end,
@@ -87,6 +88,8 @@ ARMS = {
     "b_pf": Arm(layout="padding_free"),
     "c": Arm(liger=True, grad_ckpt=False),
     "c_gc": Arm(liger=True),
+    "c_gc4": Arm(liger=True, micro_batch=4),
+    "c1": Arm(liger=True, grad_ckpt=False, micro_batch=1),  # one 4k row: what fits an 8B bf16 base unchecked
     "c_compile": Arm(liger=True, grad_ckpt=False, compile=True),
 }
 for _name in list(ARMS):
