@@ -115,3 +115,12 @@ def test_missing_columns_list_what_exists_and_the_mapping_that_fixes_it():
     assert "+data.columns.question=prompt" in msg and "+data.columns.answer=completion" in msg
     with pytest.raises(ConfigError, match=r"\+data.columns.conversations=messages"):
         check_columns(FormatConfig(strategy="conversational"), ["conversations", "id"], "x")
+
+
+def test_mapping_hint_follows_the_role_of_a_renamed_column():
+    """format.prompt_column=question on prompt/completion data: the prompt column is the source, not
+    whichever column is spelled most like 'question'."""
+    with pytest.raises(ConfigError) as err:
+        check_columns(FormatConfig(prompt_column="question"), ["prompt", "completion"], "x")
+    assert "+data.columns.prompt=question" in str(err.value)
+    assert "completion=question" not in str(err.value)

@@ -191,14 +191,19 @@ def formatter(cfg: FormatConfig, ctx: FormatContext) -> Callable[[dict], Row]:
     return lambda row: fn(row, cfg, ctx)
 
 
-def required_columns(cfg: FormatConfig) -> list[str]:
+def required_roles(cfg: FormatConfig) -> list[tuple[str, str]]:
+    """(role, configured column) pairs the strategy needs; a role is the column's default name."""
     return {
-        "instruction": [cfg.prompt_column, cfg.completion_column],
-        "conversational": [cfg.messages_column],
-        "alpaca": [cfg.instruction_column, cfg.output_column],
-        "text": [cfg.text_column],
-        "template": template_fields(cfg.template or ""),
+        "instruction": [("prompt", cfg.prompt_column), ("completion", cfg.completion_column)],
+        "conversational": [("messages", cfg.messages_column)],
+        "alpaca": [("instruction", cfg.instruction_column), ("output", cfg.output_column)],
+        "text": [("text", cfg.text_column)],
+        "template": [(f, f) for f in template_fields(cfg.template or "")],
     }[cfg.strategy]
+
+
+def required_columns(cfg: FormatConfig) -> list[str]:
+    return [column for _, column in required_roles(cfg)]
 
 
 def used_columns(cfg: FormatConfig) -> list[str]:
@@ -208,10 +213,11 @@ def used_columns(cfg: FormatConfig) -> list[str]:
 
 def check_columns(cfg: FormatConfig, have: list[str], where: str, renames: Optional[dict[str, str]] = None) -> None:
     """Fail before formatting when the strategy's columns are missing, naming the mapping that would fix it."""
-    missing = [c for c in required_columns(cfg) if c not in have]
+    missing = {column: role for role, column in required_roles(cfg) if column not in have}
     if not missing:
         return
     hint = suggest_mapping(missing, have)
+    missing = list(missing)
     fix = (f" Map them with data.columns, e.g. " + ", ".join(f"+data.columns.{src}={dst}" for dst, src in hint.items())
            + f" (or point format.*_column at the existing columns)." if hint
            else " Rename columns with data.columns.OLD=NEW, or point format.*_column at existing columns.")
@@ -221,13 +227,15 @@ def check_columns(cfg: FormatConfig, have: list[str], where: str, renames: Optio
     )
 
 
-def suggest_mapping(missing: list[str], have: list[str]) -> dict[str, str]:
-    """{needed column: existing column} guessed from common names, then from spelling."""
+def suggest_mapping(missing: dict[str, str], have: list[str]) -> dict[str, str]:
+    """{needed column: existing column} for {needed column: its role}: a column named after the role
+    (e.g. `prompt` for `format.prompt_column=question`), then common names, then spelling."""
     free = [h for h in have if h not in missing]
     out = {}
-    for need in missing:
+    for need, role in missing.items():
         pool = [h for h in free if h not in out.values()]
-        by_name = [h for h in pool if h.lower() in _SYNONYMS.get(need, [])]
+        names = [role, *_SYNONYMS.get(role, []), *_SYNONYMS.get(need, [])]
+        by_name = sorted((h for h in pool if h.lower() in names), key=lambda h: names.index(h.lower()))
         close = by_name or difflib.get_close_matches(need, pool, n=1, cutoff=0.4)
         if close:
             out[need] = close[0]
