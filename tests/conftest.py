@@ -48,8 +48,9 @@ def smollm_fp32(smollm_dir):
     return model.eval()
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
-    """Run the real `tuneforge` console script in a fresh process."""
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 900, input: str | None = None) -> subprocess.CompletedProcess:
+    """Run the real `tuneforge` console script in a fresh process (`input`: its standard input)."""
     exe = Path(sys.executable).with_name("tuneforge")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([str(exe), *args], cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run([str(exe), *args], cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout, env=env,
+                          input=input)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
+import torch
+
 from tuneforge.inference import GenerationSettings, generate, left_pad, prompt_ids
+from tuneforge.tokenizer import stop_token_ids
 
 
 def test_left_truncation_keeps_generation_prompt(smollm_tokenizer):
@@ -48,3 +53,61 @@ def test_generation_runs_in_eval_mode_and_restores_training(smollm_fp32, smollm_
         smollm_fp32.eval()
     assert seen and not any(seen)
     assert restored
+
+
+def _scripted(model, scripts: list[list[int]]):
+    """Make `model` emit exactly `scripts[row][step]` at each generation step (a forward hook that
+    rewrites the last position's logits), so stopping is tested independently of what it learned."""
+    calls = []
+
+    def hook(module, args, kwargs, output):
+        step = len(calls)
+        calls.append(step)
+        logits = torch.full_like(output.logits[:, -1:, :], -1e9)
+        for row, script in enumerate(scripts):
+            logits[row, 0, script[min(step, len(script) - 1)]] = 0.0
+        output.logits = logits
+        return output
+
+    return model.register_forward_hook(hook, with_kwargs=True), calls
+
+
+def test_generation_stops_at_end_of_turn_and_at_eos(smollm_fp32, smollm_tokenizer):
+    """The end-of-turn token stops a row even when EOS is another token; nothing after it is returned,
+    and generation ends once every row has stopped (not at max_new_tokens)."""
+    tok = copy.deepcopy(smollm_tokenizer)
+    tok.eos_token = "<|endoftext|>"  # EOS != end-of-turn, as in Llama-3 (<|end_of_text|> vs <|eot_id|>)
+    tok.pad_token = "<|im_start|>"
+    end_of_turn, eos = tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id
+    assert set(stop_token_ids(tok)) == {end_of_turn, eos}
+    word = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    a, b, junk = word(" alpha"), word(" beta"), word(" junk")
+    scripts = [a + [end_of_turn] + junk * 20, b + b + [eos] + junk * 20]
+    hook, calls = _scripted(smollm_fp32, scripts)
+    try:
+        out = generate(smollm_fp32, tok, ["first", "second question"], GenerationSettings(max_new_tokens=16))
+    finally:
+        hook.remove()
+    assert out == ["alpha", "beta beta"]
+    assert len(calls) == len(b) * 2 + 1  # the longer row's tokens + its stop token, then done
+
+
+def test_chat_sends_the_whole_conversation_each_turn(smollm_fp32, smollm_tokenizer, monkeypatch, capsys):
+    """`infer chat=true`: every turn is generated from the conversation so far, answers included."""
+    from tuneforge import infer
+
+    seen = []
+
+    def spy(model, tokenizer, prompts, settings, stream=False):
+        seen.append(copy.deepcopy(prompts[0]))
+        return generate(model, tokenizer, prompts, settings, stream=stream)
+
+    lines = iter(["What is 2+2?", "And 3+3?", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    monkeypatch.setattr(infer, "generate", spy)
+    answers = infer._chat(smollm_fp32, smollm_tokenizer, GenerationSettings(max_new_tokens=8))
+    assert len(answers) == 2 and all(answers)
+    assert seen[1] == [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": answers[0]},
+                       {"role": "user", "content": "And 3+3?"}]
+    streamed = capsys.readouterr().out
+    assert streamed.count("model> ") == 2 and answers[0] in streamed and answers[1] in streamed

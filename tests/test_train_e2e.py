@@ -8,6 +8,7 @@ import json
 import math
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from tests.conftest import run_cli
@@ -21,6 +22,7 @@ def trained_run(tmp_path_factory, smollm_dir):
     result = run_cli(
         "train", "train.max_steps=3", "train.logging_steps=1", "train.per_device_train_batch_size=4",
         "data.builtin_rows=120", "eval.num_samples=6", "eval.max_new_tokens=12", f"hydra.run.dir={run_dir}",
+        "eval.sample_every_steps=2", "eval.sample_prompts=2",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir, result
@@ -55,6 +57,61 @@ def _infer_in_fresh_process(run_dir, rows, tmp_path) -> list[str]:
                      "max_new_tokens=12")
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads(line)["completion"] for line in answers.read_text().splitlines()]
+
+
+def test_sample_generations_during_training(trained_run):
+    """Samples every 2 steps and at the end, through the shared helper: the last ones are the
+    final model's answers, so they equal the after-training predictions for the same prompts."""
+    run_dir, _ = trained_run
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [2, 2, 3, 3]
+    final = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()][:2]
+    assert [s["prediction"] for s in samples[2:]] == [p["prediction"] for p in final]
+    assert [s["reference"] for s in samples[2:]] == [p["reference"] for p in final]
+    assert "step 2 samples:" in (run_dir / "train.log").read_text()
+
+
+def test_interactive_chat_streams_each_answer(trained_run):
+    run_dir, _ = trained_run
+    date_prompt = "Rewrite this date in ISO 8601 format (YYYY-MM-DD). Answer with the date only.\nDate: "
+    result = run_cli("infer", f"run_dir={run_dir}", "chat=true", "max_new_tokens=12",
+                     input=f"{date_prompt}July 4th, 1976\n{date_prompt}the 3rd of March 2021\n\n")
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Two turns, each streamed after its own "model>" marker.
+    turns = result.stdout.split("model> ")[1:]
+    assert len(turns) == 2 and all(t.strip() and "you>" in t for t in turns)
+
+
+def test_load_best_model_at_end_keeps_the_best_checkpoint(tmp_path):
+    """A learning rate that makes training diverge after step 2: the saved adapter must be the
+    step-2 checkpoint (lowest eval loss), not the last weights."""
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "best"
+    result = run_cli(
+        "train", "train.max_steps=4", "train.per_device_train_batch_size=4", "train.learning_rate=0.02",
+        "data.builtin_rows=60", "eval.before_after=false", "train.eval_strategy=steps", "train.eval_steps=2",
+        "train.save_strategy=steps", "train.save_steps=2", "train.load_best_model_at_end=true",
+        f"hydra.run.dir={run_dir}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    evals = {h["step"]: h["eval_loss"] for h in metrics["log_history"] if "eval_loss" in h}
+    assert set(evals) == {2, 4} and evals[2] < evals[4]
+    assert metrics["best_model_checkpoint"].endswith("checkpoint-2") and metrics["best_metric"] == evals[2]
+    saved = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    best = load_file(run_dir / "checkpoint-2" / "adapter_model.safetensors")
+    last = load_file(run_dir / "checkpoint-4" / "adapter_model.safetensors")
+    assert saved.keys() == best.keys()
+    assert all(torch.equal(saved[k], best[k]) for k in saved)
+    assert not all(torch.equal(saved[k], last[k]) for k in saved)
+
+
+def test_load_best_model_at_end_with_mismatched_save_steps_fails_before_loading():
+    result = run_cli("train", "train.eval_strategy=steps", "train.eval_steps=3", "train.save_strategy=steps",
+                     "train.save_steps=4", "train.load_best_model_at_end=true")
+    assert result.returncode == 2
+    assert "train.save_steps (4) must be a multiple of train.eval_steps (3)" in result.stderr
 
 
 def test_in_memory_generation_equals_reloaded_adapter(trained_run, tmp_path):

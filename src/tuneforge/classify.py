@@ -99,7 +99,8 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any) -> dict:
         logging_steps=t.logging_steps, seed=t.seed, data_seed=t.seed, report_to=list(t.report_to),
         eval_strategy="epoch" if t.eval_strategy == "no" else t.eval_strategy, eval_steps=t.eval_steps,
         save_strategy=t.save_strategy, save_steps=t.save_steps, save_total_limit=t.save_total_limit,
-        load_best_model_at_end=t.load_best_model_at_end,
+        load_best_model_at_end=t.load_best_model_at_end, metric_for_best_model=t.metric_for_best_model,
+        greater_is_better=t.greater_is_better,
         bf16=device_supports_bf16() if t.bf16 is None else t.bf16,
     )
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,

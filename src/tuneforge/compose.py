@@ -156,6 +156,9 @@ def to_validated(cfg) -> TuneforgeConfig:
         obj = OmegaConf.to_object(plain)
     except OmegaConfBaseException as exc:
         raise ConfigError(_explain(exc)) from exc
-    return validate(obj)
+    from tuneforge import device_defaults
+
+    # `auto` settings depend on the device the job runs on, so they are decided here, in the job.
+    return validate(device_defaults.resolve(validate(obj)))
 
 

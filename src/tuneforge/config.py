@@ -147,6 +147,7 @@ class PackingConfig:
     # none | padding_free (each batch flattened into one row: no padding) | bfd (best-fit-decreasing rows of
     # train.max_length) | wrapped (concatenate and cut into rows of train.max_length). Packed sequences never
     # attend to each other: position ids restart per sequence, and a start-up probe checks it.
+    # auto (the shipped default): bfd on CUDA, none on CPU (tuneforge/device_defaults.py).
     mode: str = "none"
 
 
@@ -202,10 +203,16 @@ class TrainConfig:
     eval_strategy: str = "no"
     eval_steps: Optional[int] = None
     load_best_model_at_end: bool = False
+    # With load_best_model_at_end / save_strategy=best: None = eval loss (lower is better), as in transformers.
+    metric_for_best_model: Optional[str] = None
+    greater_is_better: Optional[bool] = None
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     dataloader_num_workers: int = 0
     # auto: bf16 on CUDA devices that support it, fp32 elsewhere.
     bf16: Optional[bool] = None
+    # Liger's RMSNorm/RoPE/SwiGLU kernels (SFTConfig.use_liger_kernel); null: on where CUDA and
+    # liger-kernel are available (pip install 'tuneforge[gpu]'), off elsewhere.
+    use_liger_kernel: Optional[bool] = None
 
 
 @dataclass
@@ -220,6 +227,10 @@ class EvalConfig:
     metric: str = "exact_match"
     # `tuneforge eval`: also score the base model (the same weights with the adapter off).
     compare_base: bool = False
+    # During training: answer the first `sample_prompts` held-out prompts every N steps (0: off),
+    # into RUN/samples.jsonl and the log.
+    sample_every_steps: int = 0
+    sample_prompts: int = 4
 
 
 @dataclass
@@ -333,7 +344,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "format.alpaca_style": ("auto", "chat", "classic"),
     "preview.split": ("train", "eval"),
     "collator.name": ("completion_only", "assistant_only", "lm", "padding"),
-    "packing.mode": ("none", "wrapped", "bfd", "padding_free"),
+    "packing.mode": ("auto", "none", "wrapped", "bfd", "padding_free"),
     "quant.bnb_4bit_quant_type": ("nf4", "fp4"),
     "quant.bnb_4bit_compute_dtype": ("auto", "float32", "bfloat16", "float16"),
     "peft.method": ("lora", "none"),
@@ -417,6 +428,20 @@ def validate(cfg: TuneforgeConfig) -> TuneforgeConfig:
         )
     if t.eval_strategy == "steps" and not t.eval_steps:
         raise ConfigError("train.eval_strategy=steps needs train.eval_steps (a positive step count).")
+    # transformers checks these only once the weights are loaded; a config error costs nothing here.
+    if t.load_best_model_at_end and t.save_strategy not in (t.eval_strategy, "best"):
+        raise ConfigError(
+            f"train.load_best_model_at_end=true keeps a saved checkpoint, so train.save_strategy "
+            f"({t.save_strategy}) must match train.eval_strategy ({t.eval_strategy}) or be 'best'."
+        )
+    if (t.load_best_model_at_end and t.save_strategy == "steps" and t.eval_strategy == "steps"
+            and t.save_steps % t.eval_steps):
+        raise ConfigError(
+            f"train.load_best_model_at_end=true: train.save_steps ({t.save_steps}) must be a multiple of "
+            f"train.eval_steps ({t.eval_steps}), so that the best evaluation has a checkpoint."
+        )
+    if cfg.eval.sample_every_steps < 0 or cfg.eval.sample_prompts < 1:
+        raise ConfigError("eval.sample_every_steps must be >= 0 (0: off) and eval.sample_prompts >= 1.")
     if t.save_strategy == "steps" and t.save_steps <= 0:
         raise ConfigError("train.save_strategy=steps needs train.save_steps > 0.")
     validate_collator_packing(cfg)
@@ -430,7 +455,7 @@ def validate(cfg: TuneforgeConfig) -> TuneforgeConfig:
             f"task=classification with collator={cfg.collator.name}: causal-LM collators build next-token labels; "
             "use collator=padding."
         )
-    if cfg.packing.mode != "none" and cfg.task == "classification":
+    if cfg.packing.mode not in ("none", "auto") and cfg.task == "classification":
         raise ConfigError("packing.mode must be none for task=classification (one label per sequence).")
     validate_data(cfg.data, cfg.format)
     return cfg
@@ -493,6 +518,8 @@ def _is_template(value: Any) -> bool:
 def validate_collator_packing(cfg: TuneforgeConfig) -> None:
     """Collator/packing rules: each names both keys and what to use instead."""
     col, mode = cfg.collator, cfg.packing.mode
+    if mode == "auto":  # decided on the device (device_defaults.packing_mode): packs only where allowed
+        mode = "none"
     if col.pad_to_multiple_of is not None and col.pad_to_multiple_of <= 0:
         raise ConfigError(f"collator.pad_to_multiple_of={col.pad_to_multiple_of} must be > 0 (or null).")
     for key in ("response_template", "instruction_template"):

@@ -20,6 +20,7 @@ from tuneforge.evaluate import evaluate_generations, generation_pairs, print_com
 from tuneforge.inference import GenerationSettings
 from tuneforge.models.adapters import apply_peft
 from tuneforge.models.loading import device_supports_bf16, fit_embeddings, load_model, resolve_path
+from tuneforge.samples import SAMPLES_FILE, SampleGenerations
 from tuneforge.tokenizer import content_hash, load_tokenizer, new_token_ids
 
 log = logging.getLogger(__name__)
@@ -54,9 +55,12 @@ def sft_config(cfg: TrainConfig, run_dir: Path) -> SFTConfig:
         eval_strategy=cfg.eval_strategy,
         eval_steps=cfg.eval_steps,
         load_best_model_at_end=cfg.load_best_model_at_end,
+        metric_for_best_model=cfg.metric_for_best_model,
+        greater_is_better=cfg.greater_is_better,
         report_to=list(cfg.report_to),
         dataloader_num_workers=cfg.dataloader_num_workers,
         bf16=bf16,
+        use_liger_kernel=bool(cfg.use_liger_kernel),
         include_num_input_tokens_seen="non_padding",
         # Tokens and labels were built by tuneforge's data stage (masks counted there).
         dataset_kwargs={"skip_prepare_dataset": True},
@@ -123,6 +127,10 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any) -> dict:
     # Labels come from the data stage; the collator only pads or flattens, and counts tokens for metrics.
     collate = TokenCounter(build_collator(cfg.collator, cfg.packing, tokenizer, cfg.tokenizer.padding_side),
                            cfg.train.dataloader_num_workers)
+    callbacks = [LogToFile()]
+    if cfg.eval.sample_every_steps:
+        callbacks.append(SampleGenerations(tokenizer, generation_pairs(data.eval, cfg.eval.sample_prompts), gen,
+                                           cfg.eval.sample_every_steps, run_dir / SAMPLES_FILE))
     if cfg.packing.mode != "none":
         check_no_contamination(model, collate.collate, probe_rows(data.train))
     trainer = SFTTrainer(
@@ -132,7 +140,7 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any) -> dict:
         eval_dataset=data.eval.select_columns(["input_ids", "labels"]) if cfg.train.eval_strategy != "no" else None,
         processing_class=tokenizer,
         data_collator=collate,
-        callbacks=[LogToFile()],
+        callbacks=callbacks,
     )
     result = trainer.train()
     trainer.save_model(str(run_dir / runs.ADAPTER_DIR))
@@ -194,6 +202,9 @@ def _metrics(result, trainer, data: PreparedData, tok_report, load_seconds, toke
         "tokenizer": {"fixes": tok_report.fixes, "added_tokens": tok_report.added_tokens,
                       "content_hash": content_hash(tokenizer)},
         "log_history": trainer.state.log_history,
+        # Set when train.load_best_model_at_end kept the best evaluation's weights (saved as the adapter).
+        "best_model_checkpoint": trainer.state.best_model_checkpoint,
+        "best_metric": trainer.state.best_metric,
     }
     if before is not None and after is not None:
         metrics["eval_before"] = before.scores

@@ -1,0 +1,54 @@
+"""`auto` settings: the measured fast path on CUDA (bfd packing, Liger kernels), the plain one on CPU."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from tuneforge import device_defaults
+from tuneforge.compose import compose_config, load_config
+from tuneforge.config import ConfigError, TrainConfig
+from tuneforge.train import sft_config
+
+
+def test_shipped_default_is_auto_and_resolves_to_no_packing_on_this_cpu():
+    assert compose_config([]).packing.mode == "auto"
+    cfg = load_config([])
+    assert cfg.packing.mode == "none" and cfg.train.use_liger_kernel is False
+
+
+def test_cuda_gets_bfd_packing_and_liger_when_installed(monkeypatch):
+    monkeypatch.setattr(device_defaults, "liger_installed", lambda: True)
+    raw = dataclasses.replace(load_config([]), packing=dataclasses.replace(load_config([]).packing, mode="auto"))
+    raw = dataclasses.replace(raw, train=dataclasses.replace(raw.train, use_liger_kernel=None))
+    cuda = device_defaults.resolve(raw, cuda=True)
+    assert cuda.packing.mode == "bfd" and cuda.train.use_liger_kernel is True
+    cpu = device_defaults.resolve(raw, cuda=False)
+    assert cpu.packing.mode == "none" and cpu.train.use_liger_kernel is False
+    # Without the package, auto stays off even on CUDA (nothing to import).
+    monkeypatch.setattr(device_defaults, "liger_installed", lambda: False)
+    assert device_defaults.resolve(raw, cuda=True).train.use_liger_kernel is False
+
+
+@pytest.mark.parametrize("overrides", [["recipe=classify-demo"], ["collator=padding", "task=classification"]])
+def test_auto_never_packs_where_packing_is_not_allowed(overrides):
+    cfg = load_config(overrides)
+    raw = dataclasses.replace(cfg, packing=dataclasses.replace(cfg.packing, mode="auto"))
+    assert device_defaults.resolve(raw, cuda=True).packing.mode == "none"
+
+
+def test_explicit_choices_are_kept_on_any_device():
+    cfg = load_config(["packing=bfd", "train.use_liger_kernel=false"])
+    assert device_defaults.resolve(cfg, cuda=True).packing.mode == "bfd"
+    assert device_defaults.resolve(cfg, cuda=True).train.use_liger_kernel is False
+    assert load_config(["packing=none"]).packing.mode == "none"
+
+
+def test_liger_asked_for_but_not_installed_is_a_config_error():
+    with pytest.raises(ConfigError, match="train.use_liger_kernel=true needs the liger-kernel package"):
+        load_config(["train.use_liger_kernel=true"])
+
+
+def test_sft_config_carries_the_liger_choice(tmp_path):
+    assert sft_config(TrainConfig(use_liger_kernel=False), tmp_path).use_liger_kernel is False
