@@ -455,6 +455,7 @@ def main() -> int:
         return 0
     if a.table:
         rows = [r for f in sorted(RESULTS.glob("gpu_train-*.json")) for r in json.loads(f.read_text())["results"]]
+        judge(rows)  # ratios across files too (e.g. a bf16 arm recorded in another run than its QLoRA twin)
         print(table(rows))
         return 0
 
