@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict, Features, List, Value, concatenate_datasets
 from datasets.fingerprint import generate_random_fingerprint
+from datasets.table import InMemoryTable
 from transformers import PreTrainedTokenizerBase
 
 from tuneforge.config import CollatorConfig, ConfigError, DataConfig, FormatConfig, MixSourceConfig, TrainConfig
@@ -262,16 +263,20 @@ def _account(done: Dataset, st: DataStats, label: str) -> Dataset:
     for reason, count in reasons.items():
         st.bad_rows[reason] = st.bad_rows.get(reason, 0) + count
     st.bad_row_examples += [r for r, b in zip(rows, bad) if b][: max(0, 5 - len(st.bad_row_examples))]
-    keep = [i for i, (b, t) in enumerate(zip(bad, n_trained)) if not b and t > 0]
+    keep = [not b and t > 0 for b, t in zip(bad, n_trained)]
+    n_keep = sum(keep)
     st.fully_masked += sum(1 for b, t in zip(bad, n_trained) if not b and t == 0)
-    kept = table.take(pa.array(keep, type=pa.int64())) if len(keep) < len(bad) else table
-    st.rows_kept += len(keep)
+    # One copy without the dropped rows (select() would add an indices mapping that saving copies again).
+    kept = table.filter(pa.array(keep, type=pa.bool_())) if n_keep < len(bad) else table
+    st.rows_kept += n_keep
     st.truncated += pc.sum(kept.column("truncated")).as_py() or 0
     st.tokens += pc.sum(pc.list_value_length(kept.column("input_ids"))).as_py() or 0
     st.trained_tokens += pc.sum(kept.column("n_trained")).as_py() or 0
     if label:
-        st.sources[label] = st.sources.get(label, 0) + len(keep)
-    return done.select(keep) if len(keep) < len(bad) else done
+        st.sources[label] = st.sources.get(label, 0) + n_keep
+    if n_keep == len(bad):
+        return done
+    return Dataset(InMemoryTable(kept), info=done.info, fingerprint=f"{done._fingerprint}-kept")
 
 
 def _generation_columns(ds: Dataset) -> list[str]:
