@@ -73,7 +73,7 @@ def test_sample_generations_during_training(trained_run):
 
 def test_interactive_chat_streams_each_answer(trained_run):
     run_dir, _ = trained_run
-    date_prompt = "Rewrite this date in ISO 8601 format (YYYY-MM-DD). Answer with the date only.\nDate: "
+    date_prompt = "Rewrite this date in ISO 8601 format (YYYY-MM-DD). Answer with the date only. Date: "  # one line
     result = run_cli("infer", f"run_dir={run_dir}", "chat=true", "max_new_tokens=12",
                      input=f"{date_prompt}July 4th, 1976\n{date_prompt}the 3rd of March 2021\n\n")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -83,21 +83,22 @@ def test_interactive_chat_streams_each_answer(trained_run):
 
 
 def test_load_best_model_at_end_keeps_the_best_checkpoint(tmp_path):
-    """A learning rate that makes training diverge after step 2: the saved adapter must be the
-    step-2 checkpoint (lowest eval loss), not the last weights."""
+    """The saved adapter is the best evaluation's checkpoint, not the last weights. Training lowers the
+    eval loss step by step, so `greater_is_better=true` makes step 2 the "best" one: it tells the kept
+    checkpoint apart from the last one whatever the exact losses are."""
     from safetensors.torch import load_file
 
     run_dir = tmp_path / "best"
     result = run_cli(
-        "train", "train.max_steps=4", "train.per_device_train_batch_size=4", "train.learning_rate=0.02",
-        "data.builtin_rows=60", "eval.before_after=false", "train.eval_strategy=steps", "train.eval_steps=2",
-        "train.save_strategy=steps", "train.save_steps=2", "train.load_best_model_at_end=true",
-        f"hydra.run.dir={run_dir}",
+        "train", "train.max_steps=4", "train.per_device_train_batch_size=4", "data.builtin_rows=60",
+        "eval.before_after=false", "train.eval_strategy=steps", "train.eval_steps=2", "train.save_strategy=steps",
+        "train.save_steps=2", "train.load_best_model_at_end=true", "train.metric_for_best_model=eval_loss",
+        "train.greater_is_better=true", f"hydra.run.dir={run_dir}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     evals = {h["step"]: h["eval_loss"] for h in metrics["log_history"] if "eval_loss" in h}
-    assert set(evals) == {2, 4} and evals[2] < evals[4]
+    assert set(evals) == {2, 4} and evals[2] > evals[4]
     assert metrics["best_model_checkpoint"].endswith("checkpoint-2") and metrics["best_metric"] == evals[2]
     saved = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     best = load_file(run_dir / "checkpoint-2" / "adapter_model.safetensors")
