@@ -93,14 +93,19 @@ def plan(cfg: TuneforgeConfig) -> dict:
     }
 
 
+def print_dry_run(cfg: TuneforgeConfig) -> None:
+    """The plan, then the GPU memory estimate (tuneforge/estimate.py)."""
+    for key, value in plan(cfg).items():
+        print(f"{key:>22}: {value}")
+    from tuneforge.estimate import print_estimate
+
+    print_estimate(cfg)
+
+
 def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any) -> dict:
     """Train, save and score; returns the metrics written to metrics.json."""
     if cfg.dry_run:
-        for key, value in plan(cfg).items():
-            print(f"{key:>22}: {value}")
-        from tuneforge.estimate import print_estimate
-
-        print_estimate(cfg)
+        print_dry_run(cfg)
         return {}
     # Several processes (launcher=ddp/...): one run directory, written by the main process only.
     state = launch.process_state()
