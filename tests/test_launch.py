@@ -67,6 +67,20 @@ def test_multi_node_settings_pass_through(tmp_path):
         assert cmd[cmd.index(flag) + 1] == value
 
 
+def test_multi_node_needs_the_main_address_except_on_slurm(monkeypatch):
+    from tuneforge.launch import resolve_machines
+
+    cfg = load_config(["launcher=ddp", "launcher.num_processes=4", "launcher.num_machines=2"])  # composes
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    with pytest.raises(ConfigError, match="needs launcher.main_process_ip"):
+        resolve_machines(cfg.launcher)
+    monkeypatch.setenv("SLURM_JOB_ID", "1")
+    monkeypatch.setenv("SLURM_NODEID", "1")
+    la = resolve_machines(load_config(["launcher=ddp", "launcher.num_processes=4", "launcher.num_machines=2",
+                                       "launcher.main_process_ip=node-a"]).launcher)
+    assert (la.machine_rank, la.main_process_ip) == (1, "node-a")
+
+
 def test_cpu_ddp_config_uses_gloo_processes():
     cfg = load_config(["launcher=ddp"])
     config = accelerate_config(cfg, cuda=False)
@@ -79,7 +93,6 @@ def test_cpu_ddp_config_uses_gloo_processes():
     (["launcher=ddp", "launcher.num_processes=0"], "launcher.num_processes=0 must be >= 1"),
     (["launcher=ddp", "launcher.num_processes=3", "launcher.num_machines=2", "launcher.main_process_ip=h"],
      "multiple of launcher.num_machines"),
-    (["launcher=ddp", "launcher.num_processes=4", "launcher.num_machines=2"], "needs launcher.main_process_ip"),
     (["launcher=ddp", "launcher.num_processes=4", "launcher.num_machines=2", "launcher.main_process_ip=h",
       "launcher.machine_rank=2"], "launcher.machine_rank=2 must be in"),
     (["launcher=fsdp", "quant.bnb_4bit_quant_storage=null", "dry_run=true"], "quant.bnb_4bit_quant_storage=bfloat16"),

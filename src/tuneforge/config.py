@@ -492,12 +492,7 @@ def validate_launcher(cfg: TuneforgeConfig) -> None:
     if not 0 <= la.machine_rank < la.num_machines:
         raise ConfigError(f"launcher.machine_rank={la.machine_rank} must be in [0, launcher.num_machines="
                           f"{la.num_machines}).")
-    if la.num_machines > 1 and not la.main_process_ip:
-        import os
-
-        if "SLURM_JOB_ID" not in os.environ:  # on Slurm, tuneforge.launch takes the first node of the job
-            raise ConfigError(f"launcher.num_machines={la.num_machines} needs launcher.main_process_ip "
-                              "(the address of the machine with launcher.machine_rank=0).")
+    # launcher.main_process_ip is checked at launch time: on Slurm it comes from the job's first node.
     sharded = la.name == "fsdp" or la.name == "deepspeed_zero3"
     if sharded and q.load_in_4bit:
         compute = "bfloat16" if q.bnb_4bit_compute_dtype == "auto" else q.bnb_4bit_compute_dtype

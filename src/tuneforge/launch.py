@@ -53,10 +53,15 @@ def rank_args(args: list[str]) -> list[str]:
     return extra + args
 
 
-def _slurm_defaults(la: LauncherConfig) -> LauncherConfig:
-    """On a multi-node Slurm job (hydra/launcher=slurm, one task per node): this node's rank and the first
-    node's address, unless set explicitly."""
-    if la.num_machines <= 1 or "SLURM_JOB_ID" not in os.environ:
+def resolve_machines(la: LauncherConfig) -> LauncherConfig:
+    """Multi-node settings for this machine: on a Slurm job (hydra/launcher=slurm, one task per node) this
+    node's rank and the first node's address unless set explicitly; elsewhere main_process_ip is required."""
+    if la.num_machines <= 1:
+        return la
+    if "SLURM_JOB_ID" not in os.environ:
+        if not la.main_process_ip:
+            raise ConfigError(f"launcher.num_machines={la.num_machines} needs launcher.main_process_ip (the address "
+                              "of the machine with launcher.machine_rank=0).")
         return la
     from dataclasses import replace
 
@@ -175,7 +180,7 @@ def launch(cfg: TuneforgeConfig, run_dir: Path, overrides: list[str]) -> int:
     import torch
 
     cuda = torch.cuda.is_available()
-    cfg.launcher = _slurm_defaults(cfg.launcher)
+    cfg.launcher = resolve_machines(cfg.launcher)
     config = accelerate_config(cfg, cuda)
     config_file = Path(cfg.launcher.accelerate_config) if cfg.launcher.accelerate_config else (
         run_dir / ACCELERATE_CONFIG_FILE)
