@@ -164,3 +164,29 @@ def test_two_process_cpu_ddp_run(tmp_path):
     print(json.dumps({"wall_s": round(wall, 1), "losses": {r["rank"]: [s["losses"] for s in r["steps"]]
                                                            for r in ranks},
                       "weights": [r["trainable_weight_digest"] for r in ranks]}))
+
+
+def test_sharded_qlora_skips_the_fp32_upcast(monkeypatch):
+    """Under FSDP / ZeRO-3 the base keeps its (bf16) storage dtype: no prepare_model_for_kbit_training."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tuneforge.config import PeftConfig
+    from tuneforge.models import adapters, loading
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert loading.sharded_training()
+    if torch.cuda.is_available():
+        assert loading._device_map(None) is None
+    monkeypatch.setattr(adapters, "prepare_model_for_kbit_training",
+                        lambda *a, **k: pytest.fail("upcast under sharding"))
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=64))
+    model = adapters.apply_peft(model.to(torch.bfloat16), PeftConfig(r=4, lora_alpha=8), quantized=True,
+                                gradient_checkpointing=True)
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert not loading.sharded_training()
+    if torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        assert loading._device_map(None) == {"": 1}

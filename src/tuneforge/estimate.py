@@ -171,8 +171,8 @@ def estimate_memory(model_config, cfg, *, liger: bool = False, upcast_non_quanti
     c = 2 if bf16 else 4
     dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(cfg.model.dtype, c)
     lora = peft.method == "lora"
-    if upcast_non_quantized is None:
-        upcast_non_quantized = q.load_in_4bit
+    if upcast_non_quantized is None:  # sharded QLoRA keeps bf16 storage (tuneforge.models.adapters)
+        upcast_non_quantized = q.load_in_4bit and cfg.launcher.name not in ("fsdp", "deepspeed_zero3")
     if q.load_in_4bit:
         weights = n["linear"] * NF4_BYTES + n["other"] * (4 if upcast_non_quantized else c)
     else:

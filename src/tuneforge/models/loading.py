@@ -94,12 +94,17 @@ def keep_cpu_4bit_trainable(model) -> int:
     return changed
 
 
+def sharded_training() -> bool:
+    """True in a process started by launcher=fsdp or launcher=deepspeed_zero3 (Accelerate's environment)."""
+    return (os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+            or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3")
+
+
 def _device_map(bnb: BitsAndBytesConfig | None):
     # One process per device: Accelerate's launchers set LOCAL_RANK (the device is not selected yet when the
     # model loads, so current_device() would put every rank on GPU 0).
     if torch.cuda.is_available():
-        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" or \
-                os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        if sharded_training():
             return None  # FSDP / ZeRO-3 place (and shard) the weights themselves
         return {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
     return {"": "cpu"} if bnb is not None else None
