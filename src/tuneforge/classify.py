@@ -64,11 +64,21 @@ def _encode(ds: Dataset, tokenizer, text_col: str, label_col: str, label2id: dic
 
 
 def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any) -> dict:
-    runs.claim_run_dir(run_dir)
-    runs.write_config(run_dir, resolved_config)
-    path = resolve_path(cfg.model)
-    tokenizer, tok_report = load_tokenizer(path, cfg.tokenizer, cfg.model.revision, cfg.model.trust_remote_code)
-    splits = load_source(data_sources(cfg.data, cfg.format)[0], cfg.data)
+    if cfg.dry_run:
+        from tuneforge.train import print_dry_run
+
+        print_dry_run(cfg)
+        return {}
+    from tuneforge.launch import process_state
+
+    state = process_state()  # several processes: the main one writes the run directory
+    if state.is_main_process:
+        runs.claim_run_dir(run_dir)
+        runs.write_config(run_dir, resolved_config)
+    with state.main_process_first():
+        path = resolve_path(cfg.model)
+        tokenizer, tok_report = load_tokenizer(path, cfg.tokenizer, cfg.model.revision, cfg.model.trust_remote_code)
+        splits = load_source(data_sources(cfg.data, cfg.format)[0], cfg.data)
     if len(splits["eval"]) == 0:
         raise ConfigError("task=classification needs held-out rows: set data.eval_fraction > 0 or data.eval_split.")
     fmt = cfg.format
@@ -109,6 +119,8 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any) -> dict:
     result = trainer.train()
     final = trainer.evaluate()
     trainer.save_model(str(run_dir / runs.ADAPTER_DIR))
+    if not trainer.args.should_save:
+        return {}
     tokenizer.save_pretrained(str(run_dir / runs.ADAPTER_DIR))
 
     counts = Counter(held_out["labels"])
@@ -118,7 +130,7 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any) -> dict:
         "train_loss": result.training_loss, "train_runtime_s": result.metrics.get("train_runtime"),
         "eval_accuracy": final["eval_accuracy"], "eval_macro_f1": final["eval_macro_f1"],
         "majority_baseline_accuracy": majority, "tokenizer": {"fixes": tok_report.fixes},
-        "log_history": trainer.state.log_history,
+        "log_history": trainer.state.log_history, "world_size": trainer.args.world_size,
     }
     runs.write_json(run_dir / runs.METRICS_FILE, metrics)
     runs.plot_losses(trainer.state.log_history, run_dir / "loss.png")

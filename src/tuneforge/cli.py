@@ -58,6 +58,12 @@ def _train_app(dcfg) -> float | None:
 
     cfg = to_validated(dcfg)  # every multirun job is validated on its own values
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    from tuneforge import launch
+
+    if launch.needs_launch(cfg):  # launcher=ddp|fsdp|deepspeed_*: re-run through `accelerate launch`
+        value = launch.run_from_hydra(cfg, run_dir)
+        if not cfg.dry_run:
+            return value
     if cfg.task == "classification":
         from tuneforge import classify
 
@@ -137,7 +143,10 @@ def _precheck(config_name: str, overrides: list[str], multirun: bool) -> None:
         load_config(overrides, multirun=multirun)
         # Hydra writes .hydra/ into the run directory before the job starts: refuse a taken one first.
         explicit = [o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")]
-        if explicit and not multirun:
+        from tuneforge.launch import in_launched_process
+
+        # A launched rank shares the run directory its launching job resolved (and rank 0 may claim it first).
+        if explicit and not multirun and not in_launched_process():
             from tuneforge.runs import check_run_dir_free
 
             check_run_dir_free(Path(explicit[-1]))
@@ -175,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         args = ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=stdout"] + args
     if command == "doctor" and "--json" in args:  # a flag people expect; Hydra would reject it
         args = [a for a in args if a != "--json"] + ["doctor.json_path=doctor.json"]
+    if command == "train":
+        from tuneforge.launch import rank_args
+
+        args = rank_args(args)
     if command == "preview":
         from tuneforge.data.preview import cli_args
 

@@ -256,6 +256,40 @@ class DoctorConfig:
 
 
 @dataclass
+class LauncherConfig:
+    """How `tuneforge train` starts its processes: keys of an Accelerate config file / `accelerate launch` flags."""
+
+    # local (this process) | ddp | fsdp | deepspeed_zero2 | deepspeed_zero3 (others re-run through `accelerate launch`)
+    name: str = "local"
+    # Processes over all machines (one per GPU; on a CPU, gloo processes).
+    num_processes: int = 1
+    num_machines: int = 1
+    # This machine's rank (0 = the main machine); on Slurm, default from SLURM_NODEID.
+    machine_rank: int = 0
+    # Address of the machine with machine_rank 0 (needed when num_machines > 1; on Slurm, the first node).
+    main_process_ip: Optional[str] = None
+    main_process_port: int = 29500
+    # GPUs of this machine to use: all, or e.g. "0,1".
+    gpu_ids: str = "all"
+    # fsdp: FULL_SHARD | SHARD_GRAD_OP | HYBRID_SHARD | NO_SHARD
+    fsdp_sharding_strategy: str = "FULL_SHARD"
+    fsdp_offload_params: bool = False
+    # Load weights on rank 0 only and broadcast (QLoRA + FSDP: keeps host RAM at one copy).
+    fsdp_cpu_ram_efficient_loading: bool = True
+    # Frozen (4-bit base) and trainable (LoRA) parameters share FSDP units: needs original parameters.
+    fsdp_use_orig_params: bool = True
+    fsdp_state_dict_type: str = "SHARDED_STATE_DICT"
+    # deepspeed_*: where ZeRO offloads optimizer states / parameters: none | cpu | nvme
+    offload_optimizer_device: str = "none"
+    offload_param_device: str = "none"
+    # deepspeed_zero3: build the model already partitioned (needed for QLoRA under ZeRO-3).
+    zero3_init_flag: bool = True
+    # A path to your own Accelerate config file: used instead of the generated one (the keys above still apply
+    # as `accelerate launch` flags for num_processes / machines).
+    accelerate_config: Optional[str] = None
+
+
+@dataclass
 class TuneforgeConfig:
     """The `train` command's whole config."""
 
@@ -271,6 +305,7 @@ class TuneforgeConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     preview: PreviewConfig = field(default_factory=PreviewConfig)
     doctor: DoctorConfig = field(default_factory=DoctorConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
     # sft (causal LM) | classification
     task: str = "sft"
     # Print what would run, load nothing.
@@ -353,6 +388,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.eval_strategy": ("no", "steps", "epoch"),
     "train.save_strategy": ("no", "steps", "epoch", "best"),
     "tokenizer.padding_side": ("left", "right"),
+    "launcher.name": ("local", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"),
+    "launcher.fsdp_sharding_strategy": ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"),
+    "launcher.fsdp_state_dict_type": ("SHARDED_STATE_DICT", "FULL_STATE_DICT"),
+    "launcher.offload_optimizer_device": ("none", "cpu", "nvme"),
+    "launcher.offload_param_device": ("none", "cpu", "nvme"),
 }
 
 
@@ -458,7 +498,42 @@ def validate(cfg: TuneforgeConfig) -> TuneforgeConfig:
     if cfg.packing.mode not in ("none", "auto") and cfg.task == "classification":
         raise ConfigError("packing.mode must be none for task=classification (one label per sequence).")
     validate_data(cfg.data, cfg.format)
+    validate_launcher(cfg)
     return cfg
+
+
+def validate_launcher(cfg: TuneforgeConfig) -> None:
+    """Launcher rules: process counts, multi-node settings, and what FSDP/DeepSpeed need with a 4-bit base."""
+    la, q = cfg.launcher, cfg.quant
+    for key in ("num_processes", "num_machines", "main_process_port"):
+        if getattr(la, key) < 1:
+            raise ConfigError(f"launcher.{key}={getattr(la, key)} must be >= 1.")
+    if la.name == "local" and (la.num_processes > 1 or la.num_machines > 1):
+        raise ConfigError(f"launcher=local runs one process; launcher.num_processes={la.num_processes} needs "
+                          "launcher=ddp (or fsdp, deepspeed_zero2, deepspeed_zero3).")
+    if la.num_processes % la.num_machines:
+        raise ConfigError(f"launcher.num_processes={la.num_processes} must be a multiple of launcher.num_machines="
+                          f"{la.num_machines} (the same number of processes on every machine).")
+    if not 0 <= la.machine_rank < la.num_machines:
+        raise ConfigError(f"launcher.machine_rank={la.machine_rank} must be in [0, launcher.num_machines="
+                          f"{la.num_machines}).")
+    # launcher.main_process_ip is checked at launch time: on Slurm it comes from the job's first node.
+    sharded = la.name == "fsdp" or la.name == "deepspeed_zero3"
+    if sharded and q.load_in_4bit:
+        compute = "bfloat16" if q.bnb_4bit_compute_dtype == "auto" else q.bnb_4bit_compute_dtype
+        if q.bnb_4bit_quant_storage != compute:
+            raise ConfigError(
+                f"launcher={la.name} shards a 4-bit base only when its storage dtype is the compute dtype: set "
+                f"quant.bnb_4bit_quant_storage={compute} (is {q.bnb_4bit_quant_storage}), or use launcher=ddp.")
+    if la.name == "deepspeed_zero3" and q.load_in_4bit and not la.zero3_init_flag:
+        raise ConfigError("launcher=deepspeed_zero3 with a 4-bit base (QLoRA) needs launcher.zero3_init_flag=true "
+                          "(the quantized model must be built already partitioned).")
+    if la.name in ("fsdp", "deepspeed_zero2", "deepspeed_zero3") and not cfg.dry_run:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"launcher={la.name} shards over CUDA GPUs and this machine has none; use launcher=ddp "
+                              "(gloo processes on CPUs), or dry_run=true to print the launch command.")
 
 
 def validate_format(fmt: FormatConfig, key: str = "format") -> None:

@@ -39,9 +39,10 @@ class SampleGenerations(TrainerCallback):
 
     def _sample(self, model, state) -> None:
         self._last_step = state.global_step
-        if not state.is_world_process_zero:  # one writer; the generations are the same on every rank
-            return
+        # Every rank generates (a sharded model generates together); the main process writes.
         answers = generate(model, self.tokenizer, [p for p, _ in self.pairs], self.settings)
+        if not state.is_world_process_zero:
+            return
         with self.path.open("a") as fh:
             for (prompt, reference), answer in zip(self.pairs, answers):
                 prompt = prompt.text if isinstance(prompt, Rendered) else prompt

@@ -11,7 +11,7 @@ from typing import Any
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from tuneforge import runs
+from tuneforge import launch, runs
 from tuneforge.config import ConfigError, TrainConfig, TuneforgeConfig
 from tuneforge.data.collators import TokenCounter, build_collator
 from tuneforge.data.packing import check_no_contamination, pack, probe_rows
@@ -79,7 +79,7 @@ class LogToFile(TrainerCallback):
 def plan(cfg: TuneforgeConfig) -> dict:
     """What a run would do, computed without loading any weights (`dry_run=true`)."""
     t = cfg.train
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = cfg.launcher.num_processes if cfg.launcher.name != "local" else int(os.environ.get("WORLD_SIZE", "1"))
     return {
         "model": cfg.model.name_or_path,
         "quantization": f"4-bit {cfg.quant.bnb_4bit_quant_type}" if cfg.quant.load_in_4bit else cfg.model.dtype,
@@ -90,26 +90,41 @@ def plan(cfg: TuneforgeConfig) -> dict:
         "collator": cfg.collator.name,
         "packing": cfg.packing.mode,
         "max_length": t.max_length,
+        "launcher": f"{cfg.launcher.name} ({world} process{'es' if world > 1 else ''})",
         "effective_batch_size": t.per_device_train_batch_size * t.gradient_accumulation_steps * world,
         "max_steps": t.max_steps if t.max_steps > 0 else f"{t.num_train_epochs} epoch(s)",
         "learning_rate": t.learning_rate,
     }
 
 
+def print_dry_run(cfg: TuneforgeConfig) -> None:
+    """The plan, then the GPU memory estimate (tuneforge/estimate.py)."""
+    for key, value in plan(cfg).items():
+        print(f"{key:>22}: {value}")
+    from tuneforge.estimate import print_estimate
+
+    print_estimate(cfg)
+
+
 def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any) -> dict:
     """Train, save and score; returns the metrics written to metrics.json."""
     if cfg.dry_run:
-        for key, value in plan(cfg).items():
-            print(f"{key:>22}: {value}")
+        print_dry_run(cfg)
         return {}
-    runs.claim_run_dir(run_dir)
-    runs.write_config(run_dir, resolved_config)
+    # Several processes (launcher=ddp/...): one run directory, written by the main process only.
+    state = launch.process_state()
+    main = state.is_main_process
+    if main:
+        runs.claim_run_dir(run_dir)
+        runs.write_config(run_dir, resolved_config)
 
-    model_path = resolve_path(cfg.model)
-    tokenizer, tok_report = load_tokenizer(model_path, cfg.tokenizer, cfg.model.revision, cfg.model.trust_remote_code)
-    data = prepare(cfg.data, cfg.format, cfg.train, tokenizer, cfg.collator)
+    with state.main_process_first():  # the model conversion and the data cache are built once
+        model_path = resolve_path(cfg.model)
+        tokenizer, tok_report = load_tokenizer(model_path, cfg.tokenizer, cfg.model.revision,
+                                               cfg.model.trust_remote_code)
+        data = prepare(cfg.data, cfg.format, cfg.train, tokenizer, cfg.collator)
     if cfg.doctor.enabled:
-        _doctor(cfg, tokenizer, tok_report, model_path, data, run_dir)
+        _doctor(cfg, tokenizer, tok_report, model_path, data, run_dir if main else None)
     train_rows, packing_stats = pack(data.train, cfg.packing, cfg.train.max_length)
 
     start = time.perf_counter()
@@ -127,23 +142,33 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any) -> dict:
     # Labels come from the data stage; the collator only pads or flattens, and counts tokens for metrics.
     collate = TokenCounter(build_collator(cfg.collator, cfg.packing, tokenizer, cfg.tokenizer.padding_side),
                            cfg.train.dataloader_num_workers)
-    callbacks = [LogToFile()]
+    if cfg.packing.mode != "none":
+        check_no_contamination(model, collate.collate, probe_rows(data.train))
+    callbacks, data_collator = [LogToFile()], collate
     if cfg.eval.sample_every_steps:
         callbacks.append(SampleGenerations(tokenizer, generation_pairs(data.eval, cfg.eval.sample_prompts), gen,
                                            cfg.eval.sample_every_steps, run_dir / SAMPLES_FILE))
-    if cfg.packing.mode != "none":
-        check_no_contamination(model, collate.collate, probe_rows(data.train))
+    if state.num_processes > 1:  # ranks.json: each rank's data shard, losses and final weights
+        recorder = launch.RankRecorder()
+        recorder.attach(model)
+        callbacks.append(recorder.callback)
+        data_collator = recorder.wrap_collator(collate)
     trainer = SFTTrainer(
         model=model,
         args=sft_config(cfg.train, run_dir),
         train_dataset=train_rows,
         eval_dataset=data.eval.select_columns(["input_ids", "labels"]) if cfg.train.eval_strategy != "no" else None,
         processing_class=tokenizer,
-        data_collator=collate,
+        data_collator=data_collator,
         callbacks=callbacks,
     )
     result = trainer.train()
-    trainer.save_model(str(run_dir / runs.ADAPTER_DIR))
+    trainer.save_model(str(run_dir / runs.ADAPTER_DIR))  # every rank calls it (FSDP gathers); the main one writes
+    if not trainer.args.should_save:
+        # Every rank scores too (sharded models generate together); only the main process writes.
+        if held_out:
+            _score(model, tokenizer, held_out, gen)
+        return {}
     tokenizer.save_pretrained(str(run_dir / runs.ADAPTER_DIR))
 
     after = _score(model, tokenizer, held_out, gen) if held_out else None
@@ -152,6 +177,7 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any) -> dict:
     metrics["batches"] = collate.summary() | {"packing": packing_stats.as_dict()}
     metrics["padding_efficiency"] = metrics["batches"]["padding_efficiency"]
     metrics["trained_token_fraction"] = metrics["batches"]["trained_token_fraction"]
+    metrics["world_size"] = trainer.args.world_size
     runs.write_json(run_dir / runs.METRICS_FILE, metrics)
     if after is not None:
         runs.write_predictions(run_dir / "predictions_before.jsonl", before.predictions)
@@ -169,7 +195,8 @@ def _doctor(cfg, tokenizer, tok_report, model_path, data, run_dir) -> None:
     from tuneforge.models.loading import load_config
 
     checks = doctor.run_checks(doctor.Context(cfg, tokenizer, tok_report, load_config(model_path, cfg.model), data))
-    doctor.write_json(checks, run_dir / "doctor.json")
+    if run_dir is not None:  # None: not the main process
+        doctor.write_json(checks, run_dir / "doctor.json")
     if doctor.has_errors(checks):
         doctor.print_table(checks)
         raise ConfigError("the doctor found errors (table above); fix them or set doctor.enabled=false to override.")

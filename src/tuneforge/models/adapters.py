@@ -34,7 +34,15 @@ def lora_config(cfg: PeftConfig, task_type: str = "CAUSAL_LM", new_token_ids: li
 def apply_peft(model: PreTrainedModel, cfg: PeftConfig, quantized: bool, gradient_checkpointing: bool,
                new_token_ids: list[int] | None = None):
     """Wrap the model for training: kbit preparation on a 4-bit base, then LoRA (or nothing)."""
-    if quantized:
+    from tuneforge.models.loading import sharded_training
+
+    if quantized and sharded_training():
+        # FSDP / ZeRO-3 flatten parameters into uniform-dtype shards: keep the bf16 storage (no fp32 upcast of
+        # norms and embeddings, which prepare_model_for_kbit_training would do); what TRL does for sharded QLoRA.
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=GC_KWARGS)
+        model.enable_input_require_grads()
+    elif quantized:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=GC_KWARGS
         )

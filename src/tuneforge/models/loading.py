@@ -6,6 +6,7 @@ DESIGN rules 9 (embedding resize) and 10 (4-bit loading) live here.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -93,10 +94,19 @@ def keep_cpu_4bit_trainable(model) -> int:
     return changed
 
 
+def sharded_training() -> bool:
+    """True in a process started by launcher=fsdp or launcher=deepspeed_zero3 (Accelerate's environment)."""
+    return (os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+            or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3")
+
+
 def _device_map(bnb: BitsAndBytesConfig | None):
-    # One process per device: Accelerate's launchers set LOCAL_RANK and the current device.
+    # One process per device: Accelerate's launchers set LOCAL_RANK (the device is not selected yet when the
+    # model loads, so current_device() would put every rank on GPU 0).
     if torch.cuda.is_available():
-        return {"": torch.cuda.current_device()}
+        if sharded_training():
+            return None  # FSDP / ZeRO-3 place (and shard) the weights themselves
+        return {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
     return {"": "cpu"} if bnb is not None else None
 
 

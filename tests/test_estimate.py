@@ -1,0 +1,54 @@
+"""The GPU memory estimate against peaks measured on an H100 (benchmarks/estimate_memory.py), and its parts."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+from tuneforge.compose import load_config
+from tuneforge.estimate import SHAPE_TABLE, estimate_memory, table_config
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+
+def test_estimate_within_ten_percent_of_measured_peaks():
+    import estimate_memory as bench
+
+    rows = bench.rows()
+    assert len(rows) == 6
+    for row in rows:
+        assert abs(row["error_pct"]) <= 10, row
+
+
+def test_parts_scale_as_expected():
+    config = table_config("meta-llama/Llama-3.1-8B")
+    base = load_config(["train.per_device_train_batch_size=2", "train.max_length=4096",
+                        "train.gradient_checkpointing=true"])
+    est = estimate_memory(config, base)
+    # NF4 linear weights (~7.0e9 params at 0.516 B) + fp32 embeddings and LM head (2 x 525e6 x 4 B).
+    assert est["weights"] == pytest.approx((6.98e9 * 0.5159 + 2 * 525.3e6 * 4) / 2**30, rel=0.01)
+    # LoRA r=16 on every linear layer of Llama-3.1-8B: 41.9M fp32 parameters; AdamW keeps two states.
+    assert est["trainable"] == pytest.approx(41.9e6 * 4 / 2**30, rel=0.01)
+    assert est["optimizer"] == pytest.approx(2 * est["trainable"])
+    no_gc = estimate_memory(config, load_config(["train.per_device_train_batch_size=2", "train.max_length=4096",
+                                                 "train.gradient_checkpointing=false"]))
+    assert no_gc["activations"] > 5 * est["activations"]
+    full = estimate_memory(config, load_config(["quant=none", "peft=none", "model.dtype=bfloat16"]))
+    assert full["weights"] == pytest.approx(8.03e9 * 2 / 2**30, rel=0.01)
+    zero3 = estimate_memory(config, load_config(["launcher=deepspeed_zero3", "launcher.num_processes=8",
+                                                 "dry_run=true", "train.per_device_train_batch_size=2", "train.gradient_checkpointing=true",
+                                                 "train.max_length=4096"]))
+    # Sharded QLoRA keeps the bf16 storage (no fp32 upcast), then divides the weights over the 8 processes.
+    bf16_base = estimate_memory(config, base, upcast_non_quantized=False)
+    assert zero3["weights"] == pytest.approx(bf16_base["weights"] / 8)
+    assert zero3["optimizer"] == pytest.approx(est["optimizer"] / 8)
+
+
+@pytest.mark.parametrize("name", sorted(SHAPE_TABLE))
+def test_every_table_shape_builds_and_estimates(name):
+    config = table_config(name)
+    task = ["task=classification", "collator=padding", "quant=none"] if "bert" in name or "minilm" in name else []
+    est = estimate_memory(config, load_config(task))
+    assert est["total"] > est["weights"] > 0

@@ -1,0 +1,192 @@
+"""Launchers: the Accelerate config and command for every launcher, the launcher rules, the dry run, and a
+real 2-process data-parallel run on the CPU (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, run_cli
+from tuneforge.compose import compose_config, load_config
+from tuneforge.config import ConfigError
+from tuneforge.launch import accelerate_config, launch_command
+
+LAUNCHERS = ("ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3")
+
+
+@pytest.mark.parametrize("name", LAUNCHERS)
+def test_launch_command_and_accelerate_config(name, tmp_path):
+    cfg = load_config([f"launcher={name}", "launcher.num_processes=8", "dry_run=true"])
+    config = accelerate_config(cfg, cuda=True)
+    assert config["num_processes"] == 8 and config["num_machines"] == 1
+    expected = {"ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed_zero2": "DEEPSPEED", "deepspeed_zero3": "DEEPSPEED"}
+    assert config["distributed_type"] == expected[name]
+    if name == "fsdp":
+        fsdp = config["fsdp_config"]
+        assert fsdp["fsdp_cpu_ram_efficient_loading"] and fsdp["fsdp_sync_module_states"]
+        assert fsdp["fsdp_use_orig_params"]
+        assert cfg.quant.bnb_4bit_quant_storage == "bfloat16"  # matches the (auto = bf16) compute dtype
+    if name.startswith("deepspeed"):
+        ds = config["deepspeed_config"]
+        assert ds["zero_stage"] == (3 if name.endswith("3") else 2)
+        assert ds["gradient_accumulation_steps"] == cfg.train.gradient_accumulation_steps
+        if name.endswith("3"):
+            assert ds["zero3_init_flag"] is True and cfg.quant.bnb_4bit_quant_storage == "bfloat16"
+    yaml.safe_dump(config)  # a valid accelerate config file
+
+    run_dir = tmp_path / "run"
+    overrides = [f"launcher={name}", "launcher.num_processes=8", "train.max_steps=3", "dry_run=true",
+                 "hydra.run.dir=elsewhere"]
+    cmd = launch_command(cfg, overrides, run_dir, run_dir / "accelerate_config.yaml")
+    assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    assert cmd[cmd.index("--config_file") + 1] == str(run_dir / "accelerate_config.yaml")
+    assert cmd[cmd.index("--num_processes") + 1] == "8"
+    tail = cmd[cmd.index("-m", 3):]
+    # The same overrides, one run directory for every rank, and no dry_run / earlier run dir.
+    assert tail == ["-m", "tuneforge.cli", "train", f"launcher={name}", "launcher.num_processes=8",
+                    "train.max_steps=3", f"hydra.run.dir={run_dir}"]
+
+
+def test_multi_node_settings_pass_through(tmp_path):
+    cfg = load_config(["launcher=ddp", "launcher.num_processes=16", "launcher.num_machines=2",
+                       "launcher.machine_rank=1", "launcher.main_process_ip=10.0.0.1",
+                       "launcher.main_process_port=29555"])
+    config = accelerate_config(cfg, cuda=True)
+    assert (config["num_machines"], config["machine_rank"], config["main_process_ip"],
+            config["main_process_port"]) == (2, 1, "10.0.0.1", 29555)
+    cmd = launch_command(cfg, [], tmp_path, tmp_path / "a.yaml")
+    for flag, value in (("--num_machines", "2"), ("--machine_rank", "1"), ("--main_process_ip", "10.0.0.1"),
+                        ("--main_process_port", "29555"), ("--num_processes", "16")):
+        assert cmd[cmd.index(flag) + 1] == value
+
+
+def test_multi_node_needs_the_main_address_except_on_slurm(monkeypatch):
+    from tuneforge.launch import resolve_machines
+
+    cfg = load_config(["launcher=ddp", "launcher.num_processes=4", "launcher.num_machines=2"])  # composes
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    with pytest.raises(ConfigError, match="needs launcher.main_process_ip"):
+        resolve_machines(cfg.launcher)
+    monkeypatch.setenv("SLURM_JOB_ID", "1")
+    monkeypatch.setenv("SLURM_NODEID", "1")
+    la = resolve_machines(load_config(["launcher=ddp", "launcher.num_processes=4", "launcher.num_machines=2",
+                                       "launcher.main_process_ip=node-a"]).launcher)
+    assert (la.machine_rank, la.main_process_ip) == (1, "node-a")
+
+
+def test_cpu_ddp_config_uses_gloo_processes():
+    cfg = load_config(["launcher=ddp"])
+    config = accelerate_config(cfg, cuda=False)
+    # torch.distributed.run starts the processes; ACCELERATE_USE_CPU makes them MULTI_CPU/gloo.
+    assert config["distributed_type"] == "MULTI_GPU" and config["mixed_precision"] == "no"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["launcher.num_processes=2"], "launcher=local runs one process"),
+    (["launcher=ddp", "launcher.num_processes=0"], "launcher.num_processes=0 must be >= 1"),
+    (["launcher=ddp", "launcher.num_processes=3", "launcher.num_machines=2", "launcher.main_process_ip=h"],
+     "multiple of launcher.num_machines"),
+    (["launcher=ddp", "launcher.num_processes=4", "launcher.num_machines=2", "launcher.main_process_ip=h",
+      "launcher.machine_rank=2"], "launcher.machine_rank=2 must be in"),
+    (["launcher=fsdp", "quant.bnb_4bit_quant_storage=null", "dry_run=true"], "quant.bnb_4bit_quant_storage=bfloat16"),
+    (["launcher=deepspeed_zero3", "launcher.zero3_init_flag=false", "dry_run=true"], "zero3_init_flag=true"),
+    (["launcher=ddpp"], "Did you mean 'ddp'"),
+])
+def test_launcher_rules(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        load_config(overrides)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU-only error")
+@pytest.mark.parametrize("name", ["fsdp", "deepspeed_zero2", "deepspeed_zero3"])
+def test_sharding_launchers_need_cuda_except_dry_run(name):
+    with pytest.raises(ConfigError, match="has none; use launcher=ddp"):
+        load_config([f"launcher={name}"])
+    load_config([f"launcher={name}", "dry_run=true"])
+
+
+def test_full_fine_tune_on_a_4bit_free_fsdp_needs_no_storage_rule():
+    cfg = load_config(["launcher=fsdp", "quant=none", "peft=none", "dry_run=true"])
+    assert cfg.launcher.name == "fsdp"
+
+
+def test_slurm_preset_composes():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    cfg = compose_config(["hydra/launcher=slurm", "launcher=ddp"], return_hydra=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.tasks_per_node == 1 and launcher.gpus_per_node == 8
+
+
+def test_dry_run_prints_launch_command_and_plan(tmp_path):
+    run_dir = tmp_path / "dry"
+    result = run_cli("train", "launcher=ddp", "launcher.num_processes=4", "dry_run=true", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "launch command:" in out and "accelerate.commands.launch" in out and "--num_processes 4" in out
+    assert f"hydra.run.dir={run_dir}" in out and "distributed_type: MULTI_GPU" in out
+    assert "effective_batch_size: 32" in out  # 8 per device x 4 processes
+    assert "GPU memory estimate:" in out
+    assert not (run_dir / "accelerate_config.yaml").exists() and not (run_dir / "config.yaml").exists()
+
+
+@pytest.mark.slow
+def test_two_process_cpu_ddp_run(tmp_path):
+    """launcher=ddp with 2 gloo processes: different data shards, identical LoRA weights, one run directory."""
+    outputs = tmp_path / "outputs"
+    start = time.perf_counter()
+    result = run_cli("train", "launcher=ddp", "launcher.num_processes=2", "train.max_steps=3",
+                     "train.per_device_train_batch_size=4", "train.logging_steps=1", "data.max_samples=48",
+                     "eval.before_after=false", f"hydra.run.dir={outputs}/run", timeout=900)
+    wall = time.perf_counter() - start
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert [p.name for p in outputs.iterdir()] == ["run"]  # exactly one run directory
+    run_dir = outputs / "run"
+    ranks = json.loads((run_dir / "ranks.json").read_text())
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == 2 for r in ranks)
+    r0, r1 = ranks
+    assert r0["first_batch_digest"] != r1["first_batch_digest"]  # different shards
+    assert not set(r0["batch_digests"][:3]) & set(r1["batch_digests"][:3])
+    assert r0["trainable_weight_digest"] == r1["trainable_weight_digest"]  # same weights after training
+    assert r0["trainable_weight_digest"] != r0["initial_weight_digest"]  # ... and they were trained
+    assert len(r0["steps"]) == len(r1["steps"]) == 3
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["train_steps"] == 3
+    for name in ("config.yaml", "accelerate_config.yaml", "adapter/adapter_model.safetensors", "train.log"):
+        assert (run_dir / name).is_file(), name
+    print(json.dumps({"wall_s": round(wall, 1), "losses": {r["rank"]: [s["losses"] for s in r["steps"]]
+                                                           for r in ranks},
+                      "weights": [r["trainable_weight_digest"] for r in ranks]}))
+
+
+def test_sharded_qlora_skips_the_fp32_upcast(monkeypatch):
+    """Under FSDP / ZeRO-3 the base keeps its (bf16) storage dtype: no prepare_model_for_kbit_training."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tuneforge.config import PeftConfig
+    from tuneforge.models import adapters, loading
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert loading.sharded_training()
+    if torch.cuda.is_available():
+        assert loading._device_map(None) is None
+    monkeypatch.setattr(adapters, "prepare_model_for_kbit_training",
+                        lambda *a, **k: pytest.fail("upcast under sharding"))
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=64))
+    model = adapters.apply_peft(model.to(torch.bfloat16), PeftConfig(r=4, lora_alpha=8), quantized=True,
+                                gradient_checkpointing=True)
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert not loading.sharded_training()
+    if torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        assert loading._device_map(None) == {"": 1}
