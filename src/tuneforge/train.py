@@ -11,7 +11,7 @@ from typing import Any
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from tuneforge import runs
+from tuneforge import faults, runs
 from tuneforge.config import ConfigError, TrainConfig, TuneforgeConfig
 from tuneforge.data.collators import TokenCounter, build_collator
 from tuneforge.data.packing import check_no_contamination, pack, probe_rows
@@ -55,6 +55,8 @@ def sft_config(cfg: TrainConfig, run_dir: Path) -> SFTConfig:
         eval_steps=cfg.eval_steps,
         load_best_model_at_end=cfg.load_best_model_at_end,
         report_to=list(cfg.report_to),
+        # NaN/inf must show in the logs (faults.StopOnNaN stops on it), not be averaged away.
+        logging_nan_inf_filter=False,
         dataloader_num_workers=cfg.dataloader_num_workers,
         bf16=bf16,
         include_num_input_tokens_seen="non_padding",
@@ -98,8 +100,9 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any) -> dict:
         for key, value in plan(cfg).items():
             print(f"{key:>22}: {value}")
         return {}
-    runs.claim_run_dir(run_dir)
+    runs.claim_run_dir(run_dir, cfg.train.resume_from_checkpoint)
     runs.write_config(run_dir, resolved_config)
+    runs.use_token(cfg.model)
 
     model_path = resolve_path(cfg.model)
     tokenizer, tok_report = load_tokenizer(model_path, cfg.tokenizer, cfg.model.revision, cfg.model.trust_remote_code)
@@ -107,6 +110,7 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any) -> dict:
     if cfg.doctor.enabled:
         _doctor(cfg, tokenizer, tok_report, model_path, data, run_dir)
     train_rows, packing_stats = pack(data.train, cfg.packing, cfg.train.max_length)
+    runs.write_manifest(run_dir, **runs.run_identity(cfg, data, content_hash(tokenizer)))
 
     start = time.perf_counter()
     model = load_model(model_path, cfg.model, cfg.quant)
@@ -125,18 +129,21 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any) -> dict:
                            cfg.train.dataloader_num_workers)
     if cfg.packing.mode != "none":
         check_no_contamination(model, collate.collate, probe_rows(data.train))
+    runs.check_free_space(run_dir, runs.estimate_for(model, cfg.train))
+    args = sft_config(cfg.train, run_dir)
     trainer = SFTTrainer(
         model=model,
-        args=sft_config(cfg.train, run_dir),
+        args=args,
         train_dataset=train_rows,
         eval_dataset=data.eval.select_columns(["input_ids", "labels"]) if cfg.train.eval_strategy != "no" else None,
         processing_class=tokenizer,
         data_collator=collate,
         callbacks=[LogToFile()],
     )
-    result = trainer.train()
-    trainer.save_model(str(run_dir / runs.ADAPTER_DIR))
-    tokenizer.save_pretrained(str(run_dir / runs.ADAPTER_DIR))
+    result = faults.train_guarded(trainer, cfg.train, run_dir, args.bf16)
+    with runs.atomic_dir(run_dir / runs.ADAPTER_DIR) as tmp:
+        trainer.save_model(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
 
     after = _score(model, tokenizer, held_out, gen) if held_out else None
     metrics = _metrics(result, trainer, data, tok_report, load_seconds, tokenizer, before, after)
@@ -151,6 +158,7 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any) -> dict:
         print_comparison({"before": before.scores, "after": after.scores},
                          f"Held-out generation ({len(held_out)} prompts, same base weights)")
     runs.plot_losses(trainer.state.log_history, run_dir / "loss.png")
+    runs.write_manifest(run_dir, status="finished", finished_at=runs._now())
     log.info("Run saved in %s", run_dir)
     return metrics
 
