@@ -94,8 +94,8 @@ def plan(cfg: TuneforgeConfig) -> dict:
     }
 
 
-def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any) -> dict:
-    """Train, save and score; returns the metrics written to metrics.json."""
+def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any, callbacks: list | None = None) -> dict:
+    """Train, save and score; returns the metrics written to metrics.json. `callbacks`: extra TrainerCallbacks."""
     if cfg.dry_run:
         for key, value in plan(cfg).items():
             print(f"{key:>22}: {value}")
@@ -138,7 +138,7 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any) -> dict:
         eval_dataset=data.eval.select_columns(["input_ids", "labels"]) if cfg.train.eval_strategy != "no" else None,
         processing_class=tokenizer,
         data_collator=collate,
-        callbacks=[LogToFile()],
+        callbacks=[LogToFile(), *(callbacks or [])],
     )
     result = faults.train_guarded(trainer, cfg.train, run_dir, args.bf16)
     with runs.atomic_dir(run_dir / runs.ADAPTER_DIR) as tmp:
