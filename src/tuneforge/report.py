@@ -87,7 +87,7 @@ def build_table(jobs: list[Job], metric: Optional[str] = None, direction: Option
         scored = wanted and any(runs.objective(j.metrics, wanted) is not None for j in jobs if j.status == "ok")
         metric = wanted if scored else "last_logged_loss"
     direction = direction or _direction(sweep_dir or Path("."), metric)
-    keys = sorted({k for j in jobs for k in j.overrides if not k.startswith("hydra")})
+    keys = swept_keys(jobs)
     sign = 1 if direction == "minimize" else -1
 
     def order(job: Job):
@@ -95,15 +95,27 @@ def build_table(jobs: list[Job], metric: Optional[str] = None, direction: Option
         ok = value is not None and not math.isnan(value)
         return (0 if ok else 1, sign * value if ok else 0, job.name)
 
-    header = ["rank", "job", "status", *keys, metric, "train_loss", "last_logged_loss", "train_steps",
-              "train_runtime_s", "error"]
+    extra = [k for k in ("train_loss", "last_logged_loss", "train_steps", "train_runtime_s") if k != metric]
+    header = ["rank", "job", "status", *keys, metric, *extra, "error"]
     rows = []
     for rank, job in enumerate(sorted(jobs, key=order), 1):
         m = job.metrics
         rows.append([rank if job.status == "ok" else "", job.name, job.status, *[job.overrides.get(k, "") for k in keys],
-                     runs.objective(m, metric) if job.status == "ok" else None, m.get("train_loss"),
-                     m.get("last_logged_loss"), m.get("train_steps"), m.get("train_runtime_s"), job.error[:120]])
+                     runs.objective(m, metric) if job.status == "ok" else None, *[m.get(k) for k in extra],
+                     job.error[:160]])
     return header, rows, metric, direction
+
+
+def swept_keys(jobs: list[Job]) -> list[str]:
+    """Override keys whose value differs between jobs (all of them for a one-job sweep)."""
+    keys = sorted({k for j in jobs for k in j.overrides if not k.startswith("hydra")})
+    varied = [k for k in keys if len({j.overrides.get(k) for j in jobs}) > 1]
+    return varied if len(jobs) > 1 else keys
+
+
+def common_overrides(jobs: list[Job]) -> list[str]:
+    varied = set(swept_keys(jobs))
+    return sorted({f"{k}={v}" for j in jobs for k, v in j.overrides.items() if k not in varied and not k.startswith("hydra")})
 
 
 def to_markdown(header: list[str], rows: list[list]) -> str:
@@ -130,11 +142,11 @@ def plot(jobs: list[Job], metric: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    keys = swept_keys(jobs)
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     labels, values = [], []
     for job in jobs:
-        label = f"{job.name}: " + " ".join(f"{k.split('.')[-1]}={v}" for k, v in job.overrides.items()
-                                           if not k.startswith("hydra"))
+        label = f"{job.name}: " + " ".join(f"{k.split('.')[-1]}={job.overrides.get(k)}" for k in keys)
         if job.status == "ok":
             curve = [(h["step"], h["loss"]) for h in job.metrics.get("log_history", []) if "loss" in h]
             if curve:
@@ -170,7 +182,9 @@ def report(sweep_dir: Path, metric: Optional[str] = None, direction: Optional[st
     header, rows, metric, direction = build_table(jobs, metric, direction, sweep_dir)
     md = (f"# Sweep report: {sweep_dir}\n\n{len(jobs)} jobs: {sum(j.status == 'ok' for j in jobs)} finished, "
           f"{sum(j.status == 'failed' for j in jobs)} failed, {sum(j.status == 'incomplete' for j in jobs)} "
-          f"incomplete. Sorted by {metric} ({direction}), best first.\n\n" + to_markdown(header, rows)
+          f"incomplete. Sorted by {metric} ({direction}), best first.\n\n"
+          + (f"Common to every job: `{' '.join(common_overrides(jobs))}`\n\n" if len(jobs) > 1 else "")
+          + to_markdown(header, rows)
           + "\n![loss curves and final metric](report.png)\n")
     runs.atomic_write_text(sweep_dir / "report.md", md)
     runs.atomic_write_text(sweep_dir / "report.csv", to_csv(header, rows))
