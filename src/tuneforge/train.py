@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
+from transformers import TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from tuneforge import faults, runs
@@ -116,6 +116,8 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any, callbacks: li
     model = load_model(model_path, cfg.model, cfg.quant)
     load_seconds = time.perf_counter() - start
     fit_embeddings(model, tokenizer)
+    # LoRA's A matrices are drawn here, before the Trainer seeds: seed now, or no two runs start alike.
+    set_seed(cfg.train.seed)
     model = apply_peft(model, cfg.peft, cfg.quant.load_in_4bit, cfg.train.gradient_checkpointing,
                        new_token_ids(tokenizer, tok_report))
 
