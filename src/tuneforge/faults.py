@@ -194,8 +194,10 @@ def _inject_nan_for_tests(trainer) -> None:
     log.warning("%s=%d: the loss will be NaN from step %d on (test hook).", NAN_TEST_ENV, start, start)
 
     def hook(module, args, kwargs, output):
-        if module.training and trainer.state.global_step + 1 >= start and getattr(output, "loss", None) is not None:
-            output.loss = output.loss * float("nan")
+        if module.training and trainer.state.global_step + 1 >= start:
+            for key in ("loss", "log_probs", "logits"):  # TRL computes its loss from log_probs
+                if getattr(output, key, None) is not None:
+                    setattr(output, key, getattr(output, key) * float("nan"))
         return output
 
     trainer.model.register_forward_hook(hook, with_kwargs=True)
