@@ -121,18 +121,28 @@ def is_secret_key(key: str) -> bool:
 
 
 def redact(obj: Any) -> Any:
-    """A copy of a config mapping with the values of secret keys replaced (None stays None)."""
+    """A copy of a config mapping with the values of secret keys replaced (None stays None), and
+    `key=value` pairs inside strings (override lists, Hydra's override_dirname) redacted too."""
     if isinstance(obj, dict):
         return {k: (REDACTED if v is not None and is_secret_key(k) else redact(v)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [redact_arg(v) if isinstance(v, str) else redact(v) for v in obj]
+        return [redact(v) for v in obj]
+    if isinstance(obj, str):
+        return redact_arg(obj)
     return obj
 
 
+_PAIR = re.compile(r"([+~]?[\w.\-/]+)=([^,\s]+)")
+
+
 def redact_arg(arg: str) -> str:
-    """`model.token=hf_abc` -> `model.token=***REDACTED***` (command lines, Hydra override lists)."""
-    key, sep, value = arg.partition("=")
-    return f"{key}={REDACTED}" if sep and value and is_secret_key(key.strip()) else arg
+    """`model.token=hf_abc` -> `model.token=***REDACTED***`, wherever such a pair occurs in the string."""
+    if "=" not in arg:
+        return arg
+    key, _, value = arg.partition("=")
+    if value and is_secret_key(key.strip().lstrip("- ")):  # one argument: all of its value
+        return f"{key}={REDACTED}"
+    return _PAIR.sub(lambda m: f"{m.group(1)}={REDACTED}" if is_secret_key(m.group(1)) else m.group(0), arg)
 
 
 def command_line(argv: Optional[list[str]] = None) -> str:
