@@ -79,7 +79,7 @@ def _train_app(dcfg) -> float | None:
         log.error("job %s failed: %s", hc.job.num, exc)
         run_dir.mkdir(parents=True, exist_ok=True)
         runs.write_failure(run_dir, exc, job=hc.job.num, overrides=runs.redact(list(hc.overrides.task)))
-        return float("nan")  # a sweeper records the trial as failed
+        return None  # the Optuna sweeper records the trial as failed (NaN would crash its bookkeeping)
 
 
 def _train_job(dcfg, run_dir: Path) -> float | None:
@@ -94,7 +94,11 @@ def _train_job(dcfg, run_dir: Path) -> float | None:
     from tuneforge import train
 
     metrics = train.run(cfg, run_dir, dcfg)
-    return objective(metrics, cfg.eval.metric)  # what a sweeper optimizes
+    value = objective(metrics, cfg.eval.metric)  # what a sweeper optimizes
+    if value is None and not cfg.dry_run:
+        log.warning("eval.metric=%s is not among this run's metrics (held-out scores need eval.before_after=true; "
+                    "or use last_logged_loss, train_loss, eval_loss): a sweeper gets None.", cfg.eval.metric)
+    return value
 
 
 def _preview_app(dcfg) -> None:
