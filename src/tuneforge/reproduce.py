@@ -145,6 +145,9 @@ def main(args: list[str]) -> int:
         run_dir, rest, check, rtol = _parse(args)
         original = runs.read_config(run_dir)  # noqa: F841 (fails clearly when RUN_DIR is not a run)
         flags, overrides, _ = split_args(rest)
+        explicit = [o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")]
+        if explicit:  # before Hydra writes .hydra/ into it
+            runs.check_run_dir_free(Path(explicit[-1]))
         for line in version_differences(runs.read_manifest(run_dir), runs.environment()):
             print(f"tuneforge reproduce: warning: version differs from the run: {line}", file=sys.stderr)
         metrics_path = run_dir / runs.METRICS_FILE

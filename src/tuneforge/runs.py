@@ -391,8 +391,9 @@ def estimate_for(model, train_cfg) -> int:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     kept = 0
     if train_cfg.save_strategy != "no":
-        steps = train_cfg.max_steps if train_cfg.max_steps > 0 else 10**9
-        kept = min(train_cfg.save_total_limit or 10**9, max(1, steps // max(train_cfg.save_steps, 1)))
+        # Training by epochs, the step count is unknown here: without a limit, assume ten checkpoints.
+        saves = train_cfg.max_steps // max(train_cfg.save_steps, 1) if train_cfg.max_steps > 0 else 10
+        kept = max(1, min(train_cfg.save_total_limit or saves, saves))
     return estimate_run_bytes(trainable, kept + 1)  # + one checkpoint when a signal stops the run
 
 
