@@ -84,7 +84,7 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any) -> dict:
     model = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=len(names), id2label=dict(enumerate(names)), label2id=label2id,
         dtype=compute_dtype(cfg.model.dtype), quantization_config=quantization_config(cfg.quant),
-        revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
+        revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code, use_safetensors=True,
     )
     fit_embeddings(model, tokenizer)  # decoder backbones: the fixed PAD id tells the head where rows end
     if cfg.peft.method == "lora":
