@@ -151,6 +151,9 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(baseline, tiny_model, t
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert [r["from"].rsplit("-", 1)[1] for r in manifest["resumed"]] == ["2", str(stopped_at)]
 
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (baseline, run_dir))
+    assert abs(ma["train_loss"] - mb["train_loss"]) <= 1e-4 * ma["train_loss"]  # over the whole run
+    assert ma["tokens_seen"] == mb["tokens_seen"] and mb["train_steps"] == 6
     a, b = _losses(baseline), _losses(run_dir)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
     rel = {s: abs(a[s] - b[s]) / abs(a[s]) for s in a}

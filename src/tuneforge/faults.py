@@ -162,7 +162,19 @@ def train_guarded(trainer, train_cfg, run_dir, bf16: bool):
         raise Diverged(diverged_message(guard, train_cfg.learning_rate, bf16, latest))
     if stopper.signum is not None:
         raise Interrupted(interrupted_message(stopper, run_dir, latest), stopper.signum)
+    if checkpoint:  # the Trainer averages only the steps of this session; report the whole run's mean
+        result = result._replace(training_loss=whole_run_loss(trainer.state.log_history, result.training_loss))
     return result
+
+
+def whole_run_loss(log_history: list[dict], fallback: float) -> float:
+    """Mean training loss over every step, from the logged per-interval means (what an uninterrupted run's
+    `training_loss` is)."""
+    total, last = 0.0, 0
+    for h in log_history:
+        if "loss" in h and "step" in h and h["step"] > last:
+            total, last = total + h["loss"] * (h["step"] - last), h["step"]
+    return total / last if last else fallback
 
 
 # Test hooks (environment variables, unset in real use):
