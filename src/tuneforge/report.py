@@ -188,7 +188,8 @@ def report(sweep_dir: Path, metric: Optional[str] = None, direction: Optional[st
           + "\n![loss curves and final metric](report.png)\n")
     runs.atomic_write_text(sweep_dir / "report.md", md)
     runs.atomic_write_text(sweep_dir / "report.csv", to_csv(header, rows))
-    plot(jobs, metric, sweep_dir / "report.png")
+    by_name = {j.name: j for j in jobs}
+    plot([by_name[row[1]] for row in rows], metric, sweep_dir / "report.png")  # bars best first, like the table
     return {"header": header, "rows": rows, "metric": metric, "direction": direction, "jobs": jobs}
 
 
