@@ -100,7 +100,7 @@ class StopOnNaN(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None] if model else []
         if grads and not all(torch.isfinite(g).all() for g in grads):
-            self._bad(state.global_step + 1, "the gradient (so the loss)")
+            self._bad(state.global_step + 1, "the loss or its gradient")
             for p in model.parameters():  # AdamW leaves a parameter without a gradient untouched
                 p.grad = None
         else:
