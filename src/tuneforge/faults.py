@@ -159,8 +159,10 @@ def train_guarded(trainer, train_cfg, run_dir, bf16: bool):
         result = trainer.train(resume_from_checkpoint=checkpoint)
     latest = runs.latest_complete_checkpoint(run_dir)
     if guard.tripped_at is not None:
+        runs.write_manifest(run_dir, status="diverged", stopped_at_step=guard.tripped_at)
         raise Diverged(diverged_message(guard, train_cfg.learning_rate, bf16, latest))
     if stopper.signum is not None:
+        runs.write_manifest(run_dir, status="interrupted", stopped_at_step=stopper.step)
         raise Interrupted(interrupted_message(stopper, run_dir, latest), stopper.signum)
     if checkpoint:  # the Trainer averages only the steps of this session; report the whole run's mean
         result = result._replace(training_loss=whole_run_loss(trainer.state.log_history, result.training_loss))
