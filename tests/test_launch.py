@@ -159,6 +159,8 @@ def test_two_process_cpu_ddp_run(tmp_path):
     assert len(r0["steps"]) == len(r1["steps"]) == 3
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["train_steps"] == 3
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["status"] == "finished"
     for name in ("config.yaml", "accelerate_config.yaml", "adapter/adapter_model.safetensors", "train.log"):
         assert (run_dir / name).is_file(), name
     print(json.dumps({"wall_s": round(wall, 1), "losses": {r["rank"]: [s["losses"] for s in r["steps"]]

@@ -73,8 +73,9 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any) -> dict:
 
     state = process_state()  # several processes: the main one writes the run directory
     if state.is_main_process:
-        runs.claim_run_dir(run_dir)
+        runs.claim_run_dir(run_dir, cfg.train.resume_from_checkpoint)
         runs.write_config(run_dir, resolved_config)
+    runs.use_token(cfg.model)
     with state.main_process_first():
         path = resolve_path(cfg.model)
         tokenizer, tok_report = load_tokenizer(path, cfg.tokenizer, cfg.model.revision, cfg.model.trust_remote_code)
@@ -87,10 +88,13 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any) -> dict:
     train = _encode(splits["train"], tokenizer, fmt.text_column, fmt.label_column, label2id, cfg.train.max_length)
     held_out = _encode(splits["eval"], tokenizer, fmt.text_column, fmt.label_column, label2id, cfg.train.max_length)
 
+    from transformers import set_seed
+
+    set_seed(cfg.train.seed)  # the new head (and LoRA) are drawn before the Trainer seeds
     model = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=len(names), id2label=dict(enumerate(names)), label2id=label2id,
         dtype=compute_dtype(cfg.model.dtype), quantization_config=quantization_config(cfg.quant),
-        revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
+        revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code, use_safetensors=True,
     )
     fit_embeddings(model, tokenizer)  # decoder backbones: the fixed PAD id tells the head where rows end
     if cfg.peft.method == "lora":
@@ -116,12 +120,21 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any) -> dict:
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
                       data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=cfg.collator.pad_to_multiple_of),
                       processing_class=tokenizer, compute_metrics=classification_metrics)
-    result = trainer.train()
+    from tuneforge import faults
+    from tuneforge.tokenizer import content_hash
+
+    if state.is_main_process:
+        runs.write_manifest(run_dir, seed=t.seed, tokenizer={"content_hash": content_hash(tokenizer)},
+                            data={"fingerprint": train._fingerprint, "rows": {"train": len(train), "eval": len(held_out)}})
+        runs.check_free_space(run_dir, runs.estimate_for(model, t))
+    result = faults.train_guarded(trainer, t, run_dir, args.bf16)
     final = trainer.evaluate()
-    trainer.save_model(str(run_dir / runs.ADAPTER_DIR))
     if not trainer.args.should_save:
+        trainer.save_model(str(run_dir / runs.ADAPTER_DIR))  # collectives only (FSDP gathers); main writes
         return {}
-    tokenizer.save_pretrained(str(run_dir / runs.ADAPTER_DIR))
+    with runs.atomic_dir(run_dir / runs.ADAPTER_DIR) as tmp:
+        trainer.save_model(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
 
     counts = Counter(held_out["labels"])
     majority = max(counts.values()) / len(held_out)
@@ -134,6 +147,7 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any) -> dict:
     }
     runs.write_json(run_dir / runs.METRICS_FILE, metrics)
     runs.plot_losses(trainer.state.log_history, run_dir / "loss.png")
+    runs.write_manifest(run_dir, status="finished", finished_at=runs._now())
     print(f"held-out accuracy {metrics['eval_accuracy']:.3f} (macro-F1 {metrics['eval_macro_f1']:.3f}) vs "
           f"majority-class baseline {majority:.3f} on {len(held_out)} rows")
     return metrics

@@ -25,6 +25,9 @@ commands:
   eval     score a trained run on its held-out split: tuneforge eval run_dir=PATH [eval.compare_base=true]
   preview  formatted samples with trained/masked tokens + data statistics, no weights loaded:
            tuneforge preview [overrides] [n=5]   (writes preview.html under outputs/preview/)
+  report   table + plots of a sweep: tuneforge report multirun/DATE/TIME [--metric NAME] [--direction minimize]
+  reproduce  re-run a run from its config.yaml into a new run directory:
+           tuneforge reproduce RUN_DIR [overrides] [--check]  (--check: exit 1 unless the losses match)
 
 Hydra flags work as usual: -m/--multirun, --cfg job, hydra.run.dir=DIR, --help.
 """
@@ -53,11 +56,37 @@ def split_args(args: list[str]) -> tuple[list[str], list[str], bool]:
 
 def _train_app(dcfg) -> float | None:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
+    from tuneforge import runs
+
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    runs.redact_hydra_files(run_dir, Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else run_dir)
+    from tuneforge.faults import Diverged, Interrupted
+
+    if hc.mode != RunMode.MULTIRUN:
+        try:
+            return _train_job(dcfg, run_dir)
+        except Diverged as exc:
+            runs.write_failure(run_dir, exc)
+            raise
+    try:  # one failed job must not stop the sweep (Hydra's basic launcher stops at the first exception)
+        return _train_job(dcfg, run_dir)
+    except Interrupted:
+        raise  # a person asked the whole sweep to stop
+    except Exception as exc:
+        log.error("job %s failed: %s", hc.job.num, exc)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        runs.write_failure(run_dir, exc, job=hc.job.num, overrides=runs.redact(list(hc.overrides.task)))
+        return None  # the Optuna sweeper records the trial as failed (NaN would crash its bookkeeping)
+
+
+def _train_job(dcfg, run_dir: Path) -> float | None:
     from tuneforge.compose import to_validated
+    from tuneforge.runs import objective
 
     cfg = to_validated(dcfg)  # every multirun job is validated on its own values
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
     from tuneforge import launch
 
     if launch.needs_launch(cfg):  # launcher=ddp|fsdp|deepspeed_*: re-run through `accelerate launch`
@@ -71,7 +100,11 @@ def _train_app(dcfg) -> float | None:
     from tuneforge import train
 
     metrics = train.run(cfg, run_dir, dcfg)
-    return (metrics.get("eval_after") or {}).get(cfg.eval.metric)  # what a sweeper optimizes
+    value = objective(metrics, cfg.eval.metric)  # what a sweeper optimizes
+    if value is None and not cfg.dry_run:
+        log.warning("eval.metric=%s is not among this run's metrics (held-out scores need eval.before_after=true; "
+                    "or use last_logged_loss, train_loss, eval_loss): a sweeper gets None.", cfg.eval.metric)
+    return value
 
 
 def _preview_app(dcfg) -> None:
@@ -100,11 +133,16 @@ def _friendly(app):
     """Config errors found inside a job (e.g. a taken run directory) exit 2 with one clear line."""
 
     def wrapped(dcfg):
+        from tuneforge.faults import RunStopped
+
         try:
             return app(dcfg)
         except ConfigError as exc:
             log.error("config error: %s", exc)
             sys.exit(2)
+        except RunStopped as exc:  # SIGTERM/Ctrl-C (checkpoint saved) or NaN: the message says what next
+            log.error("%s", exc)
+            sys.exit(exc.exit_code)
 
     wrapped.__name__ = app.__name__
     return wrapped
@@ -126,6 +164,21 @@ def _eval_app(dcfg) -> None:
     evaluate.run(OmegaConf.to_object(dcfg))
 
 
+def _report_main(args: list[str]) -> int:
+    from tuneforge import report
+
+    return report.main(args)
+
+
+def _reproduce_main(args: list[str]) -> int:
+    from tuneforge import reproduce
+
+    return reproduce.main(args)
+
+
+# Commands that take a path, not a Hydra config of their own.
+PLAIN_COMMANDS = {"report": _report_main, "reproduce": _reproduce_main}
+
 COMMANDS = {
     "train": ("config", _friendly(_train_app)),
     "infer": ("infer", _friendly(_infer_app)),
@@ -140,7 +193,7 @@ def _precheck(config_name: str, overrides: list[str], multirun: bool) -> None:
     from tuneforge.compose import compose_config, load_config
 
     if config_name == "config":
-        load_config(overrides, multirun=multirun)
+        cfg = load_config(overrides, multirun=multirun)
         # Hydra writes .hydra/ into the run directory before the job starts: refuse a taken one first.
         explicit = [o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")]
         from tuneforge.launch import in_launched_process
@@ -149,7 +202,7 @@ def _precheck(config_name: str, overrides: list[str], multirun: bool) -> None:
         if explicit and not multirun and not in_launched_process():
             from tuneforge.runs import check_run_dir_free
 
-            check_run_dir_free(Path(explicit[-1]))
+            check_run_dir_free(Path(explicit[-1]), cfg.train.resume_from_checkpoint)
     else:
         from omegaconf import OmegaConf
 
@@ -173,10 +226,13 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, args = argv[0], argv[1:]
+    if command in PLAIN_COMMANDS:
+        return PLAIN_COMMANDS[command](args)
     if command not in COMMANDS:
         from tuneforge.config import closest
 
-        print(f"tuneforge: unknown command '{command}'.{closest(command, COMMANDS)}\n\n{USAGE}", file=sys.stderr)
+        print(f"tuneforge: unknown command '{command}'.{closest(command, [*COMMANDS, *PLAIN_COMMANDS])}\n\n{USAGE}",
+              file=sys.stderr)
         return 2
     config_name, app = COMMANDS[command]
     if command in ("doctor", "preview"):

@@ -33,6 +33,9 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
     # Where the embedded model's safetensors conversion is cached (default: $TUNEFORGE_CACHE or the user cache).
     cache_dir: Optional[str] = None
+    # Hub token for gated/private models. Prefer the HF_TOKEN environment variable; a value set here is used
+    # for this process only and is redacted from every file tuneforge writes.
+    token: Optional[str] = None
 
 
 @dataclass
@@ -197,16 +200,25 @@ class TrainConfig:
     logging_steps: int = 5
     seed: int = 42
     gradient_checkpointing: bool = True
-    save_strategy: str = "no"
+    # Checkpoints (adapter + optimizer + RNG states) every save_steps, the newest save_total_limit kept.
+    save_strategy: str = "steps"
     save_steps: int = 500
-    save_total_limit: Optional[int] = None
+    save_total_limit: Optional[int] = 2
+    # Continue from a checkpoint (transformers' name): auto (the latest complete checkpoint in the run
+    # directory, or a fresh start if none) | true (the same; none is an error) | a checkpoint path | null.
+    # With hydra.run.dir=RUN, resuming into RUN is allowed (a run directory is otherwise never reused).
+    resume_from_checkpoint: Optional[str] = None
+    # tuneforge-only (not an SFTConfig name): stop after this many optimizer steps in a row whose gradient
+    # (or logged loss) is NaN/inf; such steps are skipped, so the last checkpoint stays the last good one.
+    nan_patience: int = 1
     eval_strategy: str = "no"
     eval_steps: Optional[int] = None
     load_best_model_at_end: bool = False
     # With load_best_model_at_end / save_strategy=best: None = eval loss (lower is better), as in transformers.
     metric_for_best_model: Optional[str] = None
     greater_is_better: Optional[bool] = None
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    # tensorboard | wandb | mlflow | ... | none | all (as in transformers); a name or a list of names.
+    report_to: Any = field(default_factory=lambda: ["tensorboard"])
     dataloader_num_workers: int = 0
     # auto: bf16 on CUDA devices that support it, fp32 elsewhere.
     bf16: Optional[bool] = None
@@ -484,6 +496,7 @@ def validate(cfg: TuneforgeConfig) -> TuneforgeConfig:
         raise ConfigError("eval.sample_every_steps must be >= 0 (0: off) and eval.sample_prompts >= 1.")
     if t.save_strategy == "steps" and t.save_steps <= 0:
         raise ConfigError("train.save_strategy=steps needs train.save_steps > 0.")
+    validate_run_keys(t)
     validate_collator_packing(cfg)
     if cfg.task == "sft" and cfg.collator.name == "padding":
         raise ConfigError(
@@ -534,6 +547,32 @@ def validate_launcher(cfg: TuneforgeConfig) -> None:
         if not torch.cuda.is_available():
             raise ConfigError(f"launcher={la.name} shards over CUDA GPUs and this machine has none; use launcher=ddp "
                               "(gloo processes on CPUs), or dry_run=true to print the launch command.")
+
+
+# transformers' INTEGRATION_TO_CALLBACK keys (+ none/all), copied: importing transformers here would cost
+# seconds on every config check.
+REPORT_TO = ("azure_ml", "comet_ml", "mlflow", "neptune", "tensorboard", "trackio", "wandb", "codecarbon", "clearml",
+             "dagshub", "flyte", "dvclive", "swanlab", "kubeflow", "none", "all")
+
+
+def validate_run_keys(t: TrainConfig) -> None:
+    """report_to (normalised to a list), nan_patience."""
+    from importlib.util import find_spec
+
+    names = [t.report_to] if isinstance(t.report_to, str) else list(t.report_to or [])
+    allowed = sorted(REPORT_TO)
+    for name in names:
+        if name not in allowed:
+            raise ConfigError(f"train.report_to={name!r} is not valid; choose from {', '.join(allowed)}.{closest(name, allowed)}")
+        package = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}.get(name)
+        if package and find_spec(package) is None:
+            raise ConfigError(f"train.report_to={name} needs the {package} package: pip install {package} "
+                              "(or train.report_to=none).")
+    if "none" in names and len(names) > 1:
+        raise ConfigError(f"train.report_to={names}: 'none' cannot be combined with other integrations.")
+    t.report_to = [] if names == ["none"] else names
+    if t.nan_patience < 1:
+        raise ConfigError(f"train.nan_patience={t.nan_patience} must be >= 1 (optimizer steps in a row).")
 
 
 def validate_format(fmt: FormatConfig, key: str = "format") -> None:

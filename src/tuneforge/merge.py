@@ -75,7 +75,7 @@ def run(cfg: MergeCommandConfig) -> dict:
     # Verify what was written: reload from disk and compare with the adapter on its training base.
     from transformers import AutoModelForCausalLM
 
-    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, use_safetensors=True)
     prompts = CHECK_PROMPTS[: cfg.merge.check_prompts]
     settings = GenerationSettings(max_new_tokens=cfg.merge.check_max_new_tokens, batch_size=len(prompts))
     ref_gen = generate(reference, tokenizer, prompts, settings)

@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
+from transformers import TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
-from tuneforge import launch, runs
+from tuneforge import faults, launch, runs
 from tuneforge.config import ConfigError, TrainConfig, TuneforgeConfig
 from tuneforge.data.collators import TokenCounter, build_collator
 from tuneforge.data.packing import check_no_contamination, pack, probe_rows
@@ -58,6 +58,8 @@ def sft_config(cfg: TrainConfig, run_dir: Path) -> SFTConfig:
         metric_for_best_model=cfg.metric_for_best_model,
         greater_is_better=cfg.greater_is_better,
         report_to=list(cfg.report_to),
+        # NaN/inf must show in the logs (faults.StopOnNaN stops on it), not be averaged away.
+        logging_nan_inf_filter=False,
         dataloader_num_workers=cfg.dataloader_num_workers,
         bf16=bf16,
         use_liger_kernel=bool(cfg.use_liger_kernel),
@@ -106,8 +108,8 @@ def print_dry_run(cfg: TuneforgeConfig) -> None:
     print_estimate(cfg)
 
 
-def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any) -> dict:
-    """Train, save and score; returns the metrics written to metrics.json."""
+def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any, callbacks: list | None = None) -> dict:
+    """Train, save and score; returns the metrics written to metrics.json. `callbacks`: extra TrainerCallbacks."""
     if cfg.dry_run:
         print_dry_run(cfg)
         return {}
@@ -115,8 +117,9 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any) -> dict:
     state = launch.process_state()
     main = state.is_main_process
     if main:
-        runs.claim_run_dir(run_dir)
+        runs.claim_run_dir(run_dir, cfg.train.resume_from_checkpoint)
         runs.write_config(run_dir, resolved_config)
+    runs.use_token(cfg.model)
 
     with state.main_process_first():  # the model conversion and the data cache are built once
         model_path = resolve_path(cfg.model)
@@ -126,11 +129,15 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any) -> dict:
     if cfg.doctor.enabled:
         _doctor(cfg, tokenizer, tok_report, model_path, data, run_dir if main else None)
     train_rows, packing_stats = pack(data.train, cfg.packing, cfg.train.max_length)
+    if main:
+        runs.write_manifest(run_dir, **runs.run_identity(cfg, data, content_hash(tokenizer)))
 
     start = time.perf_counter()
     model = load_model(model_path, cfg.model, cfg.quant)
     load_seconds = time.perf_counter() - start
     fit_embeddings(model, tokenizer)
+    # LoRA's A matrices are drawn here, before the Trainer seeds: seed now, or no two runs start alike.
+    set_seed(cfg.train.seed)
     model = apply_peft(model, cfg.peft, cfg.quant.load_in_4bit, cfg.train.gradient_checkpointing,
                        new_token_ids(tokenizer, tok_report))
 
@@ -144,7 +151,7 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any) -> dict:
                            cfg.train.dataloader_num_workers)
     if cfg.packing.mode != "none":
         check_no_contamination(model, collate.collate, probe_rows(data.train))
-    callbacks, data_collator = [LogToFile()], collate
+    callbacks, data_collator = [LogToFile(), *(callbacks or [])], collate
     if cfg.eval.sample_every_steps:
         callbacks.append(SampleGenerations(tokenizer, generation_pairs(data.eval, cfg.eval.sample_prompts), gen,
                                            cfg.eval.sample_every_steps, run_dir / SAMPLES_FILE))
@@ -153,23 +160,28 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any) -> dict:
         recorder.attach(model)
         callbacks.append(recorder.callback)
         data_collator = recorder.wrap_collator(collate)
+    if main:
+        runs.check_free_space(run_dir, runs.estimate_for(model, cfg.train))
+    args = sft_config(cfg.train, run_dir)
     trainer = SFTTrainer(
         model=model,
-        args=sft_config(cfg.train, run_dir),
+        args=args,
         train_dataset=train_rows,
         eval_dataset=data.eval.select_columns(["input_ids", "labels"]) if cfg.train.eval_strategy != "no" else None,
         processing_class=tokenizer,
         data_collator=data_collator,
         callbacks=callbacks,
     )
-    result = trainer.train()
-    trainer.save_model(str(run_dir / runs.ADAPTER_DIR))  # every rank calls it (FSDP gathers); the main one writes
+    result = faults.train_guarded(trainer, cfg.train, run_dir, args.bf16)
     if not trainer.args.should_save:
+        trainer.save_model(str(run_dir / runs.ADAPTER_DIR))  # collectives only (FSDP gathers); main writes
         # Every rank scores too (sharded models generate together); only the main process writes.
         if held_out:
             _score(model, tokenizer, held_out, gen)
         return {}
-    tokenizer.save_pretrained(str(run_dir / runs.ADAPTER_DIR))
+    with runs.atomic_dir(run_dir / runs.ADAPTER_DIR) as tmp:
+        trainer.save_model(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
 
     after = _score(model, tokenizer, held_out, gen) if held_out else None
     metrics = _metrics(result, trainer, data, tok_report, load_seconds, tokenizer, before, after)
@@ -185,6 +197,7 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any) -> dict:
         print_comparison({"before": before.scores, "after": after.scores},
                          f"Held-out generation ({len(held_out)} prompts, same base weights)")
     runs.plot_losses(trainer.state.log_history, run_dir / "loss.png")
+    runs.write_manifest(run_dir, status="finished", finished_at=runs._now())
     log.info("Run saved in %s", run_dir)
     return metrics
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -68,7 +67,7 @@ def load_model(path: str, cfg: ModelConfig, quant: QuantConfig) -> PreTrainedMod
         dtype=dtype,
         quantization_config=bnb,
         attn_implementation=cfg.attn_implementation,
-        use_safetensors=None if Path(path).is_dir() else True,
+        use_safetensors=True,  # never unpickle weights (a .bin checkpoint can run code)
         device_map=_device_map(bnb),
     )
     log.info("Loaded %s (%s%s) in %.1f s", path, dtype, ", 4-bit NF4" if bnb else "", time.perf_counter() - start)

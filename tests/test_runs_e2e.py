@@ -1,0 +1,200 @@
+"""Runs you can trust, through the real CLI: manifest and secrets, reproduce --check, SIGKILL + resume
+equivalence, SIGTERM checkpoint, NaN stop, and a grid sweep with one failed job + its report.
+
+The fault tests train a tiny random model built from the embedded model's config (2 layers, width 64) with
+its real tokenizer: they test the run machinery, and each step costs milliseconds instead of seconds. The
+sweep test uses the embedded model itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO, run_cli
+
+pytestmark = pytest.mark.slow
+
+SECRET = "hf_tuneforgeTESTsecret123"
+ENV_SECRET = "wandbTESTsecret456"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, smollm_dir) -> str:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    config = AutoConfig.from_pretrained(smollm_dir)
+    config.update({"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+                   "num_key_value_heads": 2, "head_dim": 16})
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(smollm_dir).save_pretrained(out)
+    return str(out)
+
+
+def _args(model: str, *extra: str) -> list[str]:
+    return [f"model.name_or_path={model}", "train.max_steps=6", "train.save_steps=2", "train.logging_steps=1",
+            "train.per_device_train_batch_size=4", "train.warmup_steps=1", "train.learning_rate=3e-3",
+            "data.max_samples=48", "eval.before_after=false", "quant=none", *extra]
+
+
+def _popen(*args: str, env_extra: dict | None = None) -> subprocess.Popen:
+    exe = Path(sys.executable).with_name("tuneforge")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    return subprocess.Popen([str(exe), *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended first ({proc.returncode}): {proc.stdout.read()[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    history = json.loads((run_dir / "metrics.json").read_text())["log_history"]
+    return {h["step"]: h["loss"] for h in history if "loss" in h}
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, tiny_model):
+    run_dir = tmp_path_factory.mktemp("base") / "run"
+    result = subprocess.run([str(Path(sys.executable).with_name("tuneforge")), "train",
+                             *_args(tiny_model, f"model.token={SECRET}", f"hydra.run.dir={run_dir}")],
+                            cwd=REPO, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "WANDB_API_KEY": ENV_SECRET})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def test_manifest_contents(baseline, tiny_model):
+    manifest = json.loads((baseline / "manifest.json").read_text())
+    assert manifest["tuneforge"] and manifest["python"] and manifest["status"] == "finished"
+    assert set(manifest["packages"]) == {"torch", "transformers", "trl", "peft", "datasets", "accelerate",
+                                         "bitsandbytes", "hydra-core"}
+    assert all(manifest["packages"].values())
+    assert manifest["device"]["type"] == "cpu" and manifest["world_size"] == 1 and manifest["seed"] == 42
+    assert len(manifest["data"]["fingerprint"]) == 20  # the data cache key
+    metrics = json.loads((baseline / "metrics.json").read_text())
+    assert manifest["tokenizer"]["content_hash"] == metrics["tokenizer"]["content_hash"]
+    assert manifest["command"].startswith("tuneforge train") and "train.max_steps=6" in manifest["command"]
+    if (REPO / ".git").exists():
+        assert len(manifest["git"]["commit"]) == 40 and isinstance(manifest["git"]["dirty"], bool)
+    assert (baseline / "adapter" / "adapter_model.safetensors").is_file()
+    assert not list(baseline.glob("adapter/*model*.bin")) and not list(baseline.glob(".adapter-*"))
+    assert [p.name for p in sorted(baseline.glob("checkpoint-*"))] == ["checkpoint-4", "checkpoint-6"]  # limit 2
+
+
+def test_no_secret_in_any_file(baseline):
+    leaked = [str(p) for p in baseline.rglob("*") if p.is_file()
+              and (SECRET.encode() in p.read_bytes() or ENV_SECRET.encode() in p.read_bytes())]
+    assert not leaked
+    assert "REDACTED" in (baseline / "config.yaml").read_text()
+    assert "REDACTED" in (baseline / "manifest.json").read_text()
+    assert "REDACTED" in (baseline / ".hydra" / "overrides.yaml").read_text()
+
+
+def test_reproduce_check_passes_as_is_and_fails_with_another_seed(baseline, tmp_path):
+    same = run_cli("reproduce", str(baseline), "--check", f"hydra.run.dir={tmp_path / 'same'}")
+    assert same.returncode == 0, same.stdout[-3000:] + same.stderr[-3000:]
+    assert "reproduce --check: MATCH" in same.stdout
+    check = json.loads((tmp_path / "same" / "reproduce.json").read_text())
+    assert check["ok"] and check["max_rel_diff"] <= 1e-4 and len(check["rows"]) == 6
+    assert json.loads((tmp_path / "same" / "manifest.json").read_text())["reproduced_from"] == str(baseline)
+    other = run_cli("reproduce", str(baseline), "--check", "train.seed=7", f"hydra.run.dir={tmp_path / 'other'}")
+    assert other.returncode == 1
+    assert "MISMATCH" in other.stdout and "stopping" in other.stdout + other.stderr
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(baseline, tiny_model, tmp_path):
+    """kill -9 after checkpoint-2, resume (auto); SIGTERM the resumed run (checkpoint + exit 143), resume again:
+    same losses at every step and the same adapter as the uninterrupted baseline."""
+    run_dir = tmp_path / "run"
+    args = ["train", *_args(tiny_model, f"hydra.run.dir={run_dir}")]
+    slow = {"TUNEFORGE_TEST_STEP_DELAY": "1.5"}  # each step starts 1.5 s late: the signals land between known steps
+    proc = _popen(*args, env_extra=slow)
+    _wait_for(lambda: (run_dir / "checkpoint-2" / "trainer_state.json").is_file(), proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "adapter").exists()
+
+    again = run_cli(*args)  # the same command without resume: refused, nothing overwritten
+    assert again.returncode == 2 and "resume_from_checkpoint=auto" in again.stderr
+
+    log = run_dir / "train.log"
+    resumed = _popen(*args, "train.resume_from_checkpoint=auto", env_extra=slow)
+    _wait_for(lambda: "step 4:" in log.read_text().rsplit("Resuming from", 1)[-1]
+              if "Resuming from" in log.read_text() else False, resumed)
+    os.killpg(resumed.pid, signal.SIGTERM)
+    out = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 143, out[-3000:]
+    assert "train.resume_from_checkpoint=auto" in out and "checkpoint saved" in out
+    stopped_at = max(int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*"))
+    assert stopped_at == 5 and not (run_dir / "adapter").exists()
+
+    final = run_cli(*args, "train.resume_from_checkpoint=auto")
+    assert final.returncode == 0, final.stderr[-3000:]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert [r["from"].rsplit("-", 1)[1] for r in manifest["resumed"]] == ["2", str(stopped_at)]
+
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (baseline, run_dir))
+    assert abs(ma["train_loss"] - mb["train_loss"]) <= 1e-4 * ma["train_loss"]  # over the whole run
+    assert ma["tokens_seen"] == mb["tokens_seen"] and mb["train_steps"] == 6
+    a, b = _losses(baseline), _losses(run_dir)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    rel = {s: abs(a[s] - b[s]) / abs(a[s]) for s in a}
+    assert max(rel.values()) <= 1e-4, rel
+    wa = load_file(str(baseline / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys()
+    diff = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    print(f"resume equivalence: final loss rel diff {rel[6]:.3g}, max rel diff {max(rel.values()):.3g}, "
+          f"max abs adapter diff {diff:.3g}")
+    assert diff <= 1e-5
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _popen("train", *_args(tiny_model, "train.save_steps=1", f"hydra.run.dir={run_dir}"),
+                  env_extra={"TUNEFORGE_TEST_NAN_FROM_STEP": "3"})
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 3, out[-3000:]
+    assert "became NaN/inf at step 3" in out and "checkpoint-2" in out and "learning_rate" in out
+    assert [p.name for p in sorted(run_dir.glob("checkpoint-*"))] == ["checkpoint-1", "checkpoint-2"]
+    assert not (run_dir / "adapter").exists() and not (run_dir / "metrics.json").exists()
+    failed = json.loads((run_dir / "failed.json").read_text())
+    assert "Diverged" in failed["error"]
+    state = json.loads((run_dir / "checkpoint-2" / "trainer_state.json").read_text())
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in state["log_history"] if "loss" in h)
+
+
+def test_grid_sweep_with_a_failed_job_and_its_report(tmp_path):
+    """Embedded model; 2 jobs train, the third fails its validation: the sweep goes on and reports it."""
+    sweep = tmp_path / "sweep"
+    result = run_cli("train", "-m", "train.learning_rate=1e-4,3e-4,-1", "train.max_steps=2", "train.logging_steps=1",
+                     "train.per_device_train_batch_size=2", "data.max_samples=48", "eval.before_after=false",
+                     "quant=none", "peft.target_modules=[q_proj,v_proj]", f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (sweep / "0" / "metrics.json").is_file() and (sweep / "1" / "metrics.json").is_file()
+    assert "must be > 0" in json.loads((sweep / "2" / "failed.json").read_text())["error"]
+    rep = run_cli("report", str(sweep))
+    assert rep.returncode == 0, rep.stderr[-3000:]
+    md = (sweep / "report.md").read_text()
+    assert "2 finished, 1 failed" in md and "| train.learning_rate | last_logged_loss |" in md
+    lines = (sweep / "report.csv").read_text().splitlines()
+    assert len(lines) == 4 and lines[-1].split(",")[2] == "failed"
+    assert (sweep / "report.png").stat().st_size > 10_000
