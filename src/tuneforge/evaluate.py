@@ -3,6 +3,7 @@ and perplexity, and the `tuneforge eval` command."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -38,10 +39,17 @@ def normalized_exact_match(prediction: str, reference: str) -> float:
     return float(normalize(prediction) == normalize(reference))
 
 
-def rouge_l(prediction: str, reference: str) -> float:
+@functools.lru_cache(maxsize=1)
+def _rouge_scorer():
     from rouge_score import rouge_scorer
 
-    return rouge_scorer.RougeScorer(["rougeL"]).score(reference, prediction)["rougeL"].fmeasure
+    # Its constructor logs "Using default tokenizer." at INFO through absl, once per scorer.
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    return rouge_scorer.RougeScorer(["rougeL"])
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    return _rouge_scorer().score(reference, prediction)["rougeL"].fmeasure
 
 
 def chrf(prediction: str, reference: str) -> float:
