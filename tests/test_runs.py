@@ -145,6 +145,9 @@ def test_run_keys_validated():
         load_config(["train.nan_patience=0"])
     cfg = load_config(["train.resume_from_checkpoint=auto"])
     assert cfg.train.resume_from_checkpoint == "auto" and cfg.train.save_strategy == "steps"
+    # A checkpoint path that does not exist fails with the config, before any weights load.
+    with pytest.raises(ConfigError, match="no such checkpoint directory"):
+        load_config(["train.resume_from_checkpoint=/no/such/checkpoint-3"])
 
 
 def test_manifest_environment_and_objective(tmp_path):
@@ -230,8 +233,11 @@ def test_report_on_a_partially_failed_sweep(tmp_path):
     assert report.build_table(report.load_jobs(tmp_path), "last_logged_loss")[1][0][1] == "1"
 
 
-def test_report_command_on_a_non_sweep_directory(tmp_path):
+def test_report_command_on_a_non_sweep_directory(tmp_path, capsys):
     assert report.main([str(tmp_path)]) == 2
+    assert "holds no sweep jobs" in capsys.readouterr().err
+    assert report.main([str(tmp_path / "missing")]) == 2
+    assert "is not a directory; pass a multirun directory" in capsys.readouterr().err
 
 
 def test_optuna_sweeper_config_composes_with_a_direction(tmp_path):

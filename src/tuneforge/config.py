@@ -571,6 +571,13 @@ def validate_run_keys(t: TrainConfig) -> None:
     if "none" in names and len(names) > 1:
         raise ConfigError(f"train.report_to={names}: 'none' cannot be combined with other integrations.")
     t.report_to = [] if names == ["none"] else names
+    resume = t.resume_from_checkpoint
+    if resume is not None and str(resume).strip().lower() not in ("", "auto", "true", "yes", "false", "no", "none", "null"):
+        from pathlib import Path
+
+        if not Path(str(resume)).is_dir():  # checked again, in full, when training starts
+            raise ConfigError(f"train.resume_from_checkpoint={resume}: no such checkpoint directory; give a "
+                              "RUN/checkpoint-N directory, or auto (the latest complete checkpoint of hydra.run.dir).")
     if t.nan_patience < 1:
         raise ConfigError(f"train.nan_patience={t.nan_patience} must be >= 1 (optimizer steps in a row).")
 

@@ -33,6 +33,8 @@ class Job:
 
 
 def _job_dirs(sweep_dir: Path) -> list[Path]:
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"{sweep_dir} is not a directory; pass a multirun directory such as multirun/DATE/TIME.")
     dirs = [p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir()]
     return sorted(dirs, key=lambda p: (0, int(p.name)) if p.name.isdigit() else (1, p.name))
 
