@@ -129,12 +129,8 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any) -> dict:
         runs.check_free_space(run_dir, runs.estimate_for(model, t))
     result = faults.train_guarded(trainer, t, run_dir, args.bf16)
     final = trainer.evaluate()
-    if not trainer.args.should_save:
-        trainer.save_model(str(run_dir / runs.ADAPTER_DIR))  # collectives only (FSDP gathers); main writes
+    if not runs.save_adapter(trainer, tokenizer, run_dir):
         return {}
-    with runs.atomic_dir(run_dir / runs.ADAPTER_DIR) as tmp:
-        trainer.save_model(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
 
     counts = Counter(held_out["labels"])
     majority = max(counts.values()) / len(held_out)

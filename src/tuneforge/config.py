@@ -408,6 +408,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+# train.resume_from_checkpoint words: start fresh / resume from the latest complete checkpoint (else: a path).
+RESUME_OFF = ("", "false", "none", "null", "no")
+RESUME_LATEST = ("auto", "true", "yes")
+
 # Attention implementations whose transformers mask builder isolates packed sequences by their restarting
 # position ids (with no attention mask and no KV cache), measured: tests/test_packing.py.
 PACKING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
@@ -572,7 +576,7 @@ def validate_run_keys(t: TrainConfig) -> None:
         raise ConfigError(f"train.report_to={names}: 'none' cannot be combined with other integrations.")
     t.report_to = [] if names == ["none"] else names
     resume = t.resume_from_checkpoint
-    if resume is not None and str(resume).strip().lower() not in ("", "auto", "true", "yes", "false", "no", "none", "null"):
+    if resume is not None and str(resume).strip().lower() not in RESUME_OFF + RESUME_LATEST:
         from pathlib import Path
 
         if not Path(str(resume)).is_dir():  # checked again, in full, when training starts

@@ -20,7 +20,7 @@ from typing import Any, Iterator, Optional
 
 from omegaconf import OmegaConf
 
-from tuneforge.config import ConfigError
+from tuneforge.config import RESUME_LATEST, RESUME_OFF, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "b
 
 def resume_requested(value: Any) -> bool:
     """`train.resume_from_checkpoint`: null/false = start fresh; auto/true/a path = resume."""
-    return value is not None and str(value).strip().lower() not in ("", "false", "none", "null", "no")
+    return value is not None and str(value).strip().lower() not in RESUME_OFF
 
 
 def check_run_dir_free(run_dir: Path, resume: Any = None) -> None:
@@ -304,7 +304,7 @@ def resolve_resume(value: Any, run_dir: Path) -> Optional[str]:
     if not resume_requested(value):
         return None
     text = str(value).strip()
-    if text.lower() in ("auto", "true", "yes"):
+    if text.lower() in RESUME_LATEST:
         ckpt = latest_complete_checkpoint(run_dir)
         if ckpt is None and text.lower() != "auto":
             raise ConfigError(f"train.resume_from_checkpoint={text}: no complete checkpoint in {run_dir}. "
@@ -350,6 +350,18 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save_adapter(trainer, tokenizer, run_dir: Path) -> bool:
+    """The trained adapter + tokenizer into RUN/adapter, atomically; True on the process that wrote it. Every
+    rank must call it (FSDP gathers the weights); the others return False."""
+    if not trainer.args.should_save:
+        trainer.save_model(str(run_dir / ADAPTER_DIR))  # collectives only: the main process writes
+        return False
+    with atomic_dir(run_dir / ADAPTER_DIR) as tmp:
+        trainer.save_model(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+    return True
 
 
 def read_config(run_dir: Path):

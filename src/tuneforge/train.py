@@ -173,15 +173,11 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any, callbacks: li
         callbacks=callbacks,
     )
     result = faults.train_guarded(trainer, cfg.train, run_dir, args.bf16)
-    if not trainer.args.should_save:
-        trainer.save_model(str(run_dir / runs.ADAPTER_DIR))  # collectives only (FSDP gathers); main writes
+    if not runs.save_adapter(trainer, tokenizer, run_dir):
         # Every rank scores too (sharded models generate together); only the main process writes.
         if held_out:
             _score(model, tokenizer, held_out, gen)
         return {}
-    with runs.atomic_dir(run_dir / runs.ADAPTER_DIR) as tmp:
-        trainer.save_model(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
 
     after = _score(model, tokenizer, held_out, gen) if held_out else None
     metrics = _metrics(result, trainer, data, tok_report, load_seconds, tokenizer, before, after)
