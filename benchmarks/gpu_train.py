@@ -13,6 +13,8 @@ and the same seeded synthetic token data, and trains with TRL's `SFTTrainer`:
   c       b + Liger layer kernels (RMSNorm, RoPE, SwiGLU) + no activation checkpointing.
   c_gc    b + Liger, activation checkpointing kept (the memory-lean variant); c_gc4 with 4 rows per batch.
   c1      c with one packed row per batch (what fits an 8B bf16 base without activation checkpointing).
+  *_lean  QLoRA with quant.upcast_non_quantized=false: embeddings, norms and LM head stay bf16 (as in arm a)
+          instead of prepare_model_for_kbit_training's fp32 copies; c_gc3_lean / c_gc4_lean: 3 / 4 rows.
   *_bf16  the same arm with a bf16 base (LoRA) instead of NF4 (QLoRA): arm (d) is b/c vs b_bf16/c_bf16.
 
 Measured per arm: non-pad tokens/s over the timed steps, median step time (step end to step end,
@@ -79,6 +81,7 @@ class Arm:
     grad_ckpt: bool = True
     liger: bool = False
     compile: bool = False
+    upcast: bool = True            # QLoRA: fp32 copy of the unquantized weights (quant.upcast_non_quantized)
 
 
 ARMS = {
@@ -91,6 +94,10 @@ ARMS = {
     "c_gc4": Arm(liger=True, micro_batch=4),
     "c1": Arm(liger=True, grad_ckpt=False, micro_batch=1),  # one 4k row: what fits an 8B bf16 base unchecked
     "c_compile": Arm(liger=True, grad_ckpt=False, compile=True),
+    "b_lean": Arm(upcast=False),
+    "c_gc_lean": Arm(liger=True, upcast=False),
+    "c_gc3_lean": Arm(liger=True, upcast=False, micro_batch=3),
+    "c_gc4_lean": Arm(liger=True, upcast=False, micro_batch=4),
 }
 for _name in list(ARMS):
     ARMS[f"{_name}_bf16"] = Arm(**{**asdict(ARMS[_name]), "quant": "bf16"})
@@ -266,7 +273,8 @@ def run_worker(spec: dict) -> dict:
         collate = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
     else:
         model = load_model(path, ModelConfig(name_or_path=path, dtype="auto", attn_implementation=arm.attn), quant)
-        model = apply_peft(model, PeftConfig(**LORA), quant.load_in_4bit, arm.grad_ckpt)
+        model = apply_peft(model, PeftConfig(**LORA), quant.load_in_4bit, arm.grad_ckpt,
+                           upcast_non_quantized=arm.upcast)
         args = sft_config(TrainConfig(max_length=max_length, per_device_train_batch_size=micro,
                                       gradient_checkpointing=arm.grad_ckpt, report_to=["none"]), run_dir)
         args.use_liger_kernel = arm.liger

@@ -8,7 +8,8 @@ import dataclasses
 import pytest
 
 from tuneforge.compose import group_options, load_config
-from tuneforge.config import ConfigError, TuneforgeConfig, validate_collator_packing
+from tuneforge.config import ConfigError, TuneforgeConfig
+from tuneforge.validation import validate_collator_packing
 
 
 def test_shipped_collators_and_packings_compose():

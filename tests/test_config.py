@@ -31,11 +31,12 @@ def test_defaults_compose_to_the_demo():
         ("model=smollm", "no such model config.*Did you mean 'smollm2_135m'"),
         ("recipe=dmeo", "no such recipe config.*Did you mean 'demo'"),
         ("peft=none", "quant.load_in_4bit=true with peft=none"),
+        ("quant.upcast_non_quantized=false quant.bnb_4bit_compute_dtype=float16", "would keep norms.*fp16"),
     ],
 )
 def test_bad_config_is_a_clear_error(override, expected):
     with pytest.raises(ConfigError, match=expected):
-        load_config([override])
+        load_config(override.split(" "))
 
 
 def test_full_finetune_combination_is_legal():

@@ -12,8 +12,8 @@ from tuneforge.config import (
     FormatConfig,
     MixSourceConfig,
     TuneforgeConfig,
-    validate,
 )
+from tuneforge.validation import validate
 
 
 def test_mix_config_composes_with_a_format_per_source():

@@ -44,6 +44,14 @@ def test_parts_scale_as_expected():
     bf16_base = estimate_memory(config, base, upcast_non_quantized=False)
     assert zero3["weights"] == pytest.approx(bf16_base["weights"] / 8)
     assert zero3["optimizer"] == pytest.approx(est["optimizer"] / 8)
+    # quant.upcast_non_quantized=false: embeddings and LM head stay bf16 (2 B less per parameter), and the
+    # checkpointed residual stream is bf16 instead of fp32 (half of its 32 layers x 4096 x 8192 tokens).
+    lean = estimate_memory(config, load_config(["train.per_device_train_batch_size=2", "train.max_length=4096",
+                                                "train.gradient_checkpointing=true",
+                                                "quant.upcast_non_quantized=false"]))
+    assert lean == pytest.approx(bf16_base)
+    assert est["weights"] - lean["weights"] == pytest.approx(2 * 525.3e6 * 2 / 2**30, rel=0.01)
+    assert est["activations"] - lean["activations"] >= 32 * 4096 * 8192 * 2 / 2**30
 
 
 @pytest.mark.parametrize("name", sorted(SHAPE_TABLE))

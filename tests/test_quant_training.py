@@ -50,3 +50,34 @@ def test_added_tokens_are_trainable_under_lora(smollm_dir):
     opt.step()
     after = model.get_input_embeddings()(torch.tensor([ids])).detach()
     assert not torch.allclose(before, after)
+
+
+def test_4bit_base_without_upcast_keeps_loaded_dtype_and_trains(smollm_dir):
+    """quant.upcast_non_quantized=false: embeddings and norms stay bf16 (no fp32 copy), LoRA stays fp32 and
+    trainable through checkpointed layers, and the loss matches the upcast model's within bf16 rounding."""
+    from tuneforge.config import PeftConfig
+    from tuneforge.models.adapters import apply_peft
+
+    quant = QuantConfig(bnb_4bit_compute_dtype="bfloat16")
+    batch = torch.tensor([[1, 504, 3373, 282, 260, 1789, 30, 2]])
+    losses = {}
+    for upcast in (True, False):
+        torch.manual_seed(0)
+        model = load_model(smollm_dir, ModelConfig(), quant)
+        model = apply_peft(model, PeftConfig(lora_dropout=0.0), quantized=True, gradient_checkpointing=True,
+                           upcast_non_quantized=upcast)
+        model.train()
+        base = model.get_base_model()
+        kept = torch.float32 if upcast else torch.bfloat16
+        assert base.get_input_embeddings().weight.dtype == kept
+        assert base.model.norm.weight.dtype == kept
+        assert not base.get_input_embeddings().weight.requires_grad
+        lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        assert lora and all("lora_" in n and p.dtype == torch.float32 for n, p in lora.items())
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        # LoRA B starts at zero: its gradient is what flows back through the checkpointed 4-bit layers.
+        grads = [p.grad for n, p in lora.items() if "lora_B" in n]
+        assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+        losses[upcast] = loss.item()
+    assert abs(losses[True] - losses[False]) <= 2e-2 * abs(losses[True])

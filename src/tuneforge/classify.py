@@ -19,7 +19,7 @@ from transformers import AutoModelForSequenceClassification, DataCollatorWithPad
 from tuneforge import runs
 from tuneforge.config import ConfigError, TuneforgeConfig
 from tuneforge.data.sources import data_sources, load_source
-from tuneforge.models.adapters import lora_config
+from tuneforge.models.adapters import lora_config, prepare_4bit
 from tuneforge.models.loading import compute_dtype, device_supports_bf16, fit_embeddings, quantization_config, resolve_path
 from tuneforge.tokenizer import load_tokenizer
 
@@ -98,10 +98,10 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any) -> dict:
     )
     fit_embeddings(model, tokenizer)  # decoder backbones: the fixed PAD id tells the head where rows end
     if cfg.peft.method == "lora":
-        from peft import get_peft_model, prepare_model_for_kbit_training
+        from peft import get_peft_model
 
         if cfg.quant.load_in_4bit:
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+            model = prepare_4bit(model, cfg.quant.upcast_non_quantized, gradient_checkpointing=False)
         model = get_peft_model(model, lora_config(cfg.peft, task_type="SEQ_CLS"))  # the head is trained in full
 
     t = cfg.train

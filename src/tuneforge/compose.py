@@ -29,9 +29,9 @@ from tuneforge.config import (
     closest,
     register_configs,
     schema_keys,
-    validate,
 )
 from tuneforge.paths import conf_dir, recipes_dir
+from tuneforge.validation import validate
 
 SCHEMAS = {"config": TuneforgeConfig, "infer": InferConfig, "evaluate": EvaluateConfig,
            "merge": MergeCommandConfig}

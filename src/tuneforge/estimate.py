@@ -6,7 +6,7 @@ for its backward pass, in bytes, for a Llama-like layer with LoRA on every linea
 
     weights      = 4-bit:  N_linear * 0.5159 B (NF4 + double-quant constants: 0.5 + 1/64 + 4/(64*256))
                            + N_other * 4 B (prepare_model_for_kbit_training casts embeddings, norms and the
-                             LM head to fp32)
+                             LM head to fp32; N_other * c with quant.upcast_non_quantized=false)
                    else    N_total * bytes(model dtype)
     trainable    = LoRA:   N_lora * 4 B (PEFT keeps adapters in fp32)  |  full: N_total * bytes(dtype)
     gradients    = trainable
@@ -163,7 +163,7 @@ def estimate_memory(model_config, cfg, *, liger: bool = False, upcast_non_quanti
     """Peak GPU memory (GiB) per process for training `model_config` with `cfg` (formula: module docstring).
 
     `liger`: Liger's layer kernels (SwiGLU saves one intermediate-sized tensor less). `upcast_non_quantized`:
-    whether non-quantized parameters are fp32 under 4-bit (tuneforge: yes; None = cfg decides).
+    whether non-quantized parameters are fp32 under 4-bit (None: quant.upcast_non_quantized and the launcher decide).
     `tokens_per_micro_batch`: default per_device_train_batch_size * max_length. `bf16`: compute dtype."""
     t, q, peft = cfg.train, cfg.quant, cfg.peft
     n = _counts(model_config, cfg)
@@ -171,8 +171,9 @@ def estimate_memory(model_config, cfg, *, liger: bool = False, upcast_non_quanti
     c = 2 if bf16 else 4
     dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(cfg.model.dtype, c)
     lora = peft.method == "lora"
-    if upcast_non_quantized is None:  # sharded QLoRA keeps bf16 storage (tuneforge.models.adapters)
-        upcast_non_quantized = q.load_in_4bit and cfg.launcher.name not in ("fsdp", "deepspeed_zero3")
+    if upcast_non_quantized is None:  # sharded QLoRA keeps bf16 storage (tuneforge.models.adapters.prepare_4bit)
+        upcast_non_quantized = (q.load_in_4bit and q.upcast_non_quantized
+                                and cfg.launcher.name not in ("fsdp", "deepspeed_zero3"))
     if q.load_in_4bit:
         weights = n["linear"] * NF4_BYTES + n["other"] * (4 if upcast_non_quantized else c)
     else:

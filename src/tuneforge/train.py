@@ -139,7 +139,7 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any, callbacks: li
     # LoRA's A matrices are drawn here, before the Trainer seeds: seed now, or no two runs start alike.
     set_seed(cfg.train.seed)
     model = apply_peft(model, cfg.peft, cfg.quant.load_in_4bit, cfg.train.gradient_checkpointing,
-                       new_token_ids(tokenizer, tok_report))
+                       new_token_ids(tokenizer, tok_report), cfg.quant.upcast_non_quantized)
 
     gen = GenerationSettings(max_new_tokens=cfg.eval.max_new_tokens, max_input_tokens=cfg.eval.max_input_tokens,
                              batch_size=cfg.eval.batch_size)

@@ -32,20 +32,10 @@ def lora_config(cfg: PeftConfig, task_type: str = "CAUSAL_LM", new_token_ids: li
 
 
 def apply_peft(model: PreTrainedModel, cfg: PeftConfig, quantized: bool, gradient_checkpointing: bool,
-               new_token_ids: list[int] | None = None):
+               new_token_ids: list[int] | None = None, upcast_non_quantized: bool = True):
     """Wrap the model for training: kbit preparation on a 4-bit base, then LoRA (or nothing)."""
-    from tuneforge.models.loading import sharded_training
-
-    if quantized and sharded_training():
-        # FSDP / ZeRO-3 flatten parameters into uniform-dtype shards: keep the bf16 storage (no fp32 upcast of
-        # norms and embeddings, which prepare_model_for_kbit_training would do); what TRL does for sharded QLoRA.
-        if gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=GC_KWARGS)
-        model.enable_input_require_grads()
-    elif quantized:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=GC_KWARGS
-        )
+    if quantized:
+        model = prepare_4bit(model, upcast_non_quantized, gradient_checkpointing)
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=GC_KWARGS)
         if cfg.method == "lora":
@@ -55,6 +45,26 @@ def apply_peft(model: PreTrainedModel, cfg: PeftConfig, quantized: bool, gradien
     model = get_peft_model(model, lora_config(cfg, new_token_ids=new_token_ids))
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA: %s trainable of %s parameters (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    return model
+
+
+def prepare_4bit(model: PreTrainedModel, upcast_non_quantized: bool, gradient_checkpointing: bool):
+    """DESIGN rule 10 on a 4-bit base: frozen weights, checkpointing without reentrancy, input gradients.
+
+    With `upcast_non_quantized` this is prepare_model_for_kbit_training, which also copies every weight that is
+    not 4-bit to fp32. Without it (and always under FSDP / ZeRO-3, which flatten parameters into uniform-dtype
+    shards) those weights keep their loaded dtype, as in TRL's own QLoRA path."""
+    from tuneforge.models.loading import sharded_training
+
+    if upcast_non_quantized and not sharded_training():
+        return prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=GC_KWARGS
+        )
+    for param in model.parameters():
+        param.requires_grad = False
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=GC_KWARGS)
+    model.enable_input_require_grads()
     return model
 
 

@@ -1,0 +1,307 @@
+"""Config validation: legal values and cross-field rules, checked after composition and before any model loads.
+
+Every rule raises `ConfigError` naming the key(s) and the fix. `validate()` is the one entry point; the
+section validators are separate so that commands composing only part of a config can reuse them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tuneforge.config import (
+    PACKING_ATTENTION,
+    RESUME_LATEST,
+    RESUME_OFF,
+    TEXT_STRATEGIES,
+    ConfigError,
+    DataConfig,
+    FormatConfig,
+    TrainConfig,
+    TuneforgeConfig,
+    closest,
+)
+
+# Legal values for the enum-like string keys: checked here so a typo names the key and the closest value.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "task": ("sft", "classification"),
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "model.attn_implementation": ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"),
+    "data.on_bad_row": ("drop", "error"),
+    "format.strategy": ("instruction", "conversational", "alpaca", "text", "template"),
+    "format.alpaca_style": ("auto", "chat", "classic"),
+    "preview.split": ("train", "eval"),
+    "collator.name": ("completion_only", "assistant_only", "lm", "padding"),
+    "packing.mode": ("auto", "none", "wrapped", "bfd", "padding_free"),
+    "quant.bnb_4bit_quant_type": ("nf4", "fp4"),
+    "quant.bnb_4bit_compute_dtype": ("auto", "float32", "bfloat16", "float16"),
+    "peft.method": ("lora", "none"),
+    "peft.bias": ("none", "all", "lora_only"),
+    "train.truncation_mode": ("keep_start", "keep_end"),
+    "train.eval_strategy": ("no", "steps", "epoch"),
+    "train.save_strategy": ("no", "steps", "epoch", "best"),
+    "tokenizer.padding_side": ("left", "right"),
+    "launcher.name": ("local", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"),
+    "launcher.fsdp_sharding_strategy": ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"),
+    "launcher.fsdp_state_dict_type": ("SHARDED_STATE_DICT", "FULL_STATE_DICT"),
+    "launcher.offload_optimizer_device": ("none", "cpu", "nvme"),
+    "launcher.offload_param_device": ("none", "cpu", "nvme"),
+}
+
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def validate(cfg: TuneforgeConfig) -> TuneforgeConfig:
+    """Check values and cross-field rules; raise ConfigError naming the key(s) and the fix."""
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(
+                f"{key}={value!r} is not valid; choose one of {', '.join(allowed)}.{closest(value, allowed)}"
+            )
+    t = cfg.train
+    positive = {
+        "train.learning_rate": t.learning_rate,
+        "train.per_device_train_batch_size": t.per_device_train_batch_size,
+        "train.per_device_eval_batch_size": t.per_device_eval_batch_size,
+        "train.gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "train.max_length": t.max_length,
+        "train.logging_steps": t.logging_steps,
+        "eval.num_samples": cfg.eval.num_samples,
+        "eval.max_new_tokens": cfg.eval.max_new_tokens,
+        "eval.batch_size": cfg.eval.batch_size,
+        "data.builtin_rows": cfg.data.builtin_rows,
+    }
+    if cfg.peft.method == "lora":
+        positive.update({"peft.r": cfg.peft.r, "peft.lora_alpha": cfg.peft.lora_alpha})
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}={value} must be > 0.")
+    if t.max_steps == 0 or t.max_steps < -1:
+        raise ConfigError(f"train.max_steps={t.max_steps}: use a positive step count, or -1 to train by epochs.")
+    if t.max_steps == -1 and t.num_train_epochs <= 0:
+        raise ConfigError("train.num_train_epochs must be > 0 when train.max_steps=-1.")
+    if not 0.0 <= cfg.peft.lora_dropout < 1.0:
+        raise ConfigError(f"peft.lora_dropout={cfg.peft.lora_dropout} must be in [0, 1).")
+    if not 0.0 <= cfg.data.eval_fraction < 1.0:
+        raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be in [0, 1).")
+    tm = cfg.peft.target_modules
+    if not (tm == "all-linear" or (isinstance(tm, (list, tuple)) and tm and all(isinstance(m, str) for m in tm))):
+        raise ConfigError(
+            f"peft.target_modules={tm!r}: use 'all-linear' or a list of module names, e.g. [q_proj,v_proj]."
+        )
+
+    # Cross-field rules.
+    if cfg.quant.load_in_4bit and cfg.peft.method == "none":
+        raise ConfigError(
+            "quant.load_in_4bit=true with peft=none would train 4-bit weights directly, which bitsandbytes cannot do. "
+            "Use peft=lora for QLoRA, or quant=none for a full fine-tune."
+        )
+    q = cfg.quant
+    if q.load_in_4bit and not q.upcast_non_quantized and q.bnb_4bit_compute_dtype == "float16":
+        raise ConfigError("quant.upcast_non_quantized=false with quant.bnb_4bit_compute_dtype=float16 would keep norms "
+                          "and embeddings in fp16, which overflows in training: use bfloat16, or upcast.")
+    if t.load_best_model_at_end and t.eval_strategy == "no":
+        raise ConfigError(
+            "train.load_best_model_at_end=true needs evaluation: set train.eval_strategy=steps (or epoch)."
+        )
+    if t.eval_strategy == "steps" and not t.eval_steps:
+        raise ConfigError("train.eval_strategy=steps needs train.eval_steps (a positive step count).")
+    # transformers checks these only once the weights are loaded; a config error costs nothing here.
+    if t.load_best_model_at_end and t.save_strategy not in (t.eval_strategy, "best"):
+        raise ConfigError(
+            f"train.load_best_model_at_end=true keeps a saved checkpoint, so train.save_strategy "
+            f"({t.save_strategy}) must match train.eval_strategy ({t.eval_strategy}) or be 'best'."
+        )
+    if (t.load_best_model_at_end and t.save_strategy == "steps" and t.eval_strategy == "steps"
+            and t.save_steps % t.eval_steps):
+        raise ConfigError(
+            f"train.load_best_model_at_end=true: train.save_steps ({t.save_steps}) must be a multiple of "
+            f"train.eval_steps ({t.eval_steps}), so that the best evaluation has a checkpoint."
+        )
+    if cfg.eval.sample_every_steps < 0 or cfg.eval.sample_prompts < 1:
+        raise ConfigError("eval.sample_every_steps must be >= 0 (0: off) and eval.sample_prompts >= 1.")
+    if t.save_strategy == "steps" and t.save_steps <= 0:
+        raise ConfigError("train.save_strategy=steps needs train.save_steps > 0.")
+    validate_run_keys(t)
+    validate_collator_packing(cfg)
+    if cfg.task == "sft" and cfg.collator.name == "padding":
+        raise ConfigError(
+            "collator=padding builds no language-model labels; with task=sft use collator=completion_only, "
+            "assistant_only or lm."
+        )
+    if cfg.task == "classification" and cfg.collator.name != "padding":
+        raise ConfigError(
+            f"task=classification with collator={cfg.collator.name}: causal-LM collators build next-token labels; "
+            "use collator=padding."
+        )
+    if cfg.packing.mode not in ("none", "auto") and cfg.task == "classification":
+        raise ConfigError("packing.mode must be none for task=classification (one label per sequence).")
+    validate_data(cfg.data, cfg.format)
+    validate_launcher(cfg)
+    return cfg
+
+
+def validate_launcher(cfg: TuneforgeConfig) -> None:
+    """Launcher rules: process counts, multi-node settings, and what FSDP/DeepSpeed need with a 4-bit base."""
+    la, q = cfg.launcher, cfg.quant
+    for key in ("num_processes", "num_machines", "main_process_port"):
+        if getattr(la, key) < 1:
+            raise ConfigError(f"launcher.{key}={getattr(la, key)} must be >= 1.")
+    if la.name == "local" and (la.num_processes > 1 or la.num_machines > 1):
+        raise ConfigError(f"launcher=local runs one process; launcher.num_processes={la.num_processes} needs "
+                          "launcher=ddp (or fsdp, deepspeed_zero2, deepspeed_zero3).")
+    if la.num_processes % la.num_machines:
+        raise ConfigError(f"launcher.num_processes={la.num_processes} must be a multiple of launcher.num_machines="
+                          f"{la.num_machines} (the same number of processes on every machine).")
+    if not 0 <= la.machine_rank < la.num_machines:
+        raise ConfigError(f"launcher.machine_rank={la.machine_rank} must be in [0, launcher.num_machines="
+                          f"{la.num_machines}).")
+    # launcher.main_process_ip is checked at launch time: on Slurm it comes from the job's first node.
+    sharded = la.name == "fsdp" or la.name == "deepspeed_zero3"
+    if sharded and q.load_in_4bit:
+        compute = "bfloat16" if q.bnb_4bit_compute_dtype == "auto" else q.bnb_4bit_compute_dtype
+        if q.bnb_4bit_quant_storage != compute:
+            raise ConfigError(
+                f"launcher={la.name} shards a 4-bit base only when its storage dtype is the compute dtype: set "
+                f"quant.bnb_4bit_quant_storage={compute} (is {q.bnb_4bit_quant_storage}), or use launcher=ddp.")
+    if la.name == "deepspeed_zero3" and q.load_in_4bit and not la.zero3_init_flag:
+        raise ConfigError("launcher=deepspeed_zero3 with a 4-bit base (QLoRA) needs launcher.zero3_init_flag=true "
+                          "(the quantized model must be built already partitioned).")
+    if la.name in ("fsdp", "deepspeed_zero2", "deepspeed_zero3") and not cfg.dry_run:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"launcher={la.name} shards over CUDA GPUs and this machine has none; use launcher=ddp "
+                              "(gloo processes on CPUs), or dry_run=true to print the launch command.")
+
+
+# transformers' INTEGRATION_TO_CALLBACK keys (+ none/all), copied: importing transformers here would cost
+# seconds on every config check.
+REPORT_TO = ("azure_ml", "comet_ml", "mlflow", "neptune", "tensorboard", "trackio", "wandb", "codecarbon", "clearml",
+             "dagshub", "flyte", "dvclive", "swanlab", "kubeflow", "none", "all")
+
+
+def validate_run_keys(t: TrainConfig) -> None:
+    """report_to (normalised to a list), nan_patience."""
+    from importlib.util import find_spec
+
+    names = [t.report_to] if isinstance(t.report_to, str) else list(t.report_to or [])
+    allowed = sorted(REPORT_TO)
+    for name in names:
+        if name not in allowed:
+            raise ConfigError(f"train.report_to={name!r} is not valid; choose from {', '.join(allowed)}.{closest(name, allowed)}")
+        package = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}.get(name)
+        if package and find_spec(package) is None:
+            raise ConfigError(f"train.report_to={name} needs the {package} package: pip install {package} "
+                              "(or train.report_to=none).")
+    if "none" in names and len(names) > 1:
+        raise ConfigError(f"train.report_to={names}: 'none' cannot be combined with other integrations.")
+    t.report_to = [] if names == ["none"] else names
+    resume = t.resume_from_checkpoint
+    if resume is not None and str(resume).strip().lower() not in RESUME_OFF + RESUME_LATEST:
+        from pathlib import Path
+
+        if not Path(str(resume)).is_dir():  # checked again, in full, when training starts
+            raise ConfigError(f"train.resume_from_checkpoint={resume}: no such checkpoint directory; give a "
+                              "RUN/checkpoint-N directory, or auto (the latest complete checkpoint of hydra.run.dir).")
+    if t.nan_patience < 1:
+        raise ConfigError(f"train.nan_patience={t.nan_patience} must be >= 1 (optimizer steps in a row).")
+
+
+def validate_format(fmt: FormatConfig, key: str = "format") -> None:
+    """Rules of one format section (the top-level one, or a mix source's)."""
+    for name, allowed in (("strategy", CHOICES["format.strategy"]), ("alpaca_style", CHOICES["format.alpaca_style"])):
+        value = getattr(fmt, name)
+        if value not in allowed:
+            raise ConfigError(f"{key}.{name}={value!r} is not valid; choose one of {', '.join(allowed)}.{closest(value, allowed)}")
+    if fmt.strategy == "template" and not fmt.template:
+        raise ConfigError(f"{key}.strategy=template needs {key}.template, e.g. '### Question: {{prompt}}\\n### Answer: {{completion}}'.")
+    if fmt.strategy == "template" and not fmt.response_template:
+        raise ConfigError(
+            f"{key}.strategy=template needs {key}.response_template (the text that starts the answer) "
+            "so that the prompt can be masked."
+        )
+    if fmt.strategy == "template" and fmt.response_template not in fmt.template:
+        raise ConfigError(
+            f"{key}.response_template={fmt.response_template!r} does not occur in {key}.template={fmt.template!r}; "
+            "it must be the literal text just before the completion."
+        )
+
+
+def validate_data(data: DataConfig, fmt: FormatConfig) -> None:
+    """Data-source rules: sizes, the mix shape (weights for all sources or none), every format."""
+    for key, value in (("data.max_samples", data.max_samples), ("data.num_proc", data.num_proc),
+                       ("data.map_batch_size", data.map_batch_size)):
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key}={value} must be > 0 (or null).")
+    validate_format(fmt)
+    if not data.mix:
+        return
+    weighted = [s.weight is not None for s in data.mix]
+    if any(weighted) and not all(weighted):
+        raise ConfigError("data.mix: set weight on every source or on none (weights are sampling probabilities).")
+    for i, source in enumerate(data.mix):
+        key = f"data.mix[{i}]"
+        if source.weight is not None and source.weight <= 0:
+            raise ConfigError(f"{key}.weight={source.weight} must be > 0.")
+        if source.max_samples is not None and source.max_samples <= 0:
+            raise ConfigError(f"{key}.max_samples={source.max_samples} must be > 0.")
+        validate_format(source.format or fmt, f"{key}.format" if source.format else "format")
+    ignored = [k for k in ("name", "revision", "eval_split") if getattr(data, k) is not None]
+    ignored += [k for k in ("columns",) if getattr(data, k)] + (["path"] if data.path != DataConfig.path else [])
+    if ignored:
+        raise ConfigError(
+            f"data.mix is set, so data.{', data.'.join(ignored)} would be ignored; "
+            "put them on the mix sources (data.mix[i].path, .columns, ...)."
+        )
+
+
+def _is_template(value: Any) -> bool:
+    if isinstance(value, str):
+        return bool(value)
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(t, int) for t in value)
+
+
+def validate_collator_packing(cfg: TuneforgeConfig) -> None:
+    """Collator/packing rules: each names both keys and what to use instead."""
+    col, mode = cfg.collator, cfg.packing.mode
+    if mode == "auto":  # decided on the device (device_defaults.packing_mode): packs only where allowed
+        mode = "none"
+    if col.pad_to_multiple_of is not None and col.pad_to_multiple_of <= 0:
+        raise ConfigError(f"collator.pad_to_multiple_of={col.pad_to_multiple_of} must be > 0 (or null).")
+    for key in ("response_template", "instruction_template"):
+        value = getattr(col, key)
+        if value is None:
+            continue
+        if col.name != "completion_only":
+            raise ConfigError(f"collator.{key} is only used by collator=completion_only, not collator={col.name}; "
+                              "remove it or use collator=completion_only.")
+        if not _is_template(value):
+            raise ConfigError(f"collator.{key}={value!r}: give a non-empty string or a list of token ids.")
+    if col.instruction_template is not None and col.response_template is None:
+        raise ConfigError("collator.instruction_template needs collator.response_template (where each response starts).")
+    if col.name == "padding" and mode != "none":
+        raise ConfigError(f"packing.mode={mode} with collator=padding: the padding collator takes one sequence per "
+                          "row with one label; use packing=none.")
+    if mode != "none" and cfg.model.attn_implementation not in PACKING_ATTENTION:
+        raise ConfigError(
+            f"packing.mode={mode} with model.attn_implementation={cfg.model.attn_implementation}: that "
+            "implementation ignores the restarting position ids, so packed sequences would attend to each other; "
+            f"use model.attn_implementation=sdpa (or {', '.join(a for a in PACKING_ATTENTION if a != 'sdpa')}), "
+            "or packing=none."
+        )
+    strategy = cfg.format.strategy
+    if col.name == "assistant_only" and strategy in TEXT_STRATEGIES:
+        raise ConfigError(f"collator=assistant_only masks chat-template assistant turns, but format.strategy={strategy} "
+                          "yields plain text; use collator=completion_only (with collator.response_template).")
+    if (col.name == "completion_only" and strategy == "text" and col.response_template is None
+            and not cfg.format.response_template):
+        raise ConfigError("format.strategy=text with collator=completion_only needs to know where completions start: "
+                          "set collator.response_template (e.g. '### Assistant:'), or format.response_template, "
+                          "or use collator=lm to train every token.")
