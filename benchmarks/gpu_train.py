@@ -15,6 +15,8 @@ and the same seeded synthetic token data, and trains with TRL's `SFTTrainer`:
   c1      c with one packed row per batch (what fits an 8B bf16 base without activation checkpointing).
   *_lean  QLoRA with quant.upcast_non_quantized=false: embeddings, norms and LM head stay bf16 (as in arm a)
           instead of prepare_model_for_kbit_training's fp32 copies; c_gc3_lean / c_gc4_lean: 3 / 4 rows.
+  c_gc2   c_gc checkpointing one decoder layer in 2 (the others keep their activations: memory for speed).
+  *_off_* checkpointed layer inputs offloaded to pinned host memory (train.gradient_checkpointing_offload).
   *_bf16  the same arm with a bf16 base (LoRA) instead of NF4 (QLoRA): arm (d) is b/c vs b_bf16/c_bf16.
 
 Measured per arm: non-pad tokens/s over the timed steps, median step time (step end to step end,
@@ -82,6 +84,8 @@ class Arm:
     liger: bool = False
     compile: bool = False
     upcast: bool = True            # QLoRA: fp32 copy of the unquantized weights (quant.upcast_non_quantized)
+    ckpt_every: int = 1            # train.gradient_checkpointing_every_n_layers
+    offload: bool = False          # train.gradient_checkpointing_offload
 
 
 ARMS = {
@@ -98,6 +102,8 @@ ARMS = {
     "c_gc_lean": Arm(liger=True, upcast=False),
     "c_gc3_lean": Arm(liger=True, upcast=False, micro_batch=3),
     "c_gc4_lean": Arm(liger=True, upcast=False, micro_batch=4),
+    "c_gc2": Arm(liger=True, ckpt_every=2),
+    "c_gc4_off_lean": Arm(liger=True, upcast=False, micro_batch=4, offload=True),
 }
 for _name in list(ARMS):
     ARMS[f"{_name}_bf16"] = Arm(**{**asdict(ARMS[_name]), "quant": "bf16"})
@@ -241,7 +247,7 @@ def run_worker(spec: dict) -> dict:
     from tuneforge.config import CollatorConfig, ModelConfig, PackingConfig, PeftConfig, QuantConfig, TrainConfig
     from tuneforge.data.collators import build_collator
     from tuneforge.data.packing import pack
-    from tuneforge.models.adapters import apply_peft
+    from tuneforge.models.adapters import add_lora, enable_checkpointing, prepare_base
     from tuneforge.models.loading import load_model
     from tuneforge.train import sft_config
 
@@ -254,7 +260,8 @@ def run_worker(spec: dict) -> dict:
     data = Dataset.from_dict({"input_ids": rows, "labels": rows})
     torch.manual_seed(0)
 
-    quant = QuantConfig(load_in_4bit=arm.quant == "nf4", bnb_4bit_compute_dtype="auto")
+    quant = QuantConfig(load_in_4bit=arm.quant == "nf4", bnb_4bit_compute_dtype="auto",
+                        upcast_non_quantized=arm.upcast)
     packing = PackingConfig(mode={"padded": "none"}.get(arm.layout, arm.layout))
     micro = arm.micro_batch or (8 if arm.layout in ("padded", "padding_free") else 2)
     run_dir = Path(spec["scratch"]) / f"run-{os.getpid()}"
@@ -273,10 +280,11 @@ def run_worker(spec: dict) -> dict:
         collate = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
     else:
         model = load_model(path, ModelConfig(name_or_path=path, dtype="auto", attn_implementation=arm.attn), quant)
-        model = apply_peft(model, PeftConfig(**LORA), quant.load_in_4bit, arm.grad_ckpt,
-                           upcast_non_quantized=arm.upcast)
-        args = sft_config(TrainConfig(max_length=max_length, per_device_train_batch_size=micro,
-                                      gradient_checkpointing=arm.grad_ckpt, report_to=["none"]), run_dir)
+        train = TrainConfig(max_length=max_length, per_device_train_batch_size=micro, report_to=["none"],
+                            gradient_checkpointing=arm.grad_ckpt, gradient_checkpointing_every_n_layers=arm.ckpt_every,
+                            gradient_checkpointing_offload=arm.offload)
+        model = add_lora(enable_checkpointing(prepare_base(model, quant), train), PeftConfig(**LORA))
+        args = sft_config(train, run_dir)
         args.use_liger_kernel = arm.liger
         args.torch_compile = arm.compile
         peft_config = None

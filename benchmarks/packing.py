@@ -92,7 +92,7 @@ def main() -> None:
     from tuneforge.config import CollatorConfig, ModelConfig, PackingConfig, PeftConfig, QuantConfig, TokenizerConfig
     from tuneforge.data.collators import TokenCounter, build_collator
     from tuneforge.data.packing import check_no_contamination, pack, probe_rows
-    from tuneforge.models.adapters import apply_peft
+    from tuneforge.models.adapters import add_lora, prepare_base
     from tuneforge.models.loading import fit_embeddings, load_model, resolve_path
     from tuneforge.tokenizer import load_tokenizer
 
@@ -104,7 +104,7 @@ def main() -> None:
     rows = prepared_rows(args.data, args.rows, args.max_length, tokenizer)
     model = load_model(path, model_cfg, quant)
     fit_embeddings(model, tokenizer)
-    model = apply_peft(model, PeftConfig(lora_dropout=0.0), quant.load_in_4bit, gradient_checkpointing=False)
+    model = add_lora(prepare_base(model, quant), PeftConfig(lora_dropout=0.0))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 

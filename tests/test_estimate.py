@@ -52,6 +52,13 @@ def test_parts_scale_as_expected():
     assert lean == pytest.approx(bf16_base)
     assert est["weights"] - lean["weights"] == pytest.approx(2 * 525.3e6 * 2 / 2**30, rel=0.01)
     assert est["activations"] - lean["activations"] >= 32 * 4096 * 8192 * 2 / 2**30
+    # Offloading the checkpointed inputs takes the fp32 residual stream of 32 layers off the GPU; checkpointing
+    # one layer in 2 keeps 16 layers' activations instead of their inputs.
+    policy = ["train.per_device_train_batch_size=2", "train.max_length=4096", "train.gradient_checkpointing=true"]
+    offload = estimate_memory(config, load_config([*policy, "train.gradient_checkpointing_offload=true"]))
+    assert est["activations"] - offload["activations"] == pytest.approx(32 * 4096 * 8192 * 4 / 2**30)
+    half = estimate_memory(config, load_config([*policy, "train.gradient_checkpointing_every_n_layers=2"]))
+    assert est["activations"] < half["activations"] < no_gc["activations"]
 
 
 @pytest.mark.parametrize("name", sorted(SHAPE_TABLE))

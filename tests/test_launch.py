@@ -173,7 +173,7 @@ def test_sharded_qlora_skips_the_fp32_upcast(monkeypatch):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tuneforge.config import PeftConfig
+    from tuneforge.config import PeftConfig, QuantConfig, TrainConfig
     from tuneforge.models import adapters, loading
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
@@ -184,8 +184,8 @@ def test_sharded_qlora_skips_the_fp32_upcast(monkeypatch):
                         lambda *a, **k: pytest.fail("upcast under sharding"))
     model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=1, vocab_size=64))
-    model = adapters.apply_peft(model.to(torch.bfloat16), PeftConfig(r=4, lora_alpha=8), quantized=True,
-                                gradient_checkpointing=True)
+    model = adapters.prepare_base(model.to(torch.bfloat16), QuantConfig())
+    model = adapters.add_lora(adapters.enable_checkpointing(model, TrainConfig()), PeftConfig(r=4, lora_alpha=8))
     assert model.get_input_embeddings().weight.dtype == torch.bfloat16
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
     monkeypatch.setenv("LOCAL_RANK", "1")

@@ -29,7 +29,7 @@ def test_gradient_through_4bit_layer_survives_generation(smollm_dir, smollm_toke
 def test_added_tokens_are_trainable_under_lora(smollm_dir):
     """A token added by the tokenizer config gets a trainable embedding row (PEFT trainable_token_indices)."""
     from tuneforge.config import PeftConfig, TokenizerConfig
-    from tuneforge.models.adapters import apply_peft
+    from tuneforge.models.adapters import add_lora
     from tuneforge.models.loading import fit_embeddings
     from tuneforge.tokenizer import load_tokenizer, new_token_ids
 
@@ -39,8 +39,7 @@ def test_added_tokens_are_trainable_under_lora(smollm_dir):
     model = load_model(smollm_dir, ModelConfig(dtype="float32"), QuantConfig(load_in_4bit=False))
     fit_embeddings(model, tokenizer)
     assert model.get_input_embeddings().weight.shape[0] == 49216  # 49152 + 64, not 65536
-    model = apply_peft(model, PeftConfig(lora_dropout=0.0), quantized=False, gradient_checkpointing=False,
-                       new_token_ids=ids)
+    model = add_lora(model, PeftConfig(lora_dropout=0.0), new_token_ids=ids)
     before = model.get_input_embeddings()(torch.tensor([ids])).detach().clone()
     trainable = [n for n, p in model.named_parameters() if p.requires_grad and "token_adapter" in n]
     assert trainable, "the new token's embedding is not trainable"
@@ -55,17 +54,16 @@ def test_added_tokens_are_trainable_under_lora(smollm_dir):
 def test_4bit_base_without_upcast_keeps_loaded_dtype_and_trains(smollm_dir):
     """quant.upcast_non_quantized=false: embeddings and norms stay bf16 (no fp32 copy), LoRA stays fp32 and
     trainable through checkpointed layers, and the loss matches the upcast model's within bf16 rounding."""
-    from tuneforge.config import PeftConfig
-    from tuneforge.models.adapters import apply_peft
+    from tuneforge.config import PeftConfig, TrainConfig
+    from tuneforge.models.adapters import add_lora, enable_checkpointing, prepare_base
 
-    quant = QuantConfig(bnb_4bit_compute_dtype="bfloat16")
     batch = torch.tensor([[1, 504, 3373, 282, 260, 1789, 30, 2]])
     losses = {}
     for upcast in (True, False):
         torch.manual_seed(0)
-        model = load_model(smollm_dir, ModelConfig(), quant)
-        model = apply_peft(model, PeftConfig(lora_dropout=0.0), quantized=True, gradient_checkpointing=True,
-                           upcast_non_quantized=upcast)
+        quant = QuantConfig(bnb_4bit_compute_dtype="bfloat16", upcast_non_quantized=upcast)
+        model = prepare_base(load_model(smollm_dir, ModelConfig(), quant), quant)
+        model = add_lora(enable_checkpointing(model, TrainConfig()), PeftConfig(lora_dropout=0.0))
         model.train()
         base = model.get_base_model()
         kept = torch.float32 if upcast else torch.bfloat16

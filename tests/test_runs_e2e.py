@@ -95,7 +95,7 @@ def test_manifest_contents(baseline, tiny_model):
     if (REPO / ".git").exists():
         assert len(manifest["git"]["commit"]) == 40 and isinstance(manifest["git"]["dirty"], bool)
     assert (baseline / "adapter" / "adapter_model.safetensors").is_file()
-    assert not list(baseline.glob("adapter/*model*.bin")) and not list(baseline.glob(".adapter-*"))
+    assert not list(baseline.glob("adapter/*.bin")) and not list(baseline.glob(".adapter-*"))  # no pickles
     assert [p.name for p in sorted(baseline.glob("checkpoint-*"))] == ["checkpoint-4", "checkpoint-6"]  # limit 2
 
 

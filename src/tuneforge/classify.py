@@ -19,7 +19,7 @@ from transformers import AutoModelForSequenceClassification, DataCollatorWithPad
 from tuneforge import runs
 from tuneforge.config import ConfigError, TuneforgeConfig
 from tuneforge.data.sources import data_sources, load_source
-from tuneforge.models.adapters import lora_config, prepare_4bit
+from tuneforge.models.adapters import lora_config, prepare_base
 from tuneforge.models.loading import compute_dtype, device_supports_bf16, fit_embeddings, quantization_config, resolve_path
 from tuneforge.tokenizer import load_tokenizer
 
@@ -100,8 +100,7 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any) -> dict:
     if cfg.peft.method == "lora":
         from peft import get_peft_model
 
-        if cfg.quant.load_in_4bit:
-            model = prepare_4bit(model, cfg.quant.upcast_non_quantized, gradient_checkpointing=False)
+        model = prepare_base(model, cfg.quant)
         model = get_peft_model(model, lora_config(cfg.peft, task_type="SEQ_CLS"))  # the head is trained in full
 
     t = cfg.train

@@ -204,6 +204,12 @@ class TrainConfig:
     logging_steps: int = 5
     seed: int = 42
     gradient_checkpointing: bool = True
+    # Checkpoint only every n-th decoder layer (1: all): the others keep their activations, trading memory back
+    # for speed where memory is left over. offload: the checkpointed layers' saved inputs wait in pinned host
+    # memory (frees layers x tokens x hidden on the GPU; two copies per step). transformers' activation
+    # checkpointing options; `tuneforge train dry_run=true` prints the memory estimate of a choice.
+    gradient_checkpointing_every_n_layers: int = 1
+    gradient_checkpointing_offload: bool = False
     # Checkpoints (adapter + optimizer + RNG states) every save_steps, the newest save_total_limit kept.
     save_strategy: str = "steps"
     save_steps: int = 500

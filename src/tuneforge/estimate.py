@@ -11,9 +11,11 @@ for its backward pass, in bytes, for a Llama-like layer with LoRA on every linea
     trainable    = LoRA:   N_lora * 4 B (PEFT keeps adapters in fp32)  |  full: N_total * bytes(dtype)
     gradients    = trainable
     optimizer    = 2 states per trainable parameter (AdamW: 2 * trainable; 8-bit optimizers: N * 2 B)
-    activations  = T * (L * s * h                                  # checkpointed layer inputs (if GC)
+    activations  = T * (L_ckpt * s * h                             # checkpointed layer inputs (if GC)
                         + layers_kept * A_layer                    # one layer recomputed (GC) or all L
                         + 2 * s * h)                               # gradient of the residual stream
+        L_ckpt   = ceil(L / train.gradient_checkpointing_every_n_layers), 0 with ..._offload (host memory);
+                   layers_kept = L - L_ckpt + 1 with checkpointing
         T        = per_device_train_batch_size * max_length (tokens per micro-batch: packed rows are full;
                    a padded batch is at most this long)
         s        = bytes of the residual stream: 4 under QLoRA (fp32 embeddings), else bytes(dtype)
@@ -171,7 +173,7 @@ def estimate_memory(model_config, cfg, *, liger: bool = False, upcast_non_quanti
     c = 2 if bf16 else 4
     dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(cfg.model.dtype, c)
     lora = peft.method == "lora"
-    if upcast_non_quantized is None:  # sharded QLoRA keeps bf16 storage (tuneforge.models.adapters.prepare_4bit)
+    if upcast_non_quantized is None:  # sharded QLoRA keeps bf16 storage (tuneforge.models.adapters.prepare_base)
         upcast_non_quantized = (q.load_in_4bit and q.upcast_non_quantized
                                 and cfg.launcher.name not in ("fsdp", "deepspeed_zero3"))
     if q.load_in_4bit:
@@ -195,7 +197,9 @@ def estimate_memory(model_config, cfg, *, liger: bool = False, upcast_non_quanti
     else:
         per_layer = c * (8 * h + 3 * kv + (m - 1) * i)
     if t.gradient_checkpointing:
-        activations = tokens * (layers * stream * h + per_layer + 2 * stream * h)
+        checkpointed = -(-layers // t.gradient_checkpointing_every_n_layers)  # layers 0, n, 2n, ...
+        saved = 0 if t.gradient_checkpointing_offload else checkpointed * stream * h
+        activations = tokens * (saved + (layers - checkpointed + 1) * per_layer + 2 * stream * h)
     else:
         activations = tokens * (layers * per_layer + 2 * stream * h)
 
@@ -225,6 +229,14 @@ def print_estimate(cfg) -> dict[str, float] | None:
     t = cfg.train
     print(f"{'GPU memory estimate':>22}: {est['total']:.1f} GiB per process (allocated; +~1 GiB CUDA context), "
           f"at {t.per_device_train_batch_size} x {t.max_length} tokens per micro-batch, gradient checkpointing "
-          f"{'on' if t.gradient_checkpointing else 'off'}")
+          f"{checkpointing_policy(t)}")
     print(" " * 24 + ", ".join(f"{k} {v:.2f}" for k, v in est.items() if k != "total") + " (GiB)")
     return est
+
+
+def checkpointing_policy(t) -> str:
+    if not t.gradient_checkpointing:
+        return "off"
+    n = t.gradient_checkpointing_every_n_layers
+    return ("on" if n == 1 else f"on for one layer in {n}") + (", offloaded to host memory"
+                                                                if t.gradient_checkpointing_offload else "")

@@ -360,6 +360,9 @@ def save_adapter(trainer, tokenizer, run_dir: Path) -> bool:
         return False
     with atomic_dir(run_dir / ADAPTER_DIR) as tmp:
         trainer.save_model(str(tmp))
+        # Trainer.save_model adds training_args.bin, a pickle (reading it runs code): the run's config.yaml
+        # already holds every setting, so the adapter stays safetensors + JSON only.
+        (tmp / "training_args.bin").unlink(missing_ok=True)
         tokenizer.save_pretrained(str(tmp))
     return True
 

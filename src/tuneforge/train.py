@@ -18,7 +18,7 @@ from tuneforge.data.packing import check_no_contamination, pack, probe_rows
 from tuneforge.data.pipeline import PreparedData, prepare
 from tuneforge.evaluate import evaluate_generations, generation_pairs, print_comparison
 from tuneforge.inference import GenerationSettings
-from tuneforge.models.adapters import apply_peft
+from tuneforge.models.adapters import add_lora, enable_checkpointing, prepare_base
 from tuneforge.models.loading import device_supports_bf16, fit_embeddings, load_model, resolve_path
 from tuneforge.samples import SAMPLES_FILE, SampleGenerations
 from tuneforge.tokenizer import content_hash, load_tokenizer, new_token_ids
@@ -138,8 +138,9 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any, callbacks: li
     fit_embeddings(model, tokenizer)
     # LoRA's A matrices are drawn here, before the Trainer seeds: seed now, or no two runs start alike.
     set_seed(cfg.train.seed)
-    model = apply_peft(model, cfg.peft, cfg.quant.load_in_4bit, cfg.train.gradient_checkpointing,
-                       new_token_ids(tokenizer, tok_report), cfg.quant.upcast_non_quantized)
+    model = prepare_base(model, cfg.quant)
+    model = enable_checkpointing(model, cfg.train)
+    model = add_lora(model, cfg.peft, new_token_ids(tokenizer, tok_report))
 
     gen = GenerationSettings(max_new_tokens=cfg.eval.max_new_tokens, max_input_tokens=cfg.eval.max_input_tokens,
                              batch_size=cfg.eval.batch_size)

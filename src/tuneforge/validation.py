@@ -212,6 +212,30 @@ def validate_run_keys(t: TrainConfig) -> None:
                               "RUN/checkpoint-N directory, or auto (the latest complete checkpoint of hydra.run.dir).")
     if t.nan_patience < 1:
         raise ConfigError(f"train.nan_patience={t.nan_patience} must be >= 1 (optimizer steps in a row).")
+    validate_checkpointing(t)
+
+
+def validate_checkpointing(t: TrainConfig) -> None:
+    """The activation-checkpointing layer policy: needs checkpointing on, and a transformers that has it."""
+    n, offload = t.gradient_checkpointing_every_n_layers, t.gradient_checkpointing_offload
+    if n < 1:
+        raise ConfigError(f"train.gradient_checkpointing_every_n_layers={n} must be >= 1 (1: every layer).")
+    if n == 1 and not offload:
+        return
+    if not t.gradient_checkpointing:
+        raise ConfigError("train.gradient_checkpointing_every_n_layers / _offload choose what checkpointing does: "
+                          "set train.gradient_checkpointing=true, or leave them at 1 / false.")
+    import inspect
+
+    from transformers import PreTrainedModel
+
+    enable = getattr(PreTrainedModel, "activation_checkpointing_enable", None)
+    if enable is None or not {"every_n_layers", "offload"} <= set(inspect.signature(enable).parameters):
+        import transformers
+
+        raise ConfigError(f"train.gradient_checkpointing_every_n_layers / _offload need transformers' "
+                          f"activation_checkpointing_enable(every_n_layers, offload); transformers "
+                          f"{transformers.__version__} lacks it (5.24 has it).")
 
 
 def validate_format(fmt: FormatConfig, key: str = "format") -> None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import PreTrainedModel
 
-from tuneforge.config import PeftConfig
+from tuneforge.config import PeftConfig, QuantConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -31,40 +32,51 @@ def lora_config(cfg: PeftConfig, task_type: str = "CAUSAL_LM", new_token_ids: li
     )
 
 
-def apply_peft(model: PreTrainedModel, cfg: PeftConfig, quantized: bool, gradient_checkpointing: bool,
-               new_token_ids: list[int] | None = None, upcast_non_quantized: bool = True):
-    """Wrap the model for training: kbit preparation on a 4-bit base, then LoRA (or nothing)."""
-    if quantized:
-        model = prepare_4bit(model, upcast_non_quantized, gradient_checkpointing)
-    elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=GC_KWARGS)
-        if cfg.method == "lora":
-            model.enable_input_require_grads()
+def prepare_base(model: PreTrainedModel, quant: QuantConfig) -> PreTrainedModel:
+    """DESIGN rule 10 on a 4-bit base: every base weight frozen (nothing to do on an unquantized one).
+
+    With `quant.upcast_non_quantized` this is prepare_model_for_kbit_training, which also copies every weight
+    that is not 4-bit to fp32. Without it (and always under FSDP / ZeRO-3, which flatten parameters into
+    uniform-dtype shards) those weights keep their loaded dtype, as in TRL's own QLoRA path."""
+    from tuneforge.models.loading import sharded_training
+
+    if not quant.load_in_4bit:
+        return model
+    if quant.upcast_non_quantized and not sharded_training():
+        # Checkpointing is enabled by enable_checkpointing, with the run's layer policy.
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    for param in model.parameters():
+        param.requires_grad = False
+    return model
+
+
+def enable_checkpointing(model: PreTrainedModel, train: TrainConfig) -> PreTrainedModel:
+    """Non-reentrant activation checkpointing of every n-th decoder layer (train.gradient_checkpointing_*),
+    the saved layer inputs optionally in pinned host memory; input gradients on, so frozen embeddings still
+    pass gradients into checkpointed layers."""
+    if not train.gradient_checkpointing:
+        return model
+    # On a CPU the saved activations already live in host memory (and pinning needs an accelerator).
+    offload = train.gradient_checkpointing_offload and torch.cuda.is_available()
+    if train.gradient_checkpointing_offload and not offload:
+        log.info("train.gradient_checkpointing_offload: no GPU, activations already in host memory")
+    if hasattr(model, "activation_checkpointing_enable"):  # turns input gradients on itself
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=dict(GC_KWARGS),
+                                              every_n_layers=train.gradient_checkpointing_every_n_layers,
+                                              offload=offload)
+    else:  # transformers before the rename; validation refuses the layer policy there
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(GC_KWARGS))
+        model.enable_input_require_grads()
+    return model
+
+
+def add_lora(model: PreTrainedModel, cfg: PeftConfig, new_token_ids: list[int] | None = None):
+    """LoRA adapters on the (prepared) base; peft.method=none returns the model for a full fine-tune."""
     if cfg.method == "none":
         return model
     model = get_peft_model(model, lora_config(cfg, new_token_ids=new_token_ids))
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA: %s trainable of %s parameters (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
-    return model
-
-
-def prepare_4bit(model: PreTrainedModel, upcast_non_quantized: bool, gradient_checkpointing: bool):
-    """DESIGN rule 10 on a 4-bit base: frozen weights, checkpointing without reentrancy, input gradients.
-
-    With `upcast_non_quantized` this is prepare_model_for_kbit_training, which also copies every weight that is
-    not 4-bit to fp32. Without it (and always under FSDP / ZeRO-3, which flatten parameters into uniform-dtype
-    shards) those weights keep their loaded dtype, as in TRL's own QLoRA path."""
-    from tuneforge.models.loading import sharded_training
-
-    if upcast_non_quantized and not sharded_training():
-        return prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=GC_KWARGS
-        )
-    for param in model.parameters():
-        param.requires_grad = False
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=GC_KWARGS)
-    model.enable_input_require_grads()
     return model
 
 
