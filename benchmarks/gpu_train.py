@@ -55,6 +55,9 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 # Llama-architecture shapes (SmolLM2-135M, Llama-3.2-1B/3B, Llama-3.1-8B), weights random.
 SHAPES = {
+    # A few-layer model for the harness's own test (tests/test_gpu_train_harness.py), not for figures.
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True),
     "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                  num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -458,6 +461,8 @@ def main() -> int:
     p.add_argument("--timeout", type=int, default=900, help="seconds per arm")
     p.add_argument("--out", default=None, help="JSON path (default results/gpu_train-<device>-<time>.json)")
     p.add_argument("--stop-on-error", action="store_true", help="stop at the first arm that fails")
+    p.add_argument("--deadline-s", type=float, default=None,
+                   help="start no arm after this many seconds (a lent GPU's time limit; finished arms are kept)")
     p.add_argument("--table", action="store_true", help="print the table of every results/gpu_train-*.json")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--make-model", help=argparse.SUPPRESS)
@@ -475,13 +480,19 @@ def main() -> int:
         print(table(rows))
         return 0
 
-    device, results = device_name(), []
+    device, results, began = device_name(), [], time.perf_counter()
+    out = Path(a.out) if a.out else RESULTS / f"gpu_train-{device.split()[-1].lower()}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    record = {"device": device, "versions": versions(), "git_commit": git_commit(),
+              "command": " ".join([Path(sys.executable).name, *sys.argv]), "results": results}
     for shape in a.shapes.split(","):
         start = time.perf_counter()
         subprocess.run([sys.executable, __file__, "--make-model", shape, "--model-dir", a.model_dir], check=True)
         print(f"[{shape}] random weights ready in {time.perf_counter() - start:.0f} s", flush=True)
         for profile in a.profiles.split(","):
             for name in a.arms.split(","):
+                if a.deadline_s and time.perf_counter() - began > a.deadline_s:
+                    print(f"[{shape}/{profile}/{name}] not started: past --deadline-s {a.deadline_s}", flush=True)
+                    continue
                 spec = {"arm": asdict(ARMS[name]), "shape": shape, "profile": profile, "max_length": a.max_length,
                         "steps": a.steps, "warmup": a.warmup, "num_sequences": a.num_sequences,
                         "model_path": str(model_dir(Path(a.model_dir), shape)), "scratch": a.model_dir}
@@ -491,17 +502,15 @@ def main() -> int:
                 summary = result.get("error") or (f"{result['tokens_per_s']:,.0f} tok/s, "
                                                   f"step {result['median_step_s']:.3f} s")
                 print(f"[{shape}/{profile}/{name}] {summary}", flush=True)
+                # After every arm: a run cut short by a time limit keeps the arms it finished.
+                judge(results)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(record, indent=2) + "\n")
                 if "error" in result:
                     print("\n".join(result.get("log_tail", [])), flush=True)
                     if a.stop_on_error:
                         break
-    judge(results)
     print(table(results))
-    out = Path(a.out) if a.out else RESULTS / f"gpu_train-{device.split()[-1].lower()}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"device": device, "versions": versions(), "git_commit": git_commit(),
-              "command": " ".join([Path(sys.executable).name, *sys.argv]), "results": results}
-    out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
 
