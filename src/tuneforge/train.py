@@ -26,6 +26,12 @@ from tuneforge.tokenizer import content_hash, load_tokenizer, new_token_ids
 log = logging.getLogger(__name__)
 
 
+# transformers 5.24 renamed TrainingArguments.gradient_checkpointing to activation_checkpointing (the old name
+# warns until v6); earlier 5.x releases know only the old one.
+CHECKPOINTING_ARG = ("activation_checkpointing" if "activation_checkpointing" in SFTConfig.__dataclass_fields__
+                     else "gradient_checkpointing")
+
+
 def sft_config(cfg: TrainConfig, run_dir: Path) -> SFTConfig:
     """SFTConfig from `train.*` (same names), plus what tuneforge decides for the user."""
     bf16 = device_supports_bf16() if cfg.bf16 is None else cfg.bf16
@@ -47,8 +53,8 @@ def sft_config(cfg: TrainConfig, run_dir: Path) -> SFTConfig:
         logging_steps=cfg.logging_steps,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        # PEFT/kbit preparation already enabled checkpointing (non-reentrant) on the right module.
-        gradient_checkpointing=False,
+        # enable_checkpointing already applied the run's policy (non-reentrant) before LoRA wrapped the model.
+        **{CHECKPOINTING_ARG: False},
         save_strategy=cfg.save_strategy,
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
