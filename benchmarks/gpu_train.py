@@ -12,6 +12,7 @@ and the same seeded synthetic token data, and trains with TRL's `SFTTrainer`:
   b_flex  b with flex_attention (block-sparse document masking instead of sdpa's dense masked square).
   c       b + Liger layer kernels (RMSNorm, RoPE, SwiGLU) + no activation checkpointing.
   c_gc    b + Liger, activation checkpointing kept (the memory-lean variant); c_gc4 with 4 rows per batch.
+  b_compile, c_compile  b / c with torch.compile (train.torch_compile).
   c1      c with one packed row per batch (what fits an 8B bf16 base without activation checkpointing).
   *_lean  QLoRA with quant.upcast_non_quantized=false: embeddings, norms and LM head stay bf16 (as in arm a)
           instead of prepare_model_for_kbit_training's fp32 copies; c_gc3_lean / c_gc4_lean: 3 / 4 rows.
@@ -101,6 +102,7 @@ ARMS = {
     "c_gc4": Arm(liger=True, micro_batch=4),
     "c1": Arm(liger=True, grad_ckpt=False, micro_batch=1),  # one 4k row: what fits an 8B bf16 base unchecked
     "c_compile": Arm(liger=True, grad_ckpt=False, compile=True),
+    "b_compile": Arm(compile=True),
     "b_lean": Arm(upcast=False),
     "c_gc_lean": Arm(liger=True, upcast=False),
     "c_gc3_lean": Arm(liger=True, upcast=False, micro_batch=3),
@@ -283,13 +285,14 @@ def run_worker(spec: dict) -> dict:
         collate = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
     else:
         model = load_model(path, ModelConfig(name_or_path=path, dtype="auto", attn_implementation=arm.attn), quant)
+        # Through TrainConfig: SFTConfig's __post_init__ turns torch_compile into the compile backend (setting
+        # args.torch_compile afterwards compiles nothing).
         train = TrainConfig(max_length=max_length, per_device_train_batch_size=micro, report_to=["none"],
                             gradient_checkpointing=arm.grad_ckpt, gradient_checkpointing_every_n_layers=arm.ckpt_every,
-                            gradient_checkpointing_offload=arm.offload)
+                            gradient_checkpointing_offload=arm.offload, use_liger_kernel=arm.liger,
+                            torch_compile=arm.compile)
         model = add_lora(enable_checkpointing(prepare_base(model, quant), train), PeftConfig(**LORA))
         args = sft_config(train, run_dir)
-        args.use_liger_kernel = arm.liger
-        args.torch_compile = arm.compile
         peft_config = None
         train_rows, _ = pack(data, packing, max_length)
         collate = build_collator(CollatorConfig(name="lm"), packing, tokenizer)

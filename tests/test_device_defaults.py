@@ -50,5 +50,13 @@ def test_liger_asked_for_but_not_installed_is_a_config_error():
         load_config(["train.use_liger_kernel=true"])
 
 
+def test_sft_config_carries_the_compile_choice(tmp_path):
+    """train.torch_compile reaches SFTConfig before its __post_init__, which picks the backend the Trainer
+    compiles with (setting the attribute afterwards would compile nothing)."""
+    args = sft_config(TrainConfig(torch_compile=True), tmp_path)
+    assert args.torch_compile and args.torch_compile_backend == "inductor"
+    assert not sft_config(TrainConfig(), tmp_path).torch_compile_backend
+
+
 def test_sft_config_carries_the_liger_choice(tmp_path):
     assert sft_config(TrainConfig(use_liger_kernel=False), tmp_path).use_liger_kernel is False

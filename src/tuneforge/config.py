@@ -235,6 +235,9 @@ class TrainConfig:
     # Liger's RMSNorm/RoPE/SwiGLU kernels (SFTConfig.use_liger_kernel); null: on where CUDA and
     # liger-kernel are available (pip install 'tuneforge[gpu]'), off elsewhere.
     use_liger_kernel: Optional[bool] = None
+    # torch.compile the model (SFTConfig.torch_compile, inductor). Compiles at the first steps; pays off on long
+    # runs with fixed-shape batches (packed rows), recompiles when padded batch shapes vary.
+    torch_compile: bool = False
 
 
 @dataclass

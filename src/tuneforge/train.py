@@ -69,6 +69,7 @@ def sft_config(cfg: TrainConfig, run_dir: Path) -> SFTConfig:
         dataloader_num_workers=cfg.dataloader_num_workers,
         bf16=bf16,
         use_liger_kernel=bool(cfg.use_liger_kernel),
+        torch_compile=cfg.torch_compile,
         include_num_input_tokens_seen="non_padding",
         # Tokens and labels were built by tuneforge's data stage (masks counted there).
         dataset_kwargs={"skip_prepare_dataset": True},
