@@ -13,7 +13,8 @@ and the same seeded synthetic token data, and trains with TRL's `SFTTrainer`:
   c       b + Liger layer kernels (RMSNorm, RoPE, SwiGLU) + no activation checkpointing.
   c_gc    b + Liger, activation checkpointing kept (the memory-lean variant); c_gc4 with 4 rows per batch.
   b_compile, c_compile  b / c with torch.compile (train.torch_compile).
-  c1      c with one packed row per batch (what fits an 8B bf16 base without activation checkpointing).
+  c1      c with one packed row per batch (what fits an 8B bf16 base without activation checkpointing);
+          c1_nd: with lora_dropout 0 (no dropout copies of the adapted inputs).
   *_lean  QLoRA with quant.upcast_non_quantized=false: embeddings, norms and LM head stay bf16 (as in arm a)
           instead of prepare_model_for_kbit_training's fp32 copies; c_gc3_lean / c_gc4_lean: 3 / 4 rows.
   c_gc2   c_gc checkpointing one decoder layer in 2 (the others keep their activations: memory for speed).
@@ -90,6 +91,7 @@ class Arm:
     upcast: bool = True            # QLoRA: fp32 copy of the unquantized weights (quant.upcast_non_quantized)
     ckpt_every: int = 1            # train.gradient_checkpointing_every_n_layers
     offload: bool = False          # train.gradient_checkpointing_offload
+    lora_dropout: float = 0.05     # 0: PEFT skips the dropout copy of every adapted layer's input
 
 
 ARMS = {
@@ -103,6 +105,7 @@ ARMS = {
     "c1": Arm(liger=True, grad_ckpt=False, micro_batch=1),  # one 4k row: what fits an 8B bf16 base unchecked
     "c_compile": Arm(liger=True, grad_ckpt=False, compile=True),
     "b_compile": Arm(compile=True),
+    "c1_nd": Arm(liger=True, grad_ckpt=False, micro_batch=1, lora_dropout=0.0),
     "b_lean": Arm(upcast=False),
     "c_gc_lean": Arm(liger=True, upcast=False),
     "c_gc3_lean": Arm(liger=True, upcast=False, micro_batch=3),
@@ -291,7 +294,8 @@ def run_worker(spec: dict) -> dict:
                             gradient_checkpointing=arm.grad_ckpt, gradient_checkpointing_every_n_layers=arm.ckpt_every,
                             gradient_checkpointing_offload=arm.offload, use_liger_kernel=arm.liger,
                             torch_compile=arm.compile)
-        model = add_lora(enable_checkpointing(prepare_base(model, quant), train), PeftConfig(**LORA))
+        lora = PeftConfig(**{**LORA, "lora_dropout": arm.lora_dropout})
+        model = add_lora(enable_checkpointing(prepare_base(model, quant), train), lora)
         args = sft_config(train, run_dir)
         peft_config = None
         train_rows, _ = pack(data, packing, max_length)
