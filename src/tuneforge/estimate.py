@@ -173,9 +173,8 @@ def estimate_memory(model_config, cfg, *, liger: bool = False, upcast_non_quanti
     c = 2 if bf16 else 4
     dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(cfg.model.dtype, c)
     lora = peft.method == "lora"
-    if upcast_non_quantized is None:  # sharded QLoRA keeps bf16 storage (tuneforge.models.adapters.prepare_base)
-        upcast_non_quantized = (q.load_in_4bit and q.upcast_non_quantized
-                                and cfg.launcher.name not in ("fsdp", "deepspeed_zero3"))
+    if upcast_non_quantized is None:
+        upcast_non_quantized = upcasts(cfg)
     if q.load_in_4bit:
         weights = n["linear"] * NF4_BYTES + n["other"] * (4 if upcast_non_quantized else c)
     else:
@@ -218,6 +217,13 @@ def estimate_memory(model_config, cfg, *, liger: bool = False, upcast_non_quanti
     return out
 
 
+def upcasts(cfg) -> bool:
+    """Whether a 4-bit run copies its unquantized weights to fp32 (tuneforge.models.adapters.prepare_base:
+    quant.upcast_non_quantized, never under FSDP / ZeRO-3, which keep the bf16 storage)."""
+    return (cfg.quant.load_in_4bit and cfg.quant.upcast_non_quantized
+            and cfg.launcher.name not in ("fsdp", "deepspeed_zero3"))
+
+
 def print_estimate(cfg) -> dict[str, float] | None:
     """The dry run's memory lines; says clearly when no config could be found."""
     model_config, source = model_config_for(cfg)
@@ -231,6 +237,11 @@ def print_estimate(cfg) -> dict[str, float] | None:
           f"at {t.per_device_train_batch_size} x {t.max_length} tokens per micro-batch, gradient checkpointing "
           f"{checkpointing_policy(t)}")
     print(" " * 24 + ", ".join(f"{k} {v:.2f}" for k, v in est.items() if k != "total") + " (GiB)")
+    if upcasts(cfg):
+        lean = estimate_memory(model_config, cfg, liger=bool(getattr(cfg.train, "use_liger_kernel", False)),
+                               upcast_non_quantized=False)
+        print(" " * 24 + f"with quant.upcast_non_quantized=false (no fp32 copies of the unquantized weights): "
+              f"{lean['total']:.1f} GiB")
     return est
 
 
