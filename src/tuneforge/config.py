@@ -1,4 +1,4 @@
-"""Config schemas (one dataclass per Hydra group), ConfigStore registration and validation.
+"""Config schemas (one dataclass per Hydra group), ConfigStore registration, and the constants rules share.
 
 Keys mirror the library each section feeds: `train.*` are SFTConfig/TrainingArguments names,
 `peft.*` LoraConfig names, `quant.*` BitsAndBytesConfig names. Hydra merges the YAML files of
