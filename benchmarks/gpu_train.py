@@ -14,7 +14,7 @@ and the same seeded synthetic token data, and trains with TRL's `SFTTrainer`:
   c_gc    b + Liger, activation checkpointing kept (the memory-lean variant); c_gc4 with 4 rows per batch.
   b_compile, c_compile  b / c with torch.compile (train.torch_compile).
   c1      c with one packed row per batch (what fits an 8B bf16 base without activation checkpointing);
-          c1_nd: with lora_dropout 0 (no dropout copies of the adapted inputs).
+          c1_nd: with lora_dropout 0 (no dropout copies of the adapted inputs); c1_flex: with flex_attention.
   *_lean  QLoRA with quant.upcast_non_quantized=false: embeddings, norms and LM head stay bf16 (as in arm a)
           instead of prepare_model_for_kbit_training's fp32 copies; c_gc3_lean / c_gc4_lean: 3 / 4 rows.
   c_gc2   c_gc checkpointing one decoder layer in 2 (the others keep their activations: memory for speed).
@@ -106,6 +106,7 @@ ARMS = {
     "c_compile": Arm(liger=True, grad_ckpt=False, compile=True),
     "b_compile": Arm(compile=True),
     "c1_nd": Arm(liger=True, grad_ckpt=False, micro_batch=1, lora_dropout=0.0),
+    "c1_flex": Arm(liger=True, grad_ckpt=False, micro_batch=1, attn="flex_attention"),
     "b_lean": Arm(upcast=False),
     "c_gc_lean": Arm(liger=True, upcast=False),
     "c_gc3_lean": Arm(liger=True, upcast=False, micro_batch=3),
