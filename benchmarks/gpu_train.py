@@ -416,11 +416,12 @@ def judge(results: list[dict]) -> None:
         if "error" in r:
             continue
         base_name = "a" if r["arm"]["quant"] == "nf4" else "a_bf16"
-        base = next((x for x in results if x["arm_name"] == base_name and x["shape"] == r["shape"]
-                     and x["profile"] == r["profile"] and "error" not in x), None)
-        twin = next((x for x in results if x["arm_name"] == r["arm_name"].removesuffix("_bf16")
-                     and r["arm_name"].endswith("_bf16") and x["shape"] == r["shape"]
-                     and x["profile"] == r["profile"] and "error" not in x), None)
+        # Ratios only within one device, shape and profile (--table reads the records of several machines).
+        same = lambda x: (x["device"] == r["device"] and x["shape"] == r["shape"]  # noqa: E731
+                          and x["profile"] == r["profile"] and "error" not in x)
+        base = next((x for x in results if x["arm_name"] == base_name and same(x)), None)
+        twin = next((x for x in results if r["arm_name"].endswith("_bf16")
+                     and x["arm_name"] == r["arm_name"].removesuffix("_bf16") and same(x)), None)
         gate = r["gate"]
         # bf16 compute on GPUs; fp32 on CPUs, where any real difference is a layout bug.
         tol = 1e-3 if r["device"].startswith("CPU") else 1e-2

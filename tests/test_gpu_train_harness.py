@@ -48,3 +48,21 @@ def test_deadline_starts_no_arm_late(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[tiny/short/a] not started: past --deadline-s" in result.stdout
     assert not out.exists()
+
+
+def test_ratios_stay_within_one_device():
+    """--table judges the records of several machines together: arm (a) of another GPU is no baseline."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_train
+
+    def row(device, arm, tokens_per_s, loss=2.0):
+        return {"device": device, "shape": "1b", "profile": "chat", "arm_name": arm,
+                "arm": {"quant": "bf16" if arm.endswith("_bf16") else "nf4"}, "tokens_per_s": tokens_per_s,
+                "peak_allocated_gib": 10.0, "gate": {"loss": loss, "rel_diff_vs_plain": 0.0}}
+
+    rows = [row("NVIDIA H100", "a", 100.0), row("NVIDIA H200", "b", 300.0), row("NVIDIA H200", "a", 150.0),
+            row("NVIDIA H100", "b", 200.0), row("NVIDIA H100", "b_bf16", 250.0)]
+    gpu_train.judge(rows)
+    h100_b, h200_b = rows[3], rows[1]
+    assert h100_b["speedup_vs_a"] == pytest.approx(2.0) and h200_b["speedup_vs_a"] == pytest.approx(2.0)
+    assert h100_b["qlora_slowdown_vs_bf16"] == pytest.approx(1.25)  # bf16 250 vs QLoRA 200 tok/s and "qlora_slowdown_vs_bf16" not in h200_b
