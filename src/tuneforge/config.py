@@ -401,6 +401,8 @@ RESUME_LATEST = ("auto", "true", "yes")
 # Attention implementations whose transformers mask builder isolates packed sequences by their restarting
 # position ids (with no attention mask and no KV cache), measured: tests/test_packing.py.
 PACKING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+# Launchers that shard the weights over processes (a 4-bit base keeps its bf16 storage there, no fp32 copies).
+SHARDED_LAUNCHERS = ("fsdp", "deepspeed_zero3")
 # Format strategies that produce plain text (no chat-template assistant turns).
 TEXT_STRATEGIES = ("text", "template")
 

@@ -43,6 +43,8 @@ import logging
 import os
 from typing import Any
 
+from tuneforge.config import SHARDED_LAUNCHERS
+
 log = logging.getLogger(__name__)
 
 GIB = 2**30
@@ -206,7 +208,7 @@ def estimate_memory(model_config, cfg, *, liger: bool = False, upcast_non_quanti
     loss = 0 if cfg.task == "classification" else 2 * c * (min(tokens, 4096) * min(vocab, 32768) + min(vocab, 32768) * h)
 
     world = cfg.launcher.num_processes if cfg.launcher.name != "local" else 1
-    if cfg.launcher.name in ("fsdp", "deepspeed_zero3"):
+    if cfg.launcher.name in SHARDED_LAUNCHERS:
         weights, optimizer, grads = weights / world, optimizer / world, grads / world
     elif cfg.launcher.name == "deepspeed_zero2":
         optimizer, grads = optimizer / world, grads / world
@@ -221,7 +223,7 @@ def upcasts(cfg) -> bool:
     """Whether a 4-bit run copies its unquantized weights to fp32 (tuneforge.models.adapters.prepare_base:
     quant.upcast_non_quantized, never under FSDP / ZeRO-3, which keep the bf16 storage)."""
     return (cfg.quant.load_in_4bit and cfg.quant.upcast_non_quantized
-            and cfg.launcher.name not in ("fsdp", "deepspeed_zero3"))
+            and cfg.launcher.name not in SHARDED_LAUNCHERS)
 
 
 def print_estimate(cfg) -> dict[str, float] | None:
@@ -231,15 +233,15 @@ def print_estimate(cfg) -> dict[str, float] | None:
     if model_config is None:
         print(f"{'GPU memory estimate':>22}: unavailable")
         return None
-    est = estimate_memory(model_config, cfg, liger=bool(getattr(cfg.train, "use_liger_kernel", False)))
+    liger = bool(cfg.train.use_liger_kernel)
+    est = estimate_memory(model_config, cfg, liger=liger)
     t = cfg.train
     print(f"{'GPU memory estimate':>22}: {est['total']:.1f} GiB per process (allocated; +~1 GiB CUDA context), "
           f"at {t.per_device_train_batch_size} x {t.max_length} tokens per micro-batch, gradient checkpointing "
           f"{checkpointing_policy(t)}")
     print(" " * 24 + ", ".join(f"{k} {v:.2f}" for k, v in est.items() if k != "total") + " (GiB)")
     if upcasts(cfg):
-        lean = estimate_memory(model_config, cfg, liger=bool(getattr(cfg.train, "use_liger_kernel", False)),
-                               upcast_non_quantized=False)
+        lean = estimate_memory(model_config, cfg, liger=liger, upcast_non_quantized=False)
         print(" " * 24 + f"with quant.upcast_non_quantized=false (no fp32 copies of the unquantized weights): "
               f"{lean['total']:.1f} GiB")
     return est

@@ -12,6 +12,7 @@ from tuneforge.config import (
     PACKING_ATTENTION,
     RESUME_LATEST,
     RESUME_OFF,
+    SHARDED_LAUNCHERS,
     TEXT_STRATEGIES,
     ConfigError,
     DataConfig,
@@ -163,7 +164,7 @@ def validate_launcher(cfg: TuneforgeConfig) -> None:
         raise ConfigError(f"launcher.machine_rank={la.machine_rank} must be in [0, launcher.num_machines="
                           f"{la.num_machines}).")
     # launcher.main_process_ip is checked at launch time: on Slurm it comes from the job's first node.
-    sharded = la.name == "fsdp" or la.name == "deepspeed_zero3"
+    sharded = la.name in SHARDED_LAUNCHERS
     if sharded and q.load_in_4bit:
         compute = "bfloat16" if q.bnb_4bit_compute_dtype == "auto" else q.bnb_4bit_compute_dtype
         if q.bnb_4bit_quant_storage != compute:
