@@ -56,4 +56,4 @@ def test_hub_recipe_dry_run_offline(tmp_path, monkeypatch):
     assert "meta-llama/Llama-3.1-8B" in out and "effective_batch_size: 16" in out
     assert "shape from tuneforge's table" in out and "could not fetch" in out
     assert "GPU memory estimate: 12.3 GiB per process" in out  # the recipe's 4 x 1024 tokens, fp32 copies
-    assert "with quant.upcast_non_quantized=false (no fp32 copies of the unquantized weights): 9.2 GiB" in out
+    assert "with quant.upcast_non_quantized=false (no fp32 copies of the unquantized weights): 9.2 GiB (-3.02)" in out

@@ -243,7 +243,7 @@ def print_estimate(cfg) -> dict[str, float] | None:
     if upcasts(cfg):
         lean = estimate_memory(model_config, cfg, liger=liger, upcast_non_quantized=False)
         print(" " * 24 + f"with quant.upcast_non_quantized=false (no fp32 copies of the unquantized weights): "
-              f"{lean['total']:.1f} GiB")
+              f"{lean['total']:.1f} GiB ({lean['total'] - est['total']:+.2f})")
     return est
 
 
