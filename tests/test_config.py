@@ -52,9 +52,13 @@ def test_multirun_checks_first_value_of_each_sweep():
 
 @pytest.mark.parametrize("group", ["model", "tokenizer", "data", "format", "collator", "packing", "quant", "peft",
                                    "train", "eval", "recipe"])
-def test_every_shipped_option_composes(group):
+def test_every_shipped_option_composes(group, tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"instruction": "a", "output": "b"}\n')
     for option in group_options(group):
         overrides = [f"{group}={option}"]
+        if (group, option) == ("data", "local"):
+            overrides.append(f"data.path={rows}")  # validation checks that local files exist
         if (group, option) == ("model", "hub"):
             overrides.append("model.name_or_path=some/model")
         if (group, option) == ("peft", "none"):
@@ -62,6 +66,21 @@ def test_every_shipped_option_composes(group):
         if (group, option) == ("collator", "padding"):
             overrides.append("task=classification")  # the padding collator builds no LM labels
         load_config(overrides)
+
+
+def test_missing_local_data_file_fails_in_validation_with_its_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rows.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    with pytest.raises(ConfigError, match=r"data.path='rwos.jsonl': no such file or directory .*" + str(tmp_path)):
+        load_config(["data.path=rwos.jsonl"])
+    with pytest.raises(ConfigError, match=r"data.mix\[1\].path='./gone'"):
+        load_config(["+data.mix=[{path: rows.jsonl}, {path: ./gone}]"])
+    with pytest.raises(ConfigError, match=r"data.eval_split='held/out.jsonl'"):
+        load_config(["data.path=rows.jsonl", "data.eval_split=held/out.jsonl"])
+    # What must still pass: the file itself, a glob, a hub id (checked when it loads), a split name.
+    for ok in (["data.path=rows.jsonl"], ["data.path=*.jsonl"], ["data.path=tatsu-lab/alpaca"],
+               ["data.path=rows.jsonl", "data.eval_split='train[:1]'"]):
+        load_config(ok)
 
 
 def test_cli_rejects_bad_key_fast_with_exit_2(tmp_path):

@@ -266,6 +266,7 @@ def validate_data(data: DataConfig, fmt: FormatConfig) -> None:
         if value is not None and value <= 0:
             raise ConfigError(f"{key}={value} must be > 0 (or null).")
     validate_format(fmt)
+    validate_data_paths(data)
     if not data.mix:
         return
     weighted = [s.weight is not None for s in data.mix]
@@ -285,6 +286,22 @@ def validate_data(data: DataConfig, fmt: FormatConfig) -> None:
             f"data.mix is set, so data.{', data.'.join(ignored)} would be ignored; "
             "put them on the mix sources (data.mix[i].path, .columns, ...)."
         )
+
+
+def validate_data_paths(data: DataConfig) -> None:
+    """Local data files named in the config exist (hub ids are checked when they load)."""
+    from pathlib import Path
+
+    from tuneforge.data.sources import missing_local_path
+
+    named = [("data.path", data.path), ("data.eval_split", data.eval_split)] if not data.mix else []
+    for i, source in enumerate(data.mix):
+        named += [(f"data.mix[{i}].path", source.path), (f"data.mix[{i}].eval_split", source.eval_split)]
+    for key, path in named:
+        # eval_split is a split name unless it is written as a file path.
+        if path and (key.endswith("path") or "/" in path or "." in path) and missing_local_path(path):
+            raise ConfigError(f"{key}={path!r}: no such file or directory (relative paths start at {Path.cwd()}). "
+                              "Give an existing local file, directory or glob, or a hub dataset id.")
 
 
 def _is_template(value: Any) -> bool:

@@ -122,6 +122,17 @@ def is_local(path: str) -> bool:
     return Path(path).expanduser().exists() or any(ch in path for ch in "*?[") and not path.endswith("]")
 
 
+def missing_local_path(path: str) -> bool:
+    """A path written as a local one (a data-file suffix, or starting with /, ./, ../ or ~) that is not there.
+
+    Hub dataset ids have neither, so this never stops a hub load; it lets validation refuse a typo before
+    the model is converted or loaded, instead of the hub lookup failing minutes later.
+    """
+    if "://" in path or is_local(path):
+        return False
+    return Path(path).suffix in _BUILDERS or path.startswith(("/", "./", "../", "~"))
+
+
 def local_files(path: str) -> list[str]:
     """The data files a local path names (a file, every data file under a directory, or a glob)."""
     p = Path(path).expanduser()
