@@ -8,7 +8,9 @@ import pytest
 
 from tests.conftest import REPO
 from tuneforge.compose import load_config
-from tuneforge.estimate import SHAPE_TABLE, estimate_memory, table_config
+from tuneforge import estimate
+from tuneforge.estimate import (CUDA_CONTEXT_GIB, SHAPE_TABLE, estimate_memory, fit_advice, largest_micro_batch,
+                                table_config)
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 
@@ -67,3 +69,54 @@ def test_every_table_shape_builds_and_estimates(name):
     task = ["task=classification", "collator=padding", "quant=none"] if "bert" in name or "minilm" in name else []
     est = estimate_memory(config, load_config(task))
     assert est["total"] > est["weights"] > 0
+
+
+def test_largest_micro_batch_is_the_last_that_fits():
+    config = table_config("meta-llama/Llama-3.1-8B")
+    cfg = load_config(["train.max_length=4096", "train.gradient_checkpointing=true"])
+
+    def needs(rows):
+        return estimate_memory(config, cfg, tokens_per_micro_batch=rows * 4096)["total"] + CUDA_CONTEXT_GIB
+
+    for budget in (24, 80):
+        rows = largest_micro_batch(config, cfg, budget)
+        assert rows >= 1 and needs(rows) <= budget < needs(rows + 1)
+    assert largest_micro_batch(config, cfg, needs(1) - 0.01) == 0
+    assert largest_micro_batch(config, cfg, needs(3)) == 3
+
+
+def test_fit_advice_keeps_the_effective_batch():
+    config = table_config("meta-llama/Llama-3.1-8B")
+    cfg = load_config(["train.max_length=4096", "train.gradient_checkpointing=true",
+                       "train.per_device_train_batch_size=8", "train.gradient_accumulation_steps=2"])
+    rows = largest_micro_batch(config, cfg, 24)
+    assert 1 <= rows < 8
+    advice = fit_advice(config, cfg, 24)
+    accumulation = -(-16 // rows)
+    assert advice.startswith(f"train.per_device_train_batch_size={rows} "
+                             f"train.gradient_accumulation_steps={accumulation} fits")
+    assert f"effective batch {rows * accumulation}, now 16" in advice
+    assert fit_advice(config, cfg, 500) is None  # 8 rows fit
+    tiny = fit_advice(config, load_config(["train.max_length=4096", "train.gradient_checkpointing=false"]), 8)
+    assert tiny.startswith("not even one row of 4096 tokens fits; try train.gradient_checkpointing=true")
+
+
+def test_preflight_warns_on_a_gpu_too_small_and_stays_quiet_otherwise(monkeypatch):
+    """On CUDA, before weights load; the GPU is simulated here (its size is all preflight reads)."""
+    import types
+
+    import torch
+
+    gpu = types.SimpleNamespace(total_memory=0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: gpu)
+    cfg = load_config([])  # the embedded SmolLM2-135M, 8 rows of the demo's max_length
+    need = estimate_memory(table_config("smollm2-135m"), cfg)["total"]
+    gpu.total_memory = int((need + CUDA_CONTEXT_GIB - 0.2) * 2**30)
+    warning = estimate.preflight(cfg)
+    assert warning.startswith(f"estimated peak {need:.1f} GiB per process")
+    assert f"at {cfg.train.per_device_train_batch_size} x {cfg.train.max_length} tokens" in warning
+    assert "train.per_device_train_batch_size=" in warning
+    gpu.total_memory = int((need + CUDA_CONTEXT_GIB + 0.1) * 2**30)
+    assert estimate.preflight(cfg) is None

@@ -48,6 +48,9 @@ from tuneforge.config import SHARDED_LAUNCHERS
 log = logging.getLogger(__name__)
 
 GIB = 2**30
+CUDA_CONTEXT_GIB = 1.0  # CUDA context and allocator slack on top of the allocated estimate
+# Memory sizes of common training GPUs (GiB), for the dry run's "largest micro-batch" line.
+GPU_SIZES_GIB = (24, 48, 80, 141)
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 
 # Shapes of the recipe models, used only when their config cannot be fetched (no network): enough for the
@@ -163,14 +166,16 @@ def _shape(mc) -> dict[str, int]:
 
 
 def estimate_memory(model_config, cfg, *, liger: bool = False, upcast_non_quantized: bool | None = None,
-                    tokens_per_micro_batch: int | None = None, bf16: bool = True) -> dict[str, float]:
+                    tokens_per_micro_batch: int | None = None, bf16: bool = True,
+                    counts: dict[str, int] | None = None) -> dict[str, float]:
     """Peak GPU memory (GiB) per process for training `model_config` with `cfg` (formula: module docstring).
 
     `liger`: Liger's layer kernels (SwiGLU saves one intermediate-sized tensor less). `upcast_non_quantized`:
     whether non-quantized parameters are fp32 under 4-bit (None: quant.upcast_non_quantized and the launcher decide).
-    `tokens_per_micro_batch`: default per_device_train_batch_size * max_length. `bf16`: compute dtype."""
+    `tokens_per_micro_batch`: default per_device_train_batch_size * max_length. `bf16`: compute dtype.
+    `counts`: `_counts(model_config, cfg)` when the caller estimates the same model many times."""
     t, q, peft = cfg.train, cfg.quant, cfg.peft
-    n = _counts(model_config, cfg)
+    n = counts or _counts(model_config, cfg)
     s = _shape(model_config)
     c = 2 if bf16 else 4
     dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(cfg.model.dtype, c)
@@ -219,6 +224,41 @@ def estimate_memory(model_config, cfg, *, liger: bool = False, upcast_non_quanti
     return out
 
 
+def largest_micro_batch(model_config, cfg, budget_gib: float, *, liger: bool = False, limit: int = 1024) -> int:
+    """The largest per_device_train_batch_size whose estimate, plus the CUDA context, fits `budget_gib`
+    (0: not even one row of max_length tokens). The estimate grows with the micro-batch, so bisect."""
+    counts = _counts(model_config, cfg)
+
+    def fits(rows: int) -> bool:
+        est = estimate_memory(model_config, cfg, liger=liger, counts=counts,
+                              tokens_per_micro_batch=rows * cfg.train.max_length)
+        return est["total"] + CUDA_CONTEXT_GIB <= budget_gib
+
+    if not fits(1):
+        return 0
+    low, high = 1, limit  # fits(low) holds
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return low
+
+
+def fit_advice(model_config, cfg, budget_gib: float, *, liger: bool = False) -> str | None:
+    """None when the configured micro-batch fits `budget_gib`; else what to change, keeping the effective batch."""
+    t = cfg.train
+    rows = largest_micro_batch(model_config, cfg, budget_gib, liger=liger, limit=t.per_device_train_batch_size)
+    if rows >= t.per_device_train_batch_size:
+        return None
+    if rows == 0:
+        hint = ("train.gradient_checkpointing=true" if not t.gradient_checkpointing
+                else f"a shorter train.max_length (now {t.max_length}), or a launcher that shards the model")
+        return f"not even one row of {t.max_length} tokens fits; try {hint}."
+    effective = t.per_device_train_batch_size * t.gradient_accumulation_steps
+    accumulation = -(-effective // rows)
+    return (f"train.per_device_train_batch_size={rows} train.gradient_accumulation_steps={accumulation} fits "
+            f"(effective batch {rows * accumulation}, now {effective}).")
+
+
 def upcasts(cfg) -> bool:
     """Whether a 4-bit run copies its unquantized weights to fp32 (tuneforge.models.adapters.prepare_base:
     quant.upcast_non_quantized, never under FSDP / ZeRO-3, which keep the bf16 storage)."""
@@ -244,7 +284,31 @@ def print_estimate(cfg) -> dict[str, float] | None:
         lean = estimate_memory(model_config, cfg, liger=liger, upcast_non_quantized=False)
         print(" " * 24 + f"with quant.upcast_non_quantized=false (no fp32 copies of the unquantized weights): "
               f"{lean['total']:.1f} GiB ({lean['total'] - est['total']:+.2f})")
+    sizes = ", ".join(f"{largest_micro_batch(model_config, cfg, gib, liger=liger)} on {gib}"
+                      for gib in GPU_SIZES_GIB)
+    print(f"{'largest micro-batch':>22}: {sizes} GiB GPUs (rows of {t.max_length} tokens, "
+          f"+{CUDA_CONTEXT_GIB:.0f} GiB context)")
     return est
+
+
+def preflight(cfg) -> str | None:
+    """Before weights load on CUDA: a warning when the estimate exceeds this GPU's memory, with a micro-batch
+    that fits. A warning, not an error: padded batches shorter than max_length peak lower than estimated."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    model_config, _ = model_config_for(cfg)
+    if model_config is None:
+        return None
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
+    est = estimate_memory(model_config, cfg, liger=bool(cfg.train.use_liger_kernel))
+    advice = fit_advice(model_config, cfg, total, liger=bool(cfg.train.use_liger_kernel))
+    if advice is None:
+        return None
+    return (f"estimated peak {est['total']:.1f} GiB per process (+{CUDA_CONTEXT_GIB:.0f} GiB context) exceeds "
+            f"this GPU's {total:.1f} GiB at {cfg.train.per_device_train_batch_size} x {cfg.train.max_length} "
+            f"tokens per micro-batch: {advice}")
 
 
 def checkpointing_policy(t) -> str:

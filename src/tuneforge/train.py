@@ -16,6 +16,7 @@ from tuneforge.config import ConfigError, TrainConfig, TuneforgeConfig
 from tuneforge.data.collators import TokenCounter, build_collator
 from tuneforge.data.packing import check_no_contamination, pack, probe_rows
 from tuneforge.data.pipeline import PreparedData, prepare
+from tuneforge.estimate import preflight, print_estimate
 from tuneforge.evaluate import evaluate_generations, generation_pairs, print_comparison
 from tuneforge.inference import GenerationSettings
 from tuneforge.models.adapters import add_lora, enable_checkpointing, prepare_base
@@ -110,8 +111,6 @@ def print_dry_run(cfg: TuneforgeConfig) -> None:
     """The plan, then the GPU memory estimate (tuneforge/estimate.py)."""
     for key, value in plan(cfg).items():
         print(f"{key:>22}: {value}")
-    from tuneforge.estimate import print_estimate
-
     print_estimate(cfg)
 
 
@@ -139,6 +138,8 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any, callbacks: li
     if main:
         runs.write_manifest(run_dir, **runs.run_identity(cfg, data, content_hash(tokenizer)))
 
+    if main and (warning := preflight(cfg)):
+        log.warning("GPU memory: %s", warning)
     start = time.perf_counter()
     model = load_model(model_path, cfg.model, cfg.quant)
     load_seconds = time.perf_counter() - start
