@@ -101,13 +101,13 @@ def test_fit_advice_keeps_the_effective_batch():
     assert tiny.startswith("not even one row of 4096 tokens fits; try train.gradient_checkpointing=true")
 
 
-def test_preflight_warns_on_a_gpu_too_small_and_stays_quiet_otherwise(monkeypatch):
+def test_preflight_warns_on_a_gpu_too_small_and_stays_quiet_otherwise(monkeypatch, capsys):
     """On CUDA, before weights load; the GPU is simulated here (its size is all preflight reads)."""
     import types
 
     import torch
 
-    gpu = types.SimpleNamespace(total_memory=0)
+    gpu = types.SimpleNamespace(total_memory=0, name="Simulated GPU")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: gpu)
@@ -120,3 +120,7 @@ def test_preflight_warns_on_a_gpu_too_small_and_stays_quiet_otherwise(monkeypatc
     assert "train.per_device_train_batch_size=" in warning
     gpu.total_memory = int((need + CUDA_CONTEXT_GIB + 0.1) * 2**30)
     assert estimate.preflight(cfg) is None
+    # The dry run names this GPU beside the common sizes.
+    estimate.print_estimate(cfg)
+    line = next(s for s in capsys.readouterr().out.splitlines() if "largest micro-batch:" in s)
+    assert f"on this GPU (Simulated GPU, {gpu.total_memory / 2**30:.1f} GiB)" in line

@@ -286,22 +286,34 @@ def print_estimate(cfg) -> dict[str, float] | None:
               f"{lean['total']:.1f} GiB ({lean['total'] - est['total']:+.2f})")
     sizes = ", ".join(f"{largest_micro_batch(model_config, cfg, gib, liger=liger)} on {gib}"
                       for gib in GPU_SIZES_GIB)
-    print(f"{'largest micro-batch':>22}: {sizes} GiB GPUs (rows of {t.max_length} tokens, "
+    gpu = local_gpu()
+    here = (f"; {largest_micro_batch(model_config, cfg, gpu[1], liger=liger)} on this GPU ({gpu[0]}, "
+            f"{gpu[1]:.1f} GiB)") if gpu else ""
+    print(f"{'largest micro-batch':>22}: {sizes} GiB GPUs{here} (rows of {t.max_length} tokens, "
           f"+{CUDA_CONTEXT_GIB:.0f} GiB context)")
     return est
+
+
+def local_gpu() -> tuple[str, float] | None:
+    """(name, memory in GiB) of this process's CUDA device, or None without one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return props.name, props.total_memory / GIB
 
 
 def preflight(cfg) -> str | None:
     """Before weights load on CUDA: a warning when the estimate exceeds this GPU's memory, with a micro-batch
     that fits. A warning, not an error: padded batches shorter than max_length peak lower than estimated."""
-    import torch
-
-    if not torch.cuda.is_available():
+    gpu = local_gpu()
+    if gpu is None:
         return None
     model_config, _ = model_config_for(cfg)
     if model_config is None:
         return None
-    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
+    total = gpu[1]
     est = estimate_memory(model_config, cfg, liger=bool(cfg.train.use_liger_kernel))
     advice = fit_advice(model_config, cfg, total, liger=bool(cfg.train.use_liger_kernel))
     if advice is None:
