@@ -90,6 +90,10 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any) -> dict:
 
     from transformers import set_seed
 
+    from tuneforge.estimate import preflight
+
+    if state.is_main_process and (warning := preflight(cfg)):
+        log.warning("GPU memory: %s", warning)
     set_seed(cfg.train.seed)  # the new head (and LoRA) are drawn before the Trainer seeds
     model = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=len(names), id2label=dict(enumerate(names)), label2id=label2id,
