@@ -124,3 +124,45 @@ def test_preflight_warns_on_a_gpu_too_small_and_stays_quiet_otherwise(monkeypatc
     estimate.print_estimate(cfg)
     line = next(s for s in capsys.readouterr().out.splitlines() if "largest micro-batch:" in s)
     assert f"on this GPU (Simulated GPU, {gpu.total_memory / 2**30:.1f} GiB)" in line
+
+
+def test_layer_activation_term_matches_what_autograd_saves():
+    """The per-layer activation coefficient is counted, not fitted: here it is checked against the bytes autograd
+    keeps for one more pair of decoder layers (bf16 autocast as in training, LoRA on every linear layer, weights
+    excluded). LoRA dropout is 0: CUDA's dropout keeps a 1-byte mask where the CPU kernel keeps a float noise
+    tensor, so that term can only be checked on a GPU."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tuneforge.config import PeftConfig, QuantConfig
+    from tuneforge.models.adapters import add_lora, prepare_base
+
+    shape = dict(hidden_size=512, intermediate_size=1376, num_attention_heads=8, num_key_value_heads=2,
+                 vocab_size=1000, attn_implementation="sdpa")
+    tokens = 512
+
+    def saved_bytes(layers: int) -> int:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, **shape)).to(torch.bfloat16)
+        model = add_lora(prepare_base(model, QuantConfig(load_in_4bit=False)),
+                         PeftConfig(r=16, lora_alpha=32, lora_dropout=0.0))
+        model.train()
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        kept = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in weights:  # one entry per distinct view saved
+                kept[(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))] = t.numel() * t.element_size()
+            return t
+
+        ids = torch.randint(0, shape["vocab_size"], (1, tokens))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16):
+            model(input_ids=ids)
+        return sum(kept.values())
+
+    measured = saved_bytes(4) - saved_bytes(2)
+    cfg = load_config(["quant=none", "model.dtype=bfloat16", "peft.lora_dropout=0", "train.gradient_checkpointing=false"])
+    estimated = [estimate_memory(LlamaConfig(num_hidden_layers=n, **shape), cfg, tokens_per_micro_batch=tokens)
+                 for n in (2, 4)]
+    predicted = (estimated[1]["activations"] - estimated[0]["activations"]) * 2**30
+    assert measured == pytest.approx(predicted, rel=0.10), (measured / tokens / 2, predicted / tokens / 2)
