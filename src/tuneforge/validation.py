@@ -297,9 +297,8 @@ def validate_data_paths(data: DataConfig) -> None:
     named = [("data.path", data.path), ("data.eval_split", data.eval_split)] if not data.mix else []
     for i, source in enumerate(data.mix):
         named += [(f"data.mix[{i}].path", source.path), (f"data.mix[{i}].eval_split", source.eval_split)]
-    for key, path in named:
-        # eval_split is a split name unless it is written as a file path.
-        if path and (key.endswith("path") or "/" in path or "." in path) and missing_local_path(path):
+    for key, path in named:  # a split name (eval_split=test) never looks like a local path
+        if path and missing_local_path(path):
             raise ConfigError(f"{key}={path!r}: no such file or directory (relative paths start at {Path.cwd()}). "
                               "Give an existing local file, directory or glob, or a hub dataset id.")
 
