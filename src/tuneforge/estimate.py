@@ -19,11 +19,18 @@ for its backward pass, in bytes, for a Llama-like layer with LoRA on every linea
         T        = per_device_train_batch_size * max_length (tokens per micro-batch: packed rows are full;
                    a padded batch is at most this long)
         s        = bytes of the residual stream: 4 under QLoRA (fp32 embeddings), else bytes(dtype)
-        A_layer  = c * (17 h + 3 kv + m * i) + (6 h + i)           # bytes per token per layer
+        A_layer  = c * (11 h + 3 kv + m * i)                       # bytes per token per layer
+                   + (6 h + i)                                     # LoRA dropout > 0: its masks (1 B each)
+                   + (s - c) * f * i                               # gated MLP under an fp32 stream
                    c = bytes(compute dtype); m = 5 for a gated MLP (4 with Liger's SwiGLU), 2 otherwise;
-                   the 17 h covers the norms, q/k/v/o inputs and outputs, rotary outputs, attention output,
-                   LoRA-dropout copies of each adapted input; the (6 h + i) term is the dropout masks.
+                   the 11 h covers the norms, q/k/v/o inputs and outputs, rotary outputs, attention output,
+                   and the bf16 copies autocast makes of each adapted input for lora_A (PEFT casts inputs to
+                   the adapters' fp32 first, with or without dropout, so dropout adds only its masks);
+                   f = 3 fp32 intermediate-sized tensors (gate, up, SiLU outputs), 2 with Liger's SwiGLU.
                    Without LoRA: c * (8 h + 3 kv + (m - 1) * i).
+                   Each term was counted from what autograd saves on the CPU (bf16 autocast, CUDA's 1-byte
+                   dropout masks) for the four combinations of fp32 upcast and dropout: -4.5% to -3.0%
+                   (tests/test_estimate.py).
     loss         = 2 * c * (min(T, 4096) * min(V, 32768) + min(V, 32768) * h)
                    TRL computes the loss with a fused, chunked LM head (no full logits tensor): a tile of
                    4096 tokens x 32768 vocabulary entries and the cast LM-head chunk, forward and backward.
@@ -32,7 +39,7 @@ for its backward pass, in bytes, for a Llama-like layer with LoRA on every linea
     sharding     = fsdp / deepspeed_zero3 divide weights and optimizer states by the number of processes,
                    deepspeed_zero2 divides gradients and optimizer states.
 
-Measured against the H100 peaks of benchmarks/gpu_train.py (benchmarks/estimate_memory.py): -4% to +5% on
+Measured against the H100 peaks of benchmarks/gpu_train.py (benchmarks/estimate_memory.py): -1.5% to +4.7% on
 1B and 8B Llama shapes at 2 x 4096 and 8 x 4096 tokens, with and without checkpointing and Liger. The estimate is of allocated memory: add ~1 GiB for the CUDA
 context and allocator slack.
 """
@@ -196,12 +203,14 @@ def estimate_memory(model_config, cfg, *, liger: bool = False, upcast_non_quanti
     stream = 4 if (q.load_in_4bit and upcast_non_quantized) else (dtype_bytes if not q.load_in_4bit else c)
     h, kv, i, layers = s["h"], s["kv"], s["i"], s["layers"]
     m = (4 if liger else 5) if s["gated"] else 2
-    if lora and peft.lora_dropout > 0:
-        per_layer = c * (17 * h + 3 * kv + m * i) + (6 * h + i)
-    elif lora:
+    if lora:
         per_layer = c * (11 * h + 3 * kv + m * i)
+        if peft.lora_dropout > 0:
+            per_layer += 6 * h + i  # the masks, 1 byte per element on CUDA
     else:
         per_layer = c * (8 * h + 3 * kv + (m - 1) * i)
+    if s["gated"]:  # an fp32 residual stream keeps the gate and up outputs (and SiLU's, without Liger) in fp32
+        per_layer += (stream - c) * (2 if liger else 3) * i
     if t.gradient_checkpointing:
         checkpointed = -(-layers // t.gradient_checkpointing_every_n_layers)  # layers 0, n, 2n, ...
         saved = 0 if t.gradient_checkpointing_offload else checkpointed * stream * h
