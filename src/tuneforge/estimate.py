@@ -18,10 +18,11 @@ for its backward pass, in bytes, for a Llama-like layer with LoRA on every linea
                    layers_kept = L - L_ckpt + 1 with checkpointing
         T        = per_device_train_batch_size * max_length (tokens per micro-batch: packed rows are full;
                    a padded batch is at most this long)
-        s        = bytes of the residual stream: 4 under QLoRA (fp32 embeddings), else bytes(dtype)
+        s        = bytes of the residual stream: 4 under QLoRA with the fp32 upcast (fp32 embeddings), else
+                   bytes(compute dtype) under 4-bit, bytes(model dtype) otherwise
         A_layer  = c * (11 h + 3 kv + m * i)                       # bytes per token per layer
                    + (6 h + i)                                     # LoRA dropout > 0: its masks (1 B each)
-                   + (s - c) * f * i                               # gated MLP under an fp32 stream
+                   + (s - c) * f * i                               # 4-bit gated MLP, fp32 stream
                    c = bytes(compute dtype); m = 5 for a gated MLP (4 with Liger's SwiGLU), 2 otherwise;
                    the 11 h covers the norms, q/k/v/o inputs and outputs, rotary outputs, attention output,
                    and the bf16 copies autocast makes of each adapted input for lora_A (PEFT casts inputs to
@@ -209,7 +210,9 @@ def estimate_memory(model_config, cfg, *, liger: bool = False, upcast_non_quanti
             per_layer += 6 * h + i  # the masks, 1 byte per element on CUDA
     else:
         per_layer = c * (8 * h + 3 * kv + (m - 1) * i)
-    if s["gated"]:  # an fp32 residual stream keeps the gate and up outputs (and SiLU's, without Liger) in fp32
+    if s["gated"] and q.load_in_4bit:
+        # bitsandbytes returns its input's dtype: an fp32 stream keeps the gate and up outputs (and SiLU's,
+        # without Liger) in fp32. Autocast's nn.Linear would return the compute dtype.
         per_layer += (stream - c) * (2 if liger else 3) * i
     if t.gradient_checkpointing:
         checkpointed = -(-layers // t.gradient_checkpointing_every_n_layers)  # layers 0, n, 2n, ...
