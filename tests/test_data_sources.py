@@ -106,6 +106,14 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
         load_source(_src(path), _cfg())
 
 
+def test_malformed_jsonl_row_after_a_good_one_names_file_and_line(tmp_path):
+    """Here Arrow's reader fails first and datasets' fallback parser raises a ValueError, not an Arrow error."""
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n{"prompt":\n{"prompt": "c"}\n')
+    with pytest.raises(ConfigError, match=r"bad\.jsonl:2: malformed JSON line"):
+        load_source(_src(path), _cfg())
+
+
 def test_malformed_json_array_names_file_and_line(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text('[\n{"prompt": "a", "completion": "b"},\n{"prompt": "c" "completion": "d"}\n]')

@@ -157,11 +157,11 @@ def _local(path: str, split: str) -> Dataset:
             # A directory's file names give its splits (train*.jsonl, test*.jsonl, ...), as on the hub.
             return load_dataset(builder, data_dir=str(p), split=split, **kwargs)
         return load_dataset(builder, data_files=files, split=split, **kwargs)
-    except ValueError as exc:
-        if "split" in str(exc).lower() or "Unknown" in str(exc):
-            raise ConfigError(f"data split {split!r} of {path!r}: {str(exc).splitlines()[0]}") from exc
-        raise
     except Exception as exc:
+        if isinstance(exc, ValueError) and ("split" in str(exc).lower() or "Unknown" in str(exc)):
+            raise ConfigError(f"data split {split!r} of {path!r}: {str(exc).splitlines()[0]}") from exc
+        # A malformed row can surface as a ValueError too (datasets' fallback JSON parser), so this is not
+        # limited to the other exception types.
         if builder == "json":
             _raise_bad_json_line(files, exc)
         raise ConfigError(f"could not read {path!r} as {builder}: {_root_cause(exc)}") from exc
