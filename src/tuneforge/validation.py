@@ -292,7 +292,7 @@ def validate_data_paths(data: DataConfig) -> None:
     """Local data files named in the config exist (hub ids are checked when they load)."""
     from pathlib import Path
 
-    from tuneforge.data.sources import missing_local_path
+    from tuneforge.data.local_paths import missing_local_path
 
     named = [("data.path", data.path), ("data.eval_split", data.eval_split)] if not data.mix else []
     for i, source in enumerate(data.mix):

@@ -27,7 +27,8 @@ from datasets import Dataset, DatasetDict, Features, load_from_disk
 from datasets.utils.tqdm import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
 from tuneforge.config import DataConfig, MixSourceConfig
-from tuneforge.data.sources import BUILTIN_PREFIX, is_local, load_split_raw, local_files
+from tuneforge.data.local_paths import is_local
+from tuneforge.data.sources import BUILTIN_PREFIX, load_split_raw, local_files
 from tuneforge.paths import cache_dir
 
 log = logging.getLogger(__name__)

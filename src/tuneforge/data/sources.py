@@ -18,12 +18,11 @@ from datasets.exceptions import DatasetNotFoundError
 
 from tuneforge.config import ConfigError, DataConfig, FormatConfig, MixSourceConfig
 from tuneforge.data.demo import BUILTIN
+from tuneforge.data.local_paths import BUILDERS, is_local
 
 log = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
-# datasets' packaged builders by file extension (.tsv is the csv builder with a tab separator).
-_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 
 def data_sources(cfg: DataConfig, fmt: FormatConfig) -> list[MixSourceConfig]:
@@ -82,7 +81,7 @@ def load_split(src: MixSourceConfig, split: str, cfg: DataConfig) -> Dataset:
 def load_split_raw(src: MixSourceConfig, split: str, cfg: DataConfig) -> Dataset:
     if src.path.startswith(BUILTIN_PREFIX):
         return _builtin(src.path, split, cfg)
-    if ("/" in split or Path(split).suffix in _BUILDERS) and is_local(split):  # eval_split may name a file
+    if ("/" in split or Path(split).suffix in BUILDERS) and is_local(split):  # eval_split may name a file
         return _local(split, "train")
     if is_local(src.path):
         return _local(src.path, split)
@@ -118,30 +117,15 @@ def _slice(ds: Dataset, split: str, path: str) -> Dataset:
     return ds.select(range(instr.from_ or 0, len(ds) if instr.to is None else instr.to))
 
 
-def is_local(path: str) -> bool:
-    return Path(path).expanduser().exists() or any(ch in path for ch in "*?[") and not path.endswith("]")
-
-
-def missing_local_path(path: str) -> bool:
-    """A path written as a local one (a data-file suffix, or starting with /, ./, ../ or ~) that is not there.
-
-    Hub dataset ids have neither, so this never stops a hub load; it lets validation refuse a typo before
-    the model is converted or loaded, instead of the hub lookup failing minutes later.
-    """
-    if "://" in path or is_local(path):
-        return False
-    return Path(path).suffix in _BUILDERS or path.startswith(("/", "./", "../", "~"))
-
-
 def local_files(path: str) -> list[str]:
     """The data files a local path names (a file, every data file under a directory, or a glob)."""
     p = Path(path).expanduser()
     files = sorted(str(f) for f in p.rglob("*") if f.is_file()) if p.is_dir() else sorted(glob.glob(str(p)))
-    files = [f for f in files if Path(f).suffix in _BUILDERS]
+    files = [f for f in files if Path(f).suffix in BUILDERS]
     if not files:
-        raise ConfigError(f"data.path={path!r}: no data files ({', '.join(_BUILDERS)}) found there.")
+        raise ConfigError(f"data.path={path!r}: no data files ({', '.join(BUILDERS)}) found there.")
     suffixes = {Path(f).suffix for f in files}
-    if len({_BUILDERS[s] for s in suffixes}) > 1 or suffixes == {".csv", ".tsv"}:
+    if len({BUILDERS[s] for s in suffixes}) > 1 or suffixes == {".csv", ".tsv"}:
         raise ConfigError(f"data.path={path!r} mixes file types {sorted(suffixes)}; point it at one type.")
     return files
 
@@ -149,7 +133,7 @@ def local_files(path: str) -> list[str]:
 def _local(path: str, split: str) -> Dataset:
     files = local_files(path)
     suffix = Path(files[0]).suffix
-    builder = _BUILDERS[suffix]
+    builder = BUILDERS[suffix]
     kwargs = {"sep": "\t"} if suffix == ".tsv" else {}
     p = Path(path).expanduser()
     try:
