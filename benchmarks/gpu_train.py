@@ -16,7 +16,8 @@ and the same seeded synthetic token data, and trains with TRL's `SFTTrainer`:
   c1      c with one packed row per batch (what fits an 8B bf16 base without activation checkpointing);
           c1_nd: with lora_dropout 0 (no dropout copies of the adapted inputs); c1_flex: with flex_attention.
   *_lean  QLoRA with quant.upcast_non_quantized=false: embeddings, norms and LM head stay bf16 (as in arm a)
-          instead of prepare_model_for_kbit_training's fp32 copies; c_gc3_lean / c_gc4_lean: 3 / 4 rows.
+          instead of prepare_model_for_kbit_training's fp32 copies; c_gc3_lean / c_gc4_lean: 3 / 4 rows;
+          c1_lean: c1 on such a base (its bf16 twin is c1_bf16: the switch means nothing on a bf16 base).
   c_gc2   c_gc checkpointing one decoder layer in 2 (the others keep their activations: memory for speed).
   *_off_* checkpointed layer inputs offloaded to pinned host memory (train.gradient_checkpointing_offload).
   *_bf16  the same arm with a bf16 base (LoRA) instead of NF4 (QLoRA): arm (d) is b/c vs b_bf16/c_bf16.
@@ -103,6 +104,7 @@ ARMS = {
     "c_gc": Arm(liger=True),
     "c_gc4": Arm(liger=True, micro_batch=4),
     "c1": Arm(liger=True, grad_ckpt=False, micro_batch=1),  # one 4k row: what fits an 8B bf16 base unchecked
+    "c1_lean": Arm(liger=True, grad_ckpt=False, micro_batch=1, upcast=False),
     "c_compile": Arm(liger=True, grad_ckpt=False, compile=True),
     "b_compile": Arm(compile=True),
     "c1_nd": Arm(liger=True, grad_ckpt=False, micro_batch=1, lora_dropout=0.0),
@@ -395,19 +397,60 @@ def git_commit() -> str | None:
         return None
 
 
-def run_arm(spec: dict, timeout: int) -> dict:
+# What a worker imports. The driver imports them first: on a bare GPU image a missing package then fails in
+# seconds, not once per arm after the random weights were written and loaded.
+WORKER_MODULES = ("bitsandbytes", "datasets", "peft", "transformers", "trl", "tuneforge.config",
+                  "tuneforge.data.collators", "tuneforge.data.packing", "tuneforge.models.adapters",
+                  "tuneforge.models.loading", "tuneforge.train")
+
+
+def missing_modules(arm_names: list[str], modules: tuple[str, ...] = WORKER_MODULES) -> list[str]:
+    """`module: reason` for every module the workers of these arms need and cannot import."""
+    import importlib
+
+    needed = list(modules) + (["liger_kernel"] if any(ARMS[n].liger for n in arm_names) else [])
+    missing = []
+    for name in needed:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - an extension can fail with any error at import
+            missing.append(f"{name}: {type(exc).__name__}: {exc}")
+    return missing
+
+
+def predicted_wall_s(finished: list[dict], shape: str, quant: str) -> float | None:
+    """The least time the next arm of `shape` can take, judged from the arms already finished: the quickest
+    finished arm of the same quantization, else of the shape, else None (unknown: start it).
+
+    Optimistic on purpose: an arm that runs past the deadline is stopped there, so a wrong start costs only
+    time no later arm could have used, while a pessimistic guess (the padded baseline is the slowest arm)
+    would skip arms that fit."""
+    for same in (lambda r: r["arm"]["quant"] == quant, lambda r: True):
+        walls = [r["wall_s"] for r in finished if "wall_s" in r and r["shape"] == shape and same(r)]
+        if walls:
+            return min(walls)
+    return None
+
+
+def run_arm(spec: dict, timeout: float) -> dict:
     """One arm in a fresh process (clean CUDA memory, no kernel patches left over from another arm)."""
     cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout} s"}
+        return {"error": f"stopped after {timeout:.0f} s"}
     marker = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not marker:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
         return {"error": f"exit {proc.returncode}", "log_tail": tail}
     return json.loads(marker[-1][len("RESULT "):]) | {"wall_s": time.perf_counter() - start}
+
+
+def same_settings(x: dict, y: dict) -> bool:
+    """Two arms (as recorded) that differ at most in the base's precision."""
+    drop = ("quant", "upcast")
+    return {k: v for k, v in x.items() if k not in drop} == {k: v for k, v in y.items() if k not in drop}
 
 
 def judge(results: list[dict]) -> None:
@@ -420,8 +463,10 @@ def judge(results: list[dict]) -> None:
         same = lambda x: (x["device"] == r["device"] and x["shape"] == r["shape"]  # noqa: E731
                           and x["profile"] == r["profile"] and "error" not in x)
         base = next((x for x in results if x["arm_name"] == base_name and same(x)), None)
-        twin = next((x for x in results if r["arm_name"].endswith("_bf16")
-                     and x["arm_name"] == r["arm_name"].removesuffix("_bf16") and same(x)), None)
+        # (d)'s twin: the QLoRA arm of the same settings; the fp32-upcast switch means nothing on a bf16 base,
+        # so c1_bf16 is the twin of both c1 and c1_lean.
+        twin = next((x for x in results if r["arm"]["quant"] == "bf16" and x["arm"]["quant"] == "nf4"
+                     and same_settings(x["arm"], r["arm"]) and same(x)), None)
         gate = r["gate"]
         # bf16 compute on GPUs; fp32 on CPUs, where any real difference is a layout bug.
         tol = 1e-3 if r["device"].startswith("CPU") else 1e-2
@@ -457,6 +502,11 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def save(record: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default="135m")
@@ -471,7 +521,8 @@ def main() -> int:
     p.add_argument("--out", default=None, help="JSON path (default results/gpu_train-<device>-<time>.json)")
     p.add_argument("--stop-on-error", action="store_true", help="stop at the first arm that fails")
     p.add_argument("--deadline-s", type=float, default=None,
-                   help="start no arm after this many seconds (a lent GPU's time limit; finished arms are kept)")
+                   help="end by this many seconds (a rented GPU's time limit): start no arm that the finished arms "
+                        "predict would end later, stop one still running then; finished arms are kept")
     p.add_argument("--table", action="store_true", help="print the table of every results/gpu_train-*.json")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--make-model", help=argparse.SUPPRESS)
@@ -489,36 +540,57 @@ def main() -> int:
         print(table(rows))
         return 0
 
-    device, results, began = device_name(), [], time.perf_counter()
+    began = time.perf_counter()
+    arm_names = a.arms.split(",")
+    unknown = [n for n in arm_names if n not in ARMS]
+    missing = missing_modules([n for n in arm_names if n in ARMS])
+    if unknown or missing:
+        print("cannot run:" + "".join(f"\n  unknown arm {n!r}" for n in unknown)
+              + "".join(f"\n  {m}" for m in missing), file=sys.stderr)
+        return 2
+    device, results, not_started = device_name(), [], []
     out = Path(a.out) if a.out else RESULTS / f"gpu_train-{device.split()[-1].lower()}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     record = {"device": device, "versions": versions(), "git_commit": git_commit(),
-              "command": " ".join([Path(sys.executable).name, *sys.argv]), "results": results}
+              "command": " ".join([Path(sys.executable).name, *sys.argv]), "deadline_s": a.deadline_s,
+              "not_started": not_started, "results": results}
     for shape in a.shapes.split(","):
+        if a.deadline_s and time.perf_counter() - began > a.deadline_s:
+            not_started += [f"{shape}/{profile}/{name}" for profile in a.profiles.split(",") for name in arm_names]
+            print(f"[{shape}] not started: past --deadline-s {a.deadline_s:g}", flush=True)
+            continue
         start = time.perf_counter()
         subprocess.run([sys.executable, __file__, "--make-model", shape, "--model-dir", a.model_dir], check=True)
         print(f"[{shape}] random weights ready in {time.perf_counter() - start:.0f} s", flush=True)
         for profile in a.profiles.split(","):
-            for name in a.arms.split(","):
-                if a.deadline_s and time.perf_counter() - began > a.deadline_s:
-                    print(f"[{shape}/{profile}/{name}] not started: past --deadline-s {a.deadline_s}", flush=True)
-                    continue
+            for name in arm_names:
+                timeout = a.timeout
+                if a.deadline_s:
+                    left = a.deadline_s - (time.perf_counter() - began)
+                    guess = predicted_wall_s(results, shape, ARMS[name].quant)
+                    if left <= 0 or (guess is not None and guess > left):
+                        why = "past" if left <= 0 else f"predicted {guess:.0f} s, {left:.0f} s left before"
+                        print(f"[{shape}/{profile}/{name}] not started: {why} --deadline-s {a.deadline_s:g}",
+                              flush=True)
+                        not_started.append(f"{shape}/{profile}/{name}")
+                        continue
+                    timeout = min(timeout, left)
                 spec = {"arm": asdict(ARMS[name]), "shape": shape, "profile": profile, "max_length": a.max_length,
                         "steps": a.steps, "warmup": a.warmup, "num_sequences": a.num_sequences,
                         "model_path": str(model_dir(Path(a.model_dir), shape)), "scratch": a.model_dir}
                 result = {"arm_name": name, "shape": shape, "profile": profile, "device": device, **spec,
-                          **run_arm(spec, a.timeout)}
+                          **run_arm(spec, timeout)}
                 results.append(result)
                 summary = result.get("error") or (f"{result['tokens_per_s']:,.0f} tok/s, "
                                                   f"step {result['median_step_s']:.3f} s")
                 print(f"[{shape}/{profile}/{name}] {summary}", flush=True)
                 # After every arm: a run cut short by a time limit keeps the arms it finished.
                 judge(results)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps(record, indent=2) + "\n")
+                save(record, out)
                 if "error" in result:
                     print("\n".join(result.get("log_tail", [])), flush=True)
                     if a.stop_on_error:
                         break
+    save(record, out)  # also when no arm started: the record says why
     print(table(results))
     print(f"wrote {out}")
     return 0
