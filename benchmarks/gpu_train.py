@@ -18,6 +18,8 @@ and the same seeded synthetic token data, and trains with TRL's `SFTTrainer`:
   *_lean  QLoRA with quant.upcast_non_quantized=false: embeddings, norms and LM head stay bf16 (as in arm a)
           instead of prepare_model_for_kbit_training's fp32 copies; c_gc3_lean / c_gc4_lean: 3 / 4 rows;
           c1_lean: c1 on such a base (its bf16 twin is c1_bf16: the switch means nothing on a bf16 base).
+  c1_cast c1 through PEFT's own get_peft_model, which casts every adapted input to the fp32 adapters' dtype and
+          autocast back to bf16 (tuneforge's add_lora skips that round trip; benchmarks/lora_casts.py counts it).
   c_gc2   c_gc checkpointing one decoder layer in 2 (the others keep their activations: memory for speed).
   *_off_* checkpointed layer inputs offloaded to pinned host memory (train.gradient_checkpointing_offload).
   *_bf16  the same arm with a bf16 base (LoRA) instead of NF4 (QLoRA): arm (d) is b/c vs b_bf16/c_bf16.
@@ -93,6 +95,7 @@ class Arm:
     ckpt_every: int = 1            # train.gradient_checkpointing_every_n_layers
     offload: bool = False          # train.gradient_checkpointing_offload
     lora_dropout: float = 0.05     # 0: PEFT skips the dropout copy of every adapted layer's input
+    peft_input_cast: bool = False  # PEFT's own wrapping: every adapted input to fp32 and back (tuneforge skips it)
 
 
 ARMS = {
@@ -105,6 +108,7 @@ ARMS = {
     "c_gc4": Arm(liger=True, micro_batch=4),
     "c1": Arm(liger=True, grad_ckpt=False, micro_batch=1),  # one 4k row: what fits an 8B bf16 base unchecked
     "c1_lean": Arm(liger=True, grad_ckpt=False, micro_batch=1, upcast=False),
+    "c1_cast": Arm(liger=True, grad_ckpt=False, micro_batch=1, peft_input_cast=True),
     "c_compile": Arm(liger=True, grad_ckpt=False, compile=True),
     "b_compile": Arm(compile=True),
     "c1_nd": Arm(liger=True, grad_ckpt=False, micro_batch=1, lora_dropout=0.0),
@@ -250,7 +254,7 @@ def gate_rows(rows: list[list[int]], budget: int) -> list[list[int]]:
 def run_worker(spec: dict) -> dict:
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
@@ -258,7 +262,7 @@ def run_worker(spec: dict) -> dict:
     from tuneforge.config import CollatorConfig, ModelConfig, PackingConfig, PeftConfig, QuantConfig, TrainConfig
     from tuneforge.data.collators import build_collator
     from tuneforge.data.packing import pack
-    from tuneforge.models.adapters import add_lora, enable_checkpointing, prepare_base
+    from tuneforge.models.adapters import add_lora, enable_checkpointing, lora_config, prepare_base
     from tuneforge.models.loading import load_model
     from tuneforge.train import sft_config
 
@@ -298,7 +302,8 @@ def run_worker(spec: dict) -> dict:
                             gradient_checkpointing_offload=arm.offload, use_liger_kernel=arm.liger,
                             torch_compile=arm.compile)
         lora = PeftConfig(**{**LORA, "lora_dropout": arm.lora_dropout})
-        model = add_lora(enable_checkpointing(prepare_base(model, quant), train), lora)
+        base = enable_checkpointing(prepare_base(model, quant), train)
+        model = get_peft_model(base, lora_config(lora)) if arm.peft_input_cast else add_lora(base, lora)
         args = sft_config(train, run_dir)
         peft_config = None
         train_rows, _ = pack(data, packing, max_length)

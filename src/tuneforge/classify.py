@@ -19,7 +19,7 @@ from transformers import AutoModelForSequenceClassification, DataCollatorWithPad
 from tuneforge import runs
 from tuneforge.config import ConfigError, TuneforgeConfig
 from tuneforge.data.sources import data_sources, load_source
-from tuneforge.models.adapters import lora_config, prepare_base
+from tuneforge.models.adapters import keep_input_dtype_under_autocast, lora_config, prepare_base
 from tuneforge.models.loading import compute_dtype, device_supports_bf16, fit_embeddings, quantization_config, resolve_path
 from tuneforge.tokenizer import load_tokenizer
 
@@ -105,7 +105,8 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any) -> dict:
         from peft import get_peft_model
 
         model = prepare_base(model, cfg.quant)
-        model = get_peft_model(model, lora_config(cfg.peft, task_type="SEQ_CLS"))  # the head is trained in full
+        # The head is trained in full.
+        model = keep_input_dtype_under_autocast(get_peft_model(model, lora_config(cfg.peft, task_type="SEQ_CLS")))
 
     t = cfg.train
     args = TrainingArguments(

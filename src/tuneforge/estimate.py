@@ -20,13 +20,15 @@ for its backward pass, in bytes, for a Llama-like layer with LoRA on every linea
                    a padded batch is at most this long)
         s        = bytes of the residual stream: 4 under QLoRA with the fp32 upcast (fp32 embeddings), else
                    bytes(compute dtype) under 4-bit, bytes(model dtype) otherwise
-        A_layer  = c * (11 h + 3 kv + m * i)                       # bytes per token per layer
+        A_layer  = c * (8 h + 3 kv + m * i)                        # bytes per token per layer
+                   + c * 3 h                                       # LoRA dropout > 0 or s != c: own copies
                    + (6 h + i)                                     # LoRA dropout > 0: its masks (1 B each)
                    + (s - c) * f * i                               # 4-bit gated MLP, fp32 stream
                    c = bytes(compute dtype); m = 5 for a gated MLP (4 with Liger's SwiGLU), 2 otherwise;
-                   the 11 h covers the norms, q/k/v/o inputs and outputs, rotary outputs, attention output,
-                   and the bf16 copies autocast makes of each adapted input for lora_A (PEFT casts inputs to
-                   the adapters' fp32 first, with or without dropout, so dropout adds only its masks);
+                   the 8 h covers the norms, q/k/v/o inputs and outputs, rotary outputs and attention
+                   output, lora_A sharing the input of q/k/v and of gate/up; with dropout (one output per
+                   adapted layer) or an fp32 stream (autocast casts it for each lora_A) three more copies;
+                   (models/adapters.py keeps PEFT from casting a bf16 input to fp32 and back under autocast);
                    f = 3 fp32 intermediate-sized tensors (gate, up, SiLU outputs), 2 with Liger's SwiGLU.
                    Without LoRA: c * (8 h + 3 kv + (m - 1) * i).
                    Each term was counted from what autograd saves on the CPU (bf16 autocast, CUDA's 1-byte
@@ -205,7 +207,11 @@ def estimate_memory(model_config, cfg, *, liger: bool = False, upcast_non_quanti
     h, kv, i, layers = s["h"], s["kv"], s["i"], s["layers"]
     m = (4 if liger else 5) if s["gated"] else 2
     if lora:
-        per_layer = c * (11 * h + 3 * kv + m * i)
+        per_layer = c * (8 * h + 3 * kv + m * i)
+        if peft.lora_dropout > 0 or stream != c:
+            # Each lora_A then saves its own copy of its input (a dropout output, or autocast's cast of an fp32
+            # stream) where it would share the one input of q/k/v and of gate/up.
+            per_layer += c * 3 * h
         if peft.lora_dropout > 0:
             per_layer += 6 * h + i  # the masks, 1 byte per element on CUDA
     else:

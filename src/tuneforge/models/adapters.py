@@ -74,9 +74,28 @@ def add_lora(model: PreTrainedModel, cfg: PeftConfig, new_token_ids: list[int] |
     """LoRA adapters on the (prepared) base; peft.method=none returns the model for a full fine-tune."""
     if cfg.method == "none":
         return model
-    model = get_peft_model(model, lora_config(cfg, new_token_ids=new_token_ids))
+    model = keep_input_dtype_under_autocast(get_peft_model(model, lora_config(cfg, new_token_ids=new_token_ids)))
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA: %s trainable of %s parameters (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    return model
+
+
+def keep_input_dtype_under_autocast(model: PreTrainedModel) -> PreTrainedModel:
+    """Under mixed precision, LoRA layers take their half-precision input as it is.
+
+    PEFT keeps adapters in fp32 and casts every adapted layer's input to fp32 before lora_A, even under
+    autocast, which casts it straight back to bf16 for the matmul: two full copies of each of the 6h + i
+    adapted inputs per token and layer, and two more of their gradients (on a bf16 base; bitsandbytes'
+    4-bit layers skip the cast under CUDA autocast only). bf16 -> fp32 -> bf16 is exact, so skipping it
+    changes no value. Outside autocast (generation, fp32 training) the cast stays: fp32 adapters need it.
+    """
+    def hook(layer, args):
+        x = args[0] if args else None
+        layer.cast_input_dtype_enabled = not (torch.is_tensor(x) and torch.is_autocast_enabled(x.device.type))
+
+    for layer in model.modules():
+        if hasattr(layer, "cast_input_dtype_enabled"):  # PEFT's public switch (peft.helpers uses it too)
+            layer.register_forward_pre_hook(hook)
     return model
 
 
