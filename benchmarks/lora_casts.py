@@ -15,8 +15,6 @@ the time column only projects them at a device's copy bandwidth, it measures no 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -67,7 +65,7 @@ def step_cast_bytes(shape: dict, layers: int, tokens: int, keep_dtype: bool) -> 
 
 
 def main() -> int:
-    from gpu_train import SHAPES
+    from gpu_train import SHAPES, git_commit, save, versions
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default="135m,1b,8b")
@@ -98,11 +96,9 @@ def main() -> int:
         print(f"| {r['shape']} | {r['peft_bytes_per_token_layer']:,.0f} | {r['tuneforge_bytes_per_token_layer']:,.0f} | "
               f"{r['saved_bytes_per_adapted_element']:.1f} B | {r['saved_gb_per_4096_token_step']:.1f} GB | "
               f"{r['h200_ms_per_4096_token_step']:.1f} ms |")
-    import importlib.metadata as md
-    record = {"command": " ".join(["python", *sys.argv]), "tokens": a.tokens, "python": platform.python_version(),
-              "versions": {k: md.version(k) for k in ("torch", "transformers", "peft")}, "results": rows}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(record, indent=2) + "\n")
+    record = {"command": " ".join(["python", *sys.argv]), "git_commit": git_commit(), "versions": versions(),
+              "tokens": a.tokens, "results": rows}
+    save(record, Path(a.out))
     print(f"wrote {a.out}")
     return 0
 
