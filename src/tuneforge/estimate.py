@@ -27,7 +27,7 @@ for its backward pass, in bytes, for a Llama-like layer with LoRA on every linea
                    c = bytes(compute dtype); m = 5 for a gated MLP (4 with Liger's SwiGLU), 2 otherwise;
                    the 8 h covers the norms, q/k/v/o inputs and outputs, rotary outputs and attention
                    output, lora_A sharing the input of q/k/v and of gate/up; with dropout (one output per
-                   adapted layer) or an fp32 stream (autocast casts it for each lora_A) three more copies;
+                   adapted layer) or an fp32 stream (autocast casts it for each lora_A) three more copies
                    (models/adapters.py keeps PEFT from casting a bf16 input to fp32 and back under autocast);
                    f = 3 fp32 intermediate-sized tensors (gate, up, SiLU outputs), 2 with Liger's SwiGLU.
                    Without LoRA: c * (8 h + 3 kv + (m - 1) * i).
