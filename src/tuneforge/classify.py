@@ -19,7 +19,7 @@ from transformers import AutoModelForSequenceClassification, DataCollatorWithPad
 from tuneforge import runs
 from tuneforge.config import ConfigError, TuneforgeConfig
 from tuneforge.data.sources import data_sources, load_source
-from tuneforge.models.adapters import keep_input_dtype_under_autocast, lora_config, prepare_base
+from tuneforge.models.adapters import add_lora, prepare_base
 from tuneforge.models.loading import compute_dtype, device_supports_bf16, fit_embeddings, quantization_config, resolve_path
 from tuneforge.tokenizer import load_tokenizer
 
@@ -102,11 +102,7 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any) -> dict:
     )
     fit_embeddings(model, tokenizer)  # decoder backbones: the fixed PAD id tells the head where rows end
     if cfg.peft.method == "lora":
-        from peft import get_peft_model
-
-        model = prepare_base(model, cfg.quant)
-        # The head is trained in full.
-        model = keep_input_dtype_under_autocast(get_peft_model(model, lora_config(cfg.peft, task_type="SEQ_CLS")))
+        model = add_lora(prepare_base(model, cfg.quant), cfg.peft, task_type="SEQ_CLS")  # the head is trained in full
 
     t = cfg.train
     args = TrainingArguments(

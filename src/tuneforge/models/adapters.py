@@ -70,11 +70,13 @@ def enable_checkpointing(model: PreTrainedModel, train: TrainConfig) -> PreTrain
     return model
 
 
-def add_lora(model: PreTrainedModel, cfg: PeftConfig, new_token_ids: list[int] | None = None):
+def add_lora(model: PreTrainedModel, cfg: PeftConfig, new_token_ids: list[int] | None = None,
+             task_type: str = "CAUSAL_LM"):
     """LoRA adapters on the (prepared) base; peft.method=none returns the model for a full fine-tune."""
     if cfg.method == "none":
         return model
-    model = keep_input_dtype_under_autocast(get_peft_model(model, lora_config(cfg, new_token_ids=new_token_ids)))
+    config = lora_config(cfg, task_type=task_type, new_token_ids=new_token_ids)
+    model = keep_input_dtype_under_autocast(get_peft_model(model, config))
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA: %s trainable of %s parameters (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     return model
