@@ -17,7 +17,8 @@ and the same seeded synthetic token data, and trains with TRL's `SFTTrainer`:
           c1_nd: with lora_dropout 0 (no dropout copies of the adapted inputs); c1_flex: with flex_attention.
   *_lean  QLoRA with quant.upcast_non_quantized=false: embeddings, norms and LM head stay bf16 (as in arm a)
           instead of prepare_model_for_kbit_training's fp32 copies; c_gc3_lean / c_gc4_lean: 3 / 4 rows;
-          c1_lean: c1 on such a base (its bf16 twin is c1_bf16: the switch means nothing on a bf16 base).
+          c1_lean: c1 on such a base (its bf16 twin is c1_bf16: the switch means nothing on a bf16 base);
+          c_gc3_lean_flex: c_gc3_lean with flex_attention (b_flex was 1.07x b on the H100 at 1B).
   c1_cast c1 through PEFT's own get_peft_model, which casts every adapted input to the fp32 adapters' dtype and
           autocast back to bf16 (tuneforge's add_lora skips that round trip; benchmarks/lora_casts.py counts it).
   c_gc2   c_gc checkpointing one decoder layer in 2 (the others keep their activations: memory for speed).
@@ -117,6 +118,7 @@ ARMS = {
     "c_gc_lean": Arm(liger=True, upcast=False),
     "c_gc3_lean": Arm(liger=True, upcast=False, micro_batch=3),
     "c_gc4_lean": Arm(liger=True, upcast=False, micro_batch=4),
+    "c_gc3_lean_flex": Arm(liger=True, upcast=False, micro_batch=3, attn="flex_attention"),
     "c_gc2": Arm(liger=True, ckpt_every=2),
     "c_gc4_off_lean": Arm(liger=True, upcast=False, micro_batch=4, offload=True),
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import asdict
@@ -123,3 +124,12 @@ def test_qlora_twin_is_the_arm_of_the_same_settings():
     assert "qlora_slowdown_vs_bf16" not in rows[0] and "qlora_slowdown_vs_bf16" not in rows[1]
     assert gpu_train.same_settings(asdict(gpu_train.ARMS["c1"]), asdict(gpu_train.ARMS["c1_lean_bf16"]))
     assert not gpu_train.same_settings(asdict(gpu_train.ARMS["c1"]), asdict(gpu_train.ARMS["c1_nd_bf16"]))
+
+
+def test_session_script_runs_only_known_arms():
+    """A lent GPU is gone after one call: an arm name in gpu_session.sh that the harness does not know would
+    cost that call, so the default list is checked here, on the CPU."""
+    script = (REPO / "benchmarks" / "gpu_session.sh").read_text()
+    arms = re.search(r"^arms=(\S+)$", script, re.M).group(1).split(",")
+    assert arms[0] == "a" and len(set(arms)) == len(arms)
+    assert [name for name in arms if name not in gpu_train.ARMS] == []
