@@ -27,8 +27,9 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 
 # Most wanted first (benchmarks/README.md, "Against the targets"): the baseline every ratio needs; the
 # candidate for 8B QLoRA >= 2x at <= 0.6x memory; bf16 MFU at 4k and its QLoRA twin (QLoRA vs bf16 at the
-# same settings); the candidate with flex_attention; then bf16 MFU with PEFT's fp32 round trip of adapted inputs (what tuneforge skips), the
-# candidate's bf16 twin, LoRA dropout 0, the lean default layout, flex_attention.
+# same settings); the candidate with flex_attention; then bf16 MFU with PEFT's fp32 round trip of adapted
+# inputs (what tuneforge skips), the candidate's bf16 twin, LoRA dropout 0, the lean default layout,
+# flex_attention.
 arms=a,c_gc3_lean,c1_bf16,c1_lean,c_gc3_lean_flex,c1_cast_bf16,c_gc3_lean_bf16,c1_nd_bf16,c_gc_lean,c1_flex_bf16
 "$python" benchmarks/gpu_train.py --shapes 8b --profiles chat --arms "$arms" --steps 30 --warmup 3 \
   --timeout 300 --deadline-s "${DEADLINE_S:-520}" --out "$out/gpu_train-8b-chat.json" "$@"
