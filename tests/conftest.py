@@ -3,6 +3,7 @@ cache `make demo` uses), so only the first run on a fresh machine pays the ~40 s
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -10,7 +11,24 @@ from pathlib import Path
 
 import pytest
 
+from tuneforge.console import LIBRARY_WARNINGS, silence_library_noise
+
 REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config):
+    """The same narrow library-noise filters as every command, so test reports show only what matters: the
+    warning filters as pytest's own (it resets Python's around every test and fixture)."""
+    for category, message in LIBRARY_WARNINGS:
+        config.addinivalue_line("filterwarnings", f"ignore:{message}:{category.__name__}")
+    silence_library_noise()
+
+
+# torch's compile loggers (dynamo/inductor, and the `torch.__trace` structured log) emit thousands of DEBUG
+# records per compiled graph; pytest would capture them all into a failing test's report.
+for _name in ("torch", "torch.__trace", "torch._dynamo", "torch._inductor"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 

@@ -231,6 +231,25 @@ def test_probe_passes_clean_packing_and_fails_contaminated(smollm_dir, smollm_to
         check_no_contamination(model, no_reset, probe, tolerance=1e-5)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("arm", ["packed", "unpacked"])
+def test_probe_fails_on_a_non_finite_forward(smollm_dir, smollm_tokenizer, arm, bad):
+    """A NaN/inf loss in either arm fails the probe: `error > tolerance` alone would let a NaN through."""
+    tok, model = smollm_tokenizer, tiny_llama(smollm_dir).eval()
+    probe = probe_rows(rows(tok, 6))
+    packed_width = sum(len(r) for r in probe)
+
+    def poison(module, args, kwargs, output):  # the packed arm is the one row holding every probe sequence
+        is_packed = kwargs["input_ids"].shape[-1] == packed_width
+        if is_packed == (arm == "packed"):
+            output.logits = output.logits * bad
+        return output
+
+    model.register_forward_hook(poison, with_kwargs=True)
+    with pytest.raises(ContaminationError, match=f"the {arm} forward gave a non-finite loss"):
+        check_no_contamination(model, collate(tok, "padding_free"), probe)
+
+
 def tiny_llama(smollm_dir, attn: str = "sdpa", layers: int = 2):
     """A small random Llama with SmolLM2's vocabulary (the tokenizer's ids stay valid)."""
     config = AutoConfig.from_pretrained(smollm_dir)
@@ -251,10 +270,41 @@ def test_left_and_right_padding_give_the_same_loss(smollm_dir, smollm_tokenizer)
     assert relative(losses["left"], losses["right"]) < TOL
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa", pytest.param("flex_attention", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_attention_implementations_honour_packed_position_ids(smollm_dir, smollm_tokenizer, attn):
     model = tiny_llama(smollm_dir, attn).eval()
     assert check_no_contamination(model, collate(smollm_tokenizer, "padding_free"), probe_rows(rows(smollm_tokenizer, 6))) < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["bfd", "padding_free", "wrapped"])
+def test_flex_attention_with_packing_is_refused_on_a_cpu_before_weights_load(mode):
+    """Whether flex_attention isolates packed sequences on a CPU depends on the processor (NaN on an AMD EPYC,
+    clean on an Intel Xeon): refused on a CPU whatever the processor; on CUDA it is the GPU harness's question."""
+    from tuneforge import device_defaults
+    from tuneforge.config import ConfigError, TuneforgeConfig
+
+    cfg = TuneforgeConfig()
+    cfg.packing.mode, cfg.model.attn_implementation = mode, "flex_attention"
+    with pytest.raises(ConfigError, match=rf"packing.mode={mode} with model.attn_implementation=flex_attention on a CPU"):
+        device_defaults.resolve(cfg, cuda=False)
+    assert device_defaults.resolve(cfg, cuda=True).model.attn_implementation == "flex_attention"
+    cfg.packing.mode = "none"  # unpacked rows carry an attention mask: nothing to isolate
+    device_defaults.resolve(cfg, cuda=False)
+    cfg.packing.mode = "auto"  # decides none on a CPU
+    assert device_defaults.resolve(cfg, cuda=False).packing.mode == "none"
+
+
+def test_flex_attention_with_packing_is_refused_by_the_cli_config_check():
+    """The same check runs where every command validates its config, before anything loads."""
+    from tuneforge.compose import load_config
+    from tuneforge.config import ConfigError
+
+    overrides = ["packing=bfd", "model.attn_implementation=flex_attention"]
+    if torch.cuda.is_available():
+        assert load_config(overrides).packing.mode == "bfd"
+    else:
+        with pytest.raises(ConfigError, match="flex_attention on a CPU"):
+            load_config(overrides)
 
 
 def test_packing_attention_list_matches_transformers():

@@ -44,8 +44,31 @@ def test_run_directory_contents(trained_run):
     assert set(metrics["eval_before"]) == set(metrics["eval_after"]) >= {"exact_match"}
     assert metrics["tokenizer"]["fixes"]  # PAD != EOS fix recorded
     assert len([h for h in metrics["log_history"] if "loss" in h]) == 3
-    assert "step 3" in (run_dir / "train.log").read_text()
+    log = (run_dir / "train.log").read_text()
+    assert [line.split("step ", 1)[1].split(":")[0] for line in log.splitlines() if "] - step " in line
+            and "loss " in line] == ["1/3", "2/3", "3/3"]  # one line per logged step
     assert "Held-out generation" in result.stdout
+
+
+def test_console_shows_one_line_per_step_and_no_library_noise(trained_run):
+    _, result = trained_run
+    out = result.stdout + result.stderr
+    assert "{'loss'" not in out  # the Trainer's own dict print is replaced by tuneforge's line
+    assert sum(f"step {k}/3: loss " in out for k in (1, 2, 3)) == 3
+    for noise in ("is_gradient_checkpointing", "pin_memory", "gemm_4bit_forward"):
+        assert noise not in out, noise
+
+
+def test_model_card_describes_the_run(trained_run):
+    run_dir, _ = trained_run
+    card = (run_dir / "README.md").read_text()
+    assert "huggingface.co/None" not in card and "Model Card for Model ID" not in card  # TRL's / PEFT's templates
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert card.startswith("---\nbase_model: embedded:smollm2-135m-instruct\n")
+    assert "train.max_steps=3" in card and "data.builtin_rows=120" in card  # the exact command
+    assert f"| exact_match | {metrics['eval_before']['exact_match']:.3f} | {metrics['eval_after']['exact_match']:.3f} |" in card
+    assert "PeftModel.from_pretrained" in card and f"tuneforge infer run_dir={run_dir}" in card
+    assert (run_dir / "adapter" / "README.md").read_text() == card
 
 
 def _infer_in_fresh_process(run_dir, rows, tmp_path) -> list[str]:

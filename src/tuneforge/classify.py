@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from datasets import Dataset
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer, TrainingArguments
 
@@ -116,10 +117,14 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any) -> dict:
         load_best_model_at_end=t.load_best_model_at_end, metric_for_best_model=t.metric_for_best_model,
         greater_is_better=t.greater_is_better,
         bf16=device_supports_bf16() if t.bf16 is None else t.bf16,
+        dataloader_pin_memory=torch.cuda.is_available(),  # see train.sft_config
     )
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
                       data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=cfg.collator.pad_to_multiple_of),
                       processing_class=tokenizer, compute_metrics=classification_metrics)
+    from tuneforge import console
+
+    console.attach(trainer)
     from tuneforge import faults
     from tuneforge.tokenizer import content_hash
 
@@ -143,6 +148,9 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any) -> dict:
     }
     runs.write_json(run_dir / runs.METRICS_FILE, metrics)
     runs.plot_losses(trainer.state.log_history, run_dir / "loss.png")
+    from tuneforge import model_card
+
+    model_card.write(cfg, metrics, runs.read_manifest(run_dir).get("command", runs.command_line()), run_dir)
     runs.write_manifest(run_dir, status="finished", finished_at=runs._now())
     print(f"held-out accuracy {metrics['eval_accuracy']:.3f} (macro-F1 {metrics['eval_macro_f1']:.3f}) vs "
           f"majority-class baseline {majority:.3f} on {len(held_out)} rows")

@@ -226,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, args = argv[0], argv[1:]
+    from tuneforge.console import silence_library_noise
+
+    silence_library_noise()
     if command in PLAIN_COMMANDS:
         return PLAIN_COMMANDS[command](args)
     if command not in COMMANDS:

@@ -157,7 +157,9 @@ def train_guarded(trainer, train_cfg, run_dir, bf16: bool):
     trainer.add_callback(stopper)
     trainer.add_callback(guard)
     _inject_nan_for_tests(trainer)
-    with stopper.installed():
+    from tuneforge.console import training_output
+
+    with stopper.installed(), training_output():
         result = trainer.train(resume_from_checkpoint=checkpoint)
     latest = runs.latest_complete_checkpoint(run_dir)
     if guard.tripped_at is not None:

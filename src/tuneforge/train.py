@@ -8,10 +8,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback, set_seed
+import torch
+from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
-from tuneforge import faults, launch, runs
+from tuneforge import console, faults, launch, model_card, runs
 from tuneforge.config import ConfigError, TrainConfig, TuneforgeConfig
 from tuneforge.data.collators import TokenCounter, build_collator
 from tuneforge.data.packing import check_no_contamination, pack, probe_rows
@@ -68,6 +69,8 @@ def sft_config(cfg: TrainConfig, run_dir: Path) -> SFTConfig:
         # NaN/inf must show in the logs (faults.StopOnNaN stops on it), not be averaged away.
         logging_nan_inf_filter=False,
         dataloader_num_workers=cfg.dataloader_num_workers,
+        # Pinned host memory only speeds copies to an accelerator; on a CPU torch warns that it is ignored.
+        dataloader_pin_memory=torch.cuda.is_available(),
         bf16=bf16,
         use_liger_kernel=bool(cfg.use_liger_kernel),
         torch_compile=cfg.torch_compile,
@@ -76,14 +79,6 @@ def sft_config(cfg: TrainConfig, run_dir: Path) -> SFTConfig:
         dataset_kwargs={"skip_prepare_dataset": True},
         remove_unused_columns=False,
     )
-
-
-class LogToFile(TrainerCallback):
-    """Trainer logs (loss, lr, grad norm) into tuneforge's log, which Hydra writes to the run directory."""
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs:
-            log.info("step %d: %s", state.global_step, {k: round(v, 6) if isinstance(v, float) else v for k, v in logs.items()})
 
 
 def plan(cfg: TuneforgeConfig) -> dict:
@@ -143,7 +138,7 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any, callbacks: li
     start = time.perf_counter()
     model = load_model(model_path, cfg.model, cfg.quant)
     load_seconds = time.perf_counter() - start
-    fit_embeddings(model, tokenizer)
+    new_rows = fit_embeddings(model, tokenizer)
     # LoRA's A matrices are drawn here, before the Trainer seeds: seed now, or no two runs start alike.
     set_seed(cfg.train.seed)
     model = prepare_base(model, cfg.quant)
@@ -160,7 +155,7 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any, callbacks: li
                            cfg.train.dataloader_num_workers)
     if cfg.packing.mode != "none":
         check_no_contamination(model, collate.collate, probe_rows(data.train))
-    callbacks, data_collator = [LogToFile(), *(callbacks or [])], collate
+    callbacks, data_collator = list(callbacks or []), collate
     if cfg.eval.sample_every_steps:
         callbacks.append(SampleGenerations(tokenizer, generation_pairs(data.eval, cfg.eval.sample_prompts), gen,
                                            cfg.eval.sample_every_steps, run_dir / SAMPLES_FILE))
@@ -181,6 +176,9 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any, callbacks: li
         data_collator=data_collator,
         callbacks=callbacks,
     )
+    console.attach(trainer)
+    # TRL writes its generic model card at every checkpoint; the run's own card is written once it has scores.
+    trainer.create_model_card = lambda *args, **kwargs: None
     result = faults.train_guarded(trainer, cfg.train, run_dir, args.bf16)
     if not runs.save_adapter(trainer, tokenizer, run_dir):
         # Every rank scores too (sharded models generate together); only the main process writes.
@@ -202,6 +200,8 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any, callbacks: li
         print_comparison({"before": before.scores, "after": after.scores},
                          f"Held-out generation ({len(held_out)} prompts, same base weights)")
     runs.plot_losses(trainer.state.log_history, run_dir / "loss.png")
+    model_card.write(cfg, metrics, runs.read_manifest(run_dir).get("command", runs.command_line()), run_dir,
+                     model.get_input_embeddings().weight.shape[0] if new_rows else None)
     runs.write_manifest(run_dir, status="finished", finished_at=runs._now())
     log.info("Run saved in %s", run_dir)
     return metrics

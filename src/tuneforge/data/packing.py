@@ -25,15 +25,16 @@ import torch
 from datasets import Dataset
 from trl.data_utils import pack_dataset
 
-from tuneforge.config import PackingConfig
+from tuneforge.config import ConfigError, PackingConfig
 
 log = logging.getLogger(__name__)
 
 PACKED_COLUMNS = ["input_ids", "labels"]
 
 
-class ContaminationError(RuntimeError):
-    """Packed sequences attend to each other: the packed loss differs from the unpacked one."""
+class ContaminationError(ConfigError):
+    """Packed sequences attend to each other (the packed loss differs from the unpacked one), or the packed or
+    unpacked forward is not finite: a setting to change (packing, attention implementation), exit 2."""
 
 
 @dataclass
@@ -116,8 +117,14 @@ def check_no_contamination(model, collate: Callable, rows: list[list[int]], tole
             alone = torch.cat([_sequence_losses(model, to(collate([{"input_ids": r}])), [len(r)]) for r in rows])
     finally:
         model.train(was_training)
+    for name, losses in (("packed", packed), ("unpacked", alone)):
+        if not bool(torch.isfinite(losses).all()):
+            raise ContaminationError(
+                f"Packing probe: the {name} forward gave a non-finite loss ({losses.tolist()}) on {len(rows)} probe "
+                "sequences, so packing cannot be shown to keep them apart. The attention implementation or the "
+                "model is broken for these batches: set packing=none, or model.attn_implementation=sdpa (or eager).")
     error = float(((packed - alone).abs() / alone.abs()).max())
-    if error > tolerance:
+    if not error <= tolerance:  # written so that a NaN fails too
         raise ContaminationError(
             f"Packed sequences attend to each other: packed vs unpacked loss differ by {error:.2e} (relative) "
             f"on {len(rows)} probe sequences. The model's attention implementation ignores the restarting "
