@@ -8,7 +8,7 @@ and the same seeded synthetic token data, and trains with TRL's `SFTTrainer`:
 
   a       plain TRL: SFTConfig defaults (batch 8, gradient checkpointing, padding), QLoRA NF4, sdpa.
   b       tuneforge's defaults: bfd packing into rows of max_length (position ids restart per sequence,
-          no attention mask), the run's SFTConfig from `tuneforge.train.sft_config`, QLoRA NF4, sdpa.
+          no attention mask), the run's SFTConfig from `tuneforge.library_args.trainer_arguments`, QLoRA NF4, sdpa.
   b_flex  b with flex_attention (block-sparse document masking instead of sdpa's dense masked square).
   c       b + Liger layer kernels (RMSNorm, RoPE, SwiGLU) + no activation checkpointing.
   c_gc    b + Liger, activation checkpointing kept (the memory-lean variant); c_gc4 with 4 rows per batch.
@@ -261,12 +261,13 @@ def run_worker(spec: dict) -> dict:
     from trl import SFTConfig, SFTTrainer
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from tuneforge.config import CollatorConfig, ModelConfig, PackingConfig, PeftConfig, QuantConfig, TrainConfig
+    from tuneforge.config import (CollatorConfig, ModelConfig, PackingConfig, PeftConfig, QuantConfig, TrainConfig,
+                                  TuneforgeConfig)
     from tuneforge.data.collators import build_collator
     from tuneforge.data.packing import pack
-    from tuneforge.models.adapters import add_lora, enable_checkpointing, lora_config, prepare_base
+    from tuneforge.library_args import lora_config, trainer_arguments
+    from tuneforge.models.adapters import add_lora, enable_checkpointing, prepare_base
     from tuneforge.models.loading import load_model
-    from tuneforge.train import sft_config
 
     arm = Arm(**spec["arm"])
     path, max_length, steps = spec["model_path"], spec["max_length"], spec["warmup"] + spec["steps"]
@@ -306,7 +307,7 @@ def run_worker(spec: dict) -> dict:
         lora = PeftConfig(**{**LORA, "lora_dropout": arm.lora_dropout})
         base = enable_checkpointing(prepare_base(model, quant), train)
         model = get_peft_model(base, lora_config(lora)) if arm.peft_input_cast else add_lora(base, lora)
-        args = sft_config(train, run_dir)
+        args = trainer_arguments(TuneforgeConfig(train=train), run_dir)
         peft_config = None
         train_rows, _ = pack(data, packing, max_length)
         collate = build_collator(CollatorConfig(name="lm"), packing, tokenizer)

@@ -66,9 +66,10 @@ def smollm_fp32(smollm_dir):
     return model.eval()
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: int = 900, input: str | None = None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 900, input: str | None = None,
+            env_extra: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real `tuneforge` console script in a fresh process (`input`: its standard input)."""
     exe = Path(sys.executable).with_name("tuneforge")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     return subprocess.run([str(exe), *args], cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout, env=env,
                           input=input)

@@ -8,8 +8,12 @@ import pytest
 
 from tuneforge import device_defaults
 from tuneforge.compose import compose_config, load_config
-from tuneforge.config import ConfigError, TrainConfig
-from tuneforge.train import sft_config
+from tuneforge.config import ConfigError, TrainConfig, TuneforgeConfig
+from tuneforge.library_args import trainer_arguments
+
+
+def sft_config(train: TrainConfig, run_dir):
+    return trainer_arguments(TuneforgeConfig(train=train), run_dir)
 
 
 def test_shipped_default_is_auto_and_resolves_to_no_packing_on_this_cpu():

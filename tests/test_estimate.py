@@ -155,7 +155,7 @@ def test_layer_activation_term_matches_what_autograd_saves(tiny_llamas, upcast, 
 
     from tuneforge.config import PeftConfig, QuantConfig
     from tuneforge.models.adapters import add_lora, prepare_base
-    from tuneforge.models.loading import quantization_config
+    from tuneforge.library_args import quantization_config
 
     monkeypatch.setattr(torch.nn.Dropout, "forward",
                         lambda self, x: torch.native_dropout(x, self.p, self.training)[0] if self.training else x)

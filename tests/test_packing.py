@@ -322,13 +322,14 @@ class GrabGrads(TrainerCallback):
 
 
 def one_step(smollm_dir, tokenizer, ds, mode, batch_size, accumulation, tmp_path):
-    from tuneforge.train import sft_config
+    from tuneforge.config import TuneforgeConfig
+    from tuneforge.library_args import trainer_arguments
 
     model = get_peft_model(tiny_llama(smollm_dir), LoraConfig(**LORA))
     cfg = TrainConfig(per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation, max_steps=1,
                       learning_rate=1e-3, max_grad_norm=0.0, logging_steps=1, report_to=[], max_length=512)
     grab = GrabGrads()
-    trainer = SFTTrainer(model=model, args=sft_config(cfg, tmp_path / f"{mode}-{batch_size}"), train_dataset=ds,
+    trainer = SFTTrainer(model=model, args=trainer_arguments(TuneforgeConfig(train=cfg), tmp_path / f"{mode}-{batch_size}"), train_dataset=ds,
                          processing_class=tokenizer, data_collator=collate(tokenizer, mode), callbacks=[grab])
     trainer.train()
     return trainer.state.log_history[0]["loss"], grab.grads

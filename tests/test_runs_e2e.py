@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -47,22 +46,9 @@ def _args(model: str, *extra: str) -> list[str]:
             "data.max_samples=48", "eval.before_after=false", "quant=none", *extra]
 
 
-def _popen(*args: str, env_extra: dict | None = None) -> subprocess.Popen:
-    exe = Path(sys.executable).with_name("tuneforge")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
-    return subprocess.Popen([str(exe), *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-
-
-def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
-    end = time.time() + timeout
-    while time.time() < end:
-        if predicate():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"process ended first ({proc.returncode}): {proc.stdout.read()[-3000:]}")
-        time.sleep(0.05)
-    raise AssertionError("timed out")
+def _hooked(*args: str) -> subprocess.CompletedProcess:
+    """The real CLI with tests/ importable, for `callbacks=[tests.fault_hooks:...]`."""
+    return run_cli(*args, env_extra={"PYTHONPATH": str(REPO)})
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -121,35 +107,29 @@ def test_reproduce_check_passes_as_is_and_fails_with_another_seed(baseline, tmp_
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(baseline, tiny_model, tmp_path):
-    """kill -9 after checkpoint-2, resume (auto); SIGTERM the resumed run (checkpoint + exit 143), resume again:
-    same losses at every step and the same adapter as the uninterrupted baseline."""
+    """kill -9 right after checkpoint-2, resume (auto); SIGTERM the resumed run at step 3 (checkpoint + exit 143),
+    resume again: same losses at every step and the same adapter as the uninterrupted baseline. The faults come
+    from TrainerCallbacks at known steps (tests/fault_hooks.py), so nothing depends on timing."""
     run_dir = tmp_path / "run"
     args = ["train", *_args(tiny_model, f"hydra.run.dir={run_dir}")]
-    slow = {"TUNEFORGE_TEST_STEP_DELAY": "1.5"}  # each step starts 1.5 s late: the signals land between known steps
-    proc = _popen(*args, env_extra=slow)
-    _wait_for(lambda: (run_dir / "checkpoint-2" / "trainer_state.json").is_file(), proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (run_dir / "adapter").exists()
+    killed = _hooked(*args, "callbacks=[tests.fault_hooks:KillAfterCheckpoint2]")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert (run_dir / "checkpoint-2" / "trainer_state.json").is_file() and not (run_dir / "adapter").exists()
 
     again = run_cli(*args)  # the same command without resume: refused, nothing overwritten
     assert again.returncode == 2 and "resume_from_checkpoint=auto" in again.stderr
 
-    log = run_dir / "train.log"
-    resumed = _popen(*args, "train.resume_from_checkpoint=auto", env_extra=slow)
-    _wait_for(lambda: "step 4:" in log.read_text().rsplit("Resuming from", 1)[-1]
-              if "Resuming from" in log.read_text() else False, resumed)
-    os.killpg(resumed.pid, signal.SIGTERM)
-    out = resumed.communicate(timeout=300)[0]
+    resumed = _hooked(*args, "train.resume_from_checkpoint=auto", "callbacks=[tests.fault_hooks:TermAtStep3]")
+    out = resumed.stdout + resumed.stderr
     assert resumed.returncode == 143, out[-3000:]
     assert "train.resume_from_checkpoint=auto" in out and "checkpoint saved" in out
     stopped_at = max(int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*"))
-    assert stopped_at == 5 and not (run_dir / "adapter").exists()
+    assert stopped_at == 3 and not (run_dir / "adapter").exists()
 
     final = run_cli(*args, "train.resume_from_checkpoint=auto")
     assert final.returncode == 0, final.stderr[-3000:]
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert [r["from"].rsplit("-", 1)[1] for r in manifest["resumed"]] == ["2", str(stopped_at)]
+    assert [r["from"].rsplit("-", 1)[1] for r in manifest["resumed"]] == ["2", "3"]
 
     ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (baseline, run_dir))
     assert abs(ma["train_loss"] - mb["train_loss"]) <= 1e-4 * ma["train_loss"]  # over the whole run
@@ -169,9 +149,9 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(baseline, tiny_model, t
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model, tmp_path):
     run_dir = tmp_path / "run"
-    proc = _popen("train", *_args(tiny_model, "train.save_steps=1", f"hydra.run.dir={run_dir}"),
-                  env_extra={"TUNEFORGE_TEST_NAN_FROM_STEP": "3"})
-    out = proc.communicate(timeout=600)[0]
+    proc = _hooked("train", *_args(tiny_model, "train.save_steps=1", f"hydra.run.dir={run_dir}"),
+                   "callbacks=[tests.fault_hooks:NanFromStep3]")
+    out = proc.stdout + proc.stderr
     assert proc.returncode == 3, out[-3000:]
     assert "became NaN/inf at step 3" in out and "checkpoint-2" in out and "learning_rate" in out
     assert [p.name for p in sorted(run_dir.glob("checkpoint-*"))] == ["checkpoint-1", "checkpoint-2"]

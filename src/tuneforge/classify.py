@@ -13,15 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from datasets import Dataset
-from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer, TrainingArguments
+from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer
 
-from tuneforge import runs
+from tuneforge import library_args, runs
+from tuneforge.callbacks import load as user_callbacks
 from tuneforge.config import ConfigError, TuneforgeConfig
 from tuneforge.data.sources import data_sources, load_source
-from tuneforge.models.adapters import add_lora, prepare_base
-from tuneforge.models.loading import compute_dtype, device_supports_bf16, fit_embeddings, quantization_config, resolve_path
+from tuneforge.models.adapters import add_lora, enable_checkpointing, prepare_base
+from tuneforge.models.loading import compute_dtype, fit_embeddings, resolve_path
 from tuneforge.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -98,30 +98,20 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any) -> dict:
     set_seed(cfg.train.seed)  # the new head (and LoRA) are drawn before the Trainer seeds
     model = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=len(names), id2label=dict(enumerate(names)), label2id=label2id,
-        dtype=compute_dtype(cfg.model.dtype), quantization_config=quantization_config(cfg.quant),
+        dtype=compute_dtype(cfg.model.dtype), quantization_config=library_args.quantization_config(cfg.quant),
         revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code, use_safetensors=True,
     )
     fit_embeddings(model, tokenizer)  # decoder backbones: the fixed PAD id tells the head where rows end
-    if cfg.peft.method == "lora":
-        model = add_lora(prepare_base(model, cfg.quant), cfg.peft, task_type="SEQ_CLS")  # the head is trained in full
+    model = prepare_base(model, cfg.quant)
 
     t = cfg.train
-    args = TrainingArguments(
-        output_dir=str(run_dir), learning_rate=t.learning_rate, num_train_epochs=t.num_train_epochs,
-        max_steps=t.max_steps, per_device_train_batch_size=t.per_device_train_batch_size,
-        per_device_eval_batch_size=t.per_device_eval_batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
-        warmup_steps=t.warmup_steps, lr_scheduler_type=t.lr_scheduler_type, weight_decay=t.weight_decay,
-        logging_steps=t.logging_steps, seed=t.seed, data_seed=t.seed, report_to=list(t.report_to),
-        eval_strategy="epoch" if t.eval_strategy == "no" else t.eval_strategy, eval_steps=t.eval_steps,
-        save_strategy=t.save_strategy, save_steps=t.save_steps, save_total_limit=t.save_total_limit,
-        load_best_model_at_end=t.load_best_model_at_end, metric_for_best_model=t.metric_for_best_model,
-        greater_is_better=t.greater_is_better,
-        bf16=device_supports_bf16() if t.bf16 is None else t.bf16,
-        dataloader_pin_memory=torch.cuda.is_available(),  # see train.sft_config
-    )
+    model = enable_checkpointing(model, t)
+    model = add_lora(model, cfg.peft, task_type="SEQ_CLS")  # the new head is trained in full
+    args = library_args.trainer_arguments(cfg, run_dir)
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
                       data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=cfg.collator.pad_to_multiple_of),
-                      processing_class=tokenizer, compute_metrics=classification_metrics)
+                      processing_class=tokenizer, compute_metrics=classification_metrics,
+                      callbacks=user_callbacks(cfg.callbacks))
     from tuneforge import console
 
     console.attach(trainer)

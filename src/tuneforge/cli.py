@@ -87,8 +87,9 @@ def _train_job(dcfg, run_dir: Path) -> float | None:
     from tuneforge.runs import objective
 
     cfg = to_validated(dcfg)  # every multirun job is validated on its own values
-    from tuneforge import launch
+    from tuneforge import launch, library_args
 
+    library_args.check(cfg)
     if launch.needs_launch(cfg):  # launcher=ddp|fsdp|deepspeed_*: re-run through `accelerate launch`
         value = launch.run_from_hydra(cfg, run_dir)
         if not cfg.dry_run:
@@ -189,11 +190,15 @@ COMMANDS = {
 }
 
 
-def _precheck(config_name: str, overrides: list[str], multirun: bool) -> None:
+def _precheck(command: str, config_name: str, overrides: list[str], multirun: bool) -> None:
     from tuneforge.compose import compose_config, load_config
 
     if config_name == "config":
         cfg = load_config(overrides, multirun=multirun)
+        if command == "train":  # the libraries' own checks of the trainer, LoRA and bitsandbytes configs
+            from tuneforge import library_args
+
+            library_args.check(cfg)
         # Hydra writes .hydra/ into the run directory before the job starts: refuse a taken one first.
         explicit = [o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")]
         from tuneforge.launch import in_launched_process
@@ -254,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     flags, overrides, multirun = split_args(args)
     try:
         if not set(flags) & _INFO_FLAGS:
-            _precheck(config_name, overrides, multirun)
+            _precheck(command, config_name, overrides, multirun)
         _run_hydra(command, config_name, app, args)
     except ConfigError as exc:
         print(f"tuneforge {command}: config error: {exc}", file=sys.stderr)

@@ -7,6 +7,8 @@ fails fast (before any model loads), exits non-zero and names the key with the c
 from __future__ import annotations
 
 import re
+import typing
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,9 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import OverrideParseException
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from tuneforge import schema
 
 from tuneforge.config import (
     GROUPS,
@@ -35,8 +39,45 @@ from tuneforge.validation import validate
 
 SCHEMAS = {"config": TuneforgeConfig, "infer": InferConfig, "evaluate": EvaluateConfig,
            "merge": MergeCommandConfig}
-# Keys whose values are free-form mappings (new sub-keys are legal).
-_MAPPING_KEYS = ("data.columns",)
+
+
+def _is_mapping(tp) -> bool:
+    """Dict[...] or Optional[Dict[...]]: a free-form mapping (new sub-keys are legal)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:
+        return any(_is_mapping(a) for a in args if a is not type(None))
+    return origin is dict or tp is dict
+
+
+def mapping_keys(schema: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of a schema whose values are free-form mappings: data.columns, peft.rank_pattern, ..."""
+    out = []
+    hints = typing.get_type_hints(schema)
+    for f in fields(schema):
+        tp = hints[f.name]
+        if _is_mapping(tp):
+            out.append(prefix + f.name)
+        elif is_dataclass(tp):
+            out += mapping_keys(tp, f"{prefix}{f.name}.")
+    return out
+
+
+def _in_mapping(key: str, schema_cls: Any) -> bool:
+    """`key` is a mapping key of the schema, or a key inside one (data.mix.N.columns included)."""
+    mappings = mapping_keys(schema_cls)
+    return (any(key == m or key.startswith(m + ".") for m in mappings)
+            or (schema_cls is TuneforgeConfig and re.fullmatch(r"data\.mix\.\d+\.columns(\..+)?", key) is not None))
+
+
+def _as_mapping_overrides(overrides: list[str], schema_cls: Any) -> list[str]:
+    """`data.columns={a: b}` and `data.columns.a=b` the Hydra way: a plain override of (a key inside) a mapping,
+    or a mapping value, merges with new keys allowed (`++`), where Hydra alone would refuse a key the default
+    mapping lacks."""
+    def merges(ov) -> bool:
+        return _in_mapping(ov.key_or_group, schema_cls) or (not ov.is_sweep_override() and isinstance(ov.value(), dict))
+
+    return ["++" + raw if not raw.startswith(("+", "~")) and merges(ov) else raw
+            for raw, ov in zip(overrides, _parse(overrides))]
 
 
 def register_all() -> None:
@@ -105,10 +146,31 @@ def check_override_keys(overrides: list[str], schema: Any) -> None:
                         f"{closest(value, options)}"
                     )
             continue
-        if key in valid or any(key.startswith(m + ".") for m in _MAPPING_KEYS) or _valid_list_item(key):
+        if key in valid or _in_mapping(key, schema) or _valid_list_item(key):
             continue
-        candidates = sorted(valid | groups)
-        raise ConfigError(f"unknown config key '{key}' (configs are strict).{closest(key, candidates)}")
+        raise ConfigError(unknown_key_message(key, valid | groups))
+
+
+def unknown_key_message(key: str, valid: set[str]) -> str:
+    """Why `key` is not a key, and the closest one: a library key tuneforge sets itself names the tuneforge key
+    that replaces it; a renamed one its new name; a key of another section that section's (train.lora_r ->
+    peft.r); else the nearest name in the same section, then anywhere."""
+    section, _, leaf = key.partition(".")
+    if section in schema.SECTIONS and leaf:
+        sec = schema.SECTIONS[section]
+        if leaf in sec.owned:
+            return f"{key} is set by tuneforge itself; use {sec.owned[leaf]}."
+        if leaf in sec.renamed:
+            return f"unknown config key '{key}' (configs are strict): use {sec.renamed[leaf]}."
+    strict = f"unknown config key '{key}' (configs are strict)."
+    same_leaf = sorted(k for k in valid if leaf and k.rsplit(".", 1)[-1] == leaf and k != key)
+    if same_leaf:
+        return f"{strict} Did you mean '{same_leaf[0]}'?"
+    for sec in schema.SECTIONS.values():
+        if leaf in sec.renamed:
+            return f"{strict} Did you mean {sec.renamed[leaf]}?"
+    in_section = sorted(k for k in valid if k.startswith(section + "."))
+    return strict + (closest(key, in_section) or closest(key, sorted(valid)))
 
 
 def _explain(exc: BaseException) -> str:
@@ -120,6 +182,8 @@ def _explain(exc: BaseException) -> str:
     for e in reversed(chain):
         if isinstance(e, OmegaConfBaseException) and getattr(e, "full_key", None):
             first = str(e).splitlines()[0]
+            if isinstance(e, ConfigKeyError) and " not in " in first:  # a key in a YAML file the schema lacks
+                return unknown_key_message(e.full_key, set(schema_keys(TuneforgeConfig)))
             return f"{e.full_key}: {first}"
     return str(chain[0]).strip()
 
@@ -129,6 +193,7 @@ def compose_config(overrides: list[str] | None = None, config_name: str = "confi
     overrides = list(overrides or [])
     register_all()
     check_override_keys(overrides, SCHEMAS[config_name])
+    overrides = _as_mapping_overrides(overrides, SCHEMAS[config_name])
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="tuneforge"):

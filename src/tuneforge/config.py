@@ -1,9 +1,9 @@
 """Config schemas (one dataclass per Hydra group), ConfigStore registration, and the constants rules share.
 
-Keys mirror the library each section feeds: `train.*` are SFTConfig/TrainingArguments names,
-`peft.*` LoraConfig names, `quant.*` BitsAndBytesConfig names. Hydra merges the YAML files of
-`conf/` into these typed schemas, so an unknown key or a wrong type fails at composition; value and
-cross-field rules live in `tuneforge.validation`.
+Keys mirror the library each section feeds: `train.*` are SFTConfig/TrainingArguments fields,
+`peft.*` LoraConfig fields, `quant.*` BitsAndBytesConfig fields, derived from the installed libraries
+(tuneforge/schema.py). Hydra merges the YAML files of `conf/` into these typed schemas, so an unknown
+key or a wrong type fails at composition; value and cross-field rules live in `tuneforge.validation`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+
+from tuneforge import schema
 
 
 class ConfigError(ValueError):
@@ -154,90 +156,12 @@ class PackingConfig:
     mode: str = "none"
 
 
-@dataclass
-class QuantConfig:
-    load_in_4bit: bool = True
-    bnb_4bit_quant_type: str = "nf4"
-    bnb_4bit_use_double_quant: bool = True
-    # auto: bfloat16 where the device supports it, else float32.
-    bnb_4bit_compute_dtype: str = "auto"
-    bnb_4bit_quant_storage: Optional[str] = None
-    # prepare_model_for_kbit_training's fp32 copy of every weight that is not 4-bit (embeddings, norms, LM head;
-    # DESIGN rule 10). false keeps them in the compute dtype, as TRL's own QLoRA path does: at 8B that is ~2 GiB
-    # less weight memory and a bf16 residual stream (half the checkpointed activations). fp16 compute needs it.
-    upcast_non_quantized: bool = True
-
-
-@dataclass
-class PeftConfig:
-    # lora | none (none = full fine-tune of the unquantized model)
-    method: str = "lora"
-    r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    # "all-linear" or a list of module names.
-    target_modules: Any = "all-linear"
-    bias: str = "none"
-    use_rslora: bool = False
-    modules_to_save: Optional[list[str]] = None
-    # Train the embeddings of tokens added by the tokenizer config (PEFT trainable_token_indices); a new
-    # token starting as the mean embedding means nothing until trained. PAD is never included.
-    train_new_tokens: bool = True
-
-
-@dataclass
-class TrainConfig:
-    learning_rate: float = 2e-4
-    max_steps: int = -1
-    num_train_epochs: float = 1.0
-    per_device_train_batch_size: int = 8
-    per_device_eval_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    max_length: int = 512
-    # keep_start | keep_end (SFTConfig.truncation_mode)
-    truncation_mode: str = "keep_start"
-    warmup_steps: float = 0.0
-    lr_scheduler_type: str = "linear"
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    optim: str = "adamw_torch"
-    logging_steps: int = 5
-    seed: int = 42
-    gradient_checkpointing: bool = True
-    # Checkpoint only every n-th decoder layer (1: all): the others keep their activations, trading memory back
-    # for speed where memory is left over. offload: the checkpointed layers' saved inputs wait in pinned host
-    # memory (frees layers x tokens x hidden on the GPU; two copies per step). transformers' activation
-    # checkpointing options; `tuneforge train dry_run=true` prints the memory estimate of a choice.
-    gradient_checkpointing_every_n_layers: int = 1
-    gradient_checkpointing_offload: bool = False
-    # Checkpoints (adapter + optimizer + RNG states) every save_steps, the newest save_total_limit kept.
-    save_strategy: str = "steps"
-    save_steps: int = 500
-    save_total_limit: Optional[int] = 2
-    # Continue from a checkpoint (transformers' name): auto (the latest complete checkpoint in the run
-    # directory, or a fresh start if none) | true (the same; none is an error) | a checkpoint path | null.
-    # With hydra.run.dir=RUN, resuming into RUN is allowed (a run directory is otherwise never reused).
-    resume_from_checkpoint: Optional[str] = None
-    # tuneforge-only (not an SFTConfig name): stop after this many optimizer steps in a row whose gradient
-    # (or logged loss) is NaN/inf; such steps are skipped, so the last checkpoint stays the last good one.
-    nan_patience: int = 1
-    eval_strategy: str = "no"
-    eval_steps: Optional[int] = None
-    load_best_model_at_end: bool = False
-    # With load_best_model_at_end / save_strategy=best: None = eval loss (lower is better), as in transformers.
-    metric_for_best_model: Optional[str] = None
-    greater_is_better: Optional[bool] = None
-    # tensorboard | wandb | mlflow | ... | none | all (as in transformers); a name or a list of names.
-    report_to: Any = field(default_factory=lambda: ["tensorboard"])
-    dataloader_num_workers: int = 0
-    # auto: bf16 on CUDA devices that support it, fp32 elsewhere.
-    bf16: Optional[bool] = None
-    # Liger's RMSNorm/RoPE/SwiGLU kernels (SFTConfig.use_liger_kernel); null: on where CUDA and
-    # liger-kernel are available (pip install 'tuneforge[gpu]'), off elsewhere.
-    use_liger_kernel: Optional[bool] = None
-    # torch.compile the model (SFTConfig.torch_compile, inductor). Compiles at the first steps; pays off on long
-    # runs with fixed-shape batches (packed rows), recompiles when padded batch shapes vary.
-    torch_compile: bool = False
+# `quant.*`, `peft.*` and `train.*` are the fields of BitsAndBytesConfig, LoraConfig and the task's trainer config
+# (SFTConfig, TrainingArguments), read from the installed libraries, plus tuneforge's own keys and defaults:
+# tuneforge/schema.py says which, and why each default differs from the library's.
+QuantConfig = schema.QUANT.dataclass("QuantConfig", __name__)
+PeftConfig = schema.PEFT.dataclass("PeftConfig", __name__)
+TrainConfig = schema.TRAIN.dataclass("TrainConfig", __name__)
 
 
 @dataclass
@@ -333,6 +257,8 @@ class TuneforgeConfig:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     # sft (causal LM) | classification
     task: str = "sft"
+    # Your own transformers TrainerCallback classes, as module:Class (tuneforge/callbacks.py).
+    callbacks: list[str] = field(default_factory=list)
     # Print what would run, load nothing.
     dry_run: bool = False
 

@@ -48,9 +48,12 @@ def silence_library_noise() -> None:
 
 
 def step_line(step: int, max_steps: int, logs: dict) -> str:
-    """`step 5/30: loss 0.6669, grad_norm 0.9922, ...` (total_flos, a Trainer internal, left out)."""
+    """`step 5/30: loss 0.6669, grad_norm 0.9922, ...`, and the Trainer's end-of-training summary as
+    `trained 30 steps: train_loss 0.1967, ...` (total_flos, a Trainer internal, left out)."""
     shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                       for k, v in logs.items() if k != "total_flos")
+    if "train_runtime" in logs and "train_loss" in logs:
+        return f"trained {step} steps: {shown}"
     return f"step {step}/{max_steps}: {shown}"
 
 

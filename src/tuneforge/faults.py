@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import signal
 from contextlib import contextmanager
 from typing import Iterator, Optional
@@ -156,7 +155,6 @@ def train_guarded(trainer, train_cfg, run_dir, bf16: bool):
     stopper, guard = StopOnSignal(), StopOnNaN(train_cfg.nan_patience)
     trainer.add_callback(stopper)
     trainer.add_callback(guard)
-    _inject_nan_for_tests(trainer)
     from tuneforge.console import training_output
 
     with stopper.installed(), training_output():
@@ -183,41 +181,3 @@ def whole_run_loss(log_history: list[dict], fallback: float) -> float:
         if "loss" in h and "step" in h and h["step"] > last:
             total, last = total + h["loss"] * (h["step"] - last), h["step"]
     return total / last if last else fallback
-
-
-# Test hooks (environment variables, unset in real use):
-# - the training loss is NaN from this optimizer step on (the real path: NaN loss -> NaN gradients). A
-#   diverging learning rate is no reliable trigger on CPU fp32: measured, lr=1e30 saturates to a uniform
-#   distribution (loss 10.8, gradient 0), never NaN;
-# - each step starts this many seconds late, so a test can kill a tiny model's run between two known steps.
-NAN_TEST_ENV = "TUNEFORGE_TEST_NAN_FROM_STEP"
-DELAY_TEST_ENV = "TUNEFORGE_TEST_STEP_DELAY"
-
-
-class _StepDelay(TrainerCallback):
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        import time
-
-        time.sleep(self.seconds)
-
-
-def _inject_nan_for_tests(trainer) -> None:
-    delay = float(os.environ.get(DELAY_TEST_ENV, "0") or 0)
-    if delay > 0:
-        trainer.add_callback(_StepDelay(delay))
-    start = int(os.environ.get(NAN_TEST_ENV, "0") or 0)
-    if start <= 0:
-        return
-    log.warning("%s=%d: the loss will be NaN from step %d on (test hook).", NAN_TEST_ENV, start, start)
-
-    def hook(module, args, kwargs, output):
-        if module.training and trainer.state.global_step + 1 >= start:
-            for key in ("loss", "log_probs", "logits"):  # TRL computes its loss from log_probs
-                if getattr(output, key, None) is not None:
-                    setattr(output, key, getattr(output, key) * float("nan"))
-        return output
-
-    trainer.model.register_forward_hook(hook, with_kwargs=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from transformers import TrainerCallback
 
-from tuneforge import runs
+from tuneforge import library_args, runs
 from tuneforge.config import ConfigError
 
 log = logging.getLogger("tuneforge")
@@ -161,7 +161,7 @@ def main(args: list[str]) -> int:
             GlobalHydra.instance().clear()
             try:
                 with initialize_config_dir(config_dir=tmp, version_base="1.3", job_name="train"):
-                    to_validated(compose(config_name="reproduce", overrides=overrides))
+                    library_args.check(to_validated(compose(config_name="reproduce", overrides=overrides)))
             except ConfigError:
                 raise
             except Exception as exc:

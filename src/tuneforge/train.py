@@ -8,12 +8,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import set_seed
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
-from tuneforge import console, faults, launch, model_card, runs
-from tuneforge.config import ConfigError, TrainConfig, TuneforgeConfig
+from tuneforge import console, faults, launch, library_args, model_card, runs
+from tuneforge.callbacks import load as user_callbacks
+from tuneforge.config import ConfigError, TuneforgeConfig
 from tuneforge.data.collators import TokenCounter, build_collator
 from tuneforge.data.packing import check_no_contamination, pack, probe_rows
 from tuneforge.data.pipeline import PreparedData, prepare
@@ -21,64 +21,11 @@ from tuneforge.estimate import preflight, print_estimate
 from tuneforge.evaluate import evaluate_generations, generation_pairs, print_comparison
 from tuneforge.inference import GenerationSettings
 from tuneforge.models.adapters import add_lora, enable_checkpointing, prepare_base
-from tuneforge.models.loading import device_supports_bf16, fit_embeddings, load_model, resolve_path
+from tuneforge.models.loading import fit_embeddings, load_model, resolve_path
 from tuneforge.samples import SAMPLES_FILE, SampleGenerations
 from tuneforge.tokenizer import content_hash, load_tokenizer, new_token_ids
 
 log = logging.getLogger(__name__)
-
-
-# transformers 5.24 renamed TrainingArguments.gradient_checkpointing to activation_checkpointing (the old name
-# warns until v6); earlier 5.x releases know only the old one.
-CHECKPOINTING_ARG = ("activation_checkpointing" if "activation_checkpointing" in SFTConfig.__dataclass_fields__
-                     else "gradient_checkpointing")
-
-
-def sft_config(cfg: TrainConfig, run_dir: Path) -> SFTConfig:
-    """SFTConfig from `train.*` (same names), plus what tuneforge decides for the user."""
-    bf16 = device_supports_bf16() if cfg.bf16 is None else cfg.bf16
-    return SFTConfig(
-        output_dir=str(run_dir),
-        learning_rate=cfg.learning_rate,
-        max_steps=cfg.max_steps,
-        num_train_epochs=cfg.num_train_epochs,
-        per_device_train_batch_size=cfg.per_device_train_batch_size,
-        per_device_eval_batch_size=cfg.per_device_eval_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        max_length=cfg.max_length,
-        truncation_mode=cfg.truncation_mode,
-        warmup_steps=cfg.warmup_steps,
-        lr_scheduler_type=cfg.lr_scheduler_type,
-        weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm,
-        optim=cfg.optim,
-        logging_steps=cfg.logging_steps,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        # enable_checkpointing already applied the run's policy (non-reentrant) before LoRA wrapped the model.
-        **{CHECKPOINTING_ARG: False},
-        save_strategy=cfg.save_strategy,
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
-        eval_strategy=cfg.eval_strategy,
-        eval_steps=cfg.eval_steps,
-        load_best_model_at_end=cfg.load_best_model_at_end,
-        metric_for_best_model=cfg.metric_for_best_model,
-        greater_is_better=cfg.greater_is_better,
-        report_to=list(cfg.report_to),
-        # NaN/inf must show in the logs (faults.StopOnNaN stops on it), not be averaged away.
-        logging_nan_inf_filter=False,
-        dataloader_num_workers=cfg.dataloader_num_workers,
-        # Pinned host memory only speeds copies to an accelerator; on a CPU torch warns that it is ignored.
-        dataloader_pin_memory=torch.cuda.is_available(),
-        bf16=bf16,
-        use_liger_kernel=bool(cfg.use_liger_kernel),
-        torch_compile=cfg.torch_compile,
-        include_num_input_tokens_seen="non_padding",
-        # Tokens and labels were built by tuneforge's data stage (masks counted there).
-        dataset_kwargs={"skip_prepare_dataset": True},
-        remove_unused_columns=False,
-    )
 
 
 def plan(cfg: TuneforgeConfig) -> dict:
@@ -87,7 +34,8 @@ def plan(cfg: TuneforgeConfig) -> dict:
     world = cfg.launcher.num_processes if cfg.launcher.name != "local" else int(os.environ.get("WORLD_SIZE", "1"))
     return {
         "model": cfg.model.name_or_path,
-        "quantization": f"4-bit {cfg.quant.bnb_4bit_quant_type}" if cfg.quant.load_in_4bit else cfg.model.dtype,
+        "quantization": (f"4-bit {cfg.quant.bnb_4bit_quant_type}" if cfg.quant.load_in_4bit else
+                         "8-bit" if cfg.quant.load_in_8bit else cfg.model.dtype),
         "adapter": f"LoRA r={cfg.peft.r} alpha={cfg.peft.lora_alpha} on {cfg.peft.target_modules}"
         if cfg.peft.method == "lora" else "none (full fine-tune)",
         "data": cfg.data.path,
@@ -155,7 +103,7 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any, callbacks: li
                            cfg.train.dataloader_num_workers)
     if cfg.packing.mode != "none":
         check_no_contamination(model, collate.collate, probe_rows(data.train))
-    callbacks, data_collator = list(callbacks or []), collate
+    callbacks, data_collator = [*user_callbacks(cfg.callbacks), *(callbacks or [])], collate
     if cfg.eval.sample_every_steps:
         callbacks.append(SampleGenerations(tokenizer, generation_pairs(data.eval, cfg.eval.sample_prompts), gen,
                                            cfg.eval.sample_every_steps, run_dir / SAMPLES_FILE))
@@ -166,7 +114,7 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any, callbacks: li
         data_collator = recorder.wrap_collator(collate)
     if main:
         runs.check_free_space(run_dir, runs.estimate_for(model, cfg.train))
-    args = sft_config(cfg.train, run_dir)
+    args = library_args.trainer_arguments(cfg, run_dir)
     trainer = SFTTrainer(
         model=model,
         args=args,

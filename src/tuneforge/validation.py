@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tuneforge import schema
 from tuneforge.config import (
     PACKING_ATTENTION,
     RESUME_LATEST,
@@ -21,8 +22,10 @@ from tuneforge.config import (
     TuneforgeConfig,
     closest,
 )
+from tuneforge.library_args import is_quantized, refuse_foreign_keys
 
-# Legal values for the enum-like string keys: checked here so a typo names the key and the closest value.
+# Legal values for tuneforge's enum-like string keys: checked here so a typo names the key and the closest value.
+# The library keys' legal values come from the libraries (their enums, Literals and `choices`, schema.py).
 CHOICES: dict[str, tuple[str, ...]] = {
     "task": ("sft", "classification"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
@@ -34,12 +37,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "collator.name": ("completion_only", "assistant_only", "lm", "padding"),
     "packing.mode": ("auto", "none", "wrapped", "bfd", "padding_free"),
     "quant.bnb_4bit_quant_type": ("nf4", "fp4"),
-    "quant.bnb_4bit_compute_dtype": ("auto", "float32", "bfloat16", "float16"),
     "peft.method": ("lora", "none"),
-    "peft.bias": ("none", "all", "lora_only"),
-    "train.truncation_mode": ("keep_start", "keep_end"),
-    "train.eval_strategy": ("no", "steps", "epoch"),
-    "train.save_strategy": ("no", "steps", "epoch", "best"),
     "tokenizer.padding_side": ("left", "right"),
     "launcher.name": ("local", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"),
     "launcher.fsdp_sharding_strategy": ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"),
@@ -57,14 +55,30 @@ def _get(cfg: Any, dotted: str) -> Any:
     return node
 
 
+def _library_choices() -> dict[str, tuple]:
+    out = {}
+    for section in schema.SECTIONS.values():
+        for name, key in section.keys().items():
+            if key["choices"]:
+                out[f"{section.name}.{name}"] = tuple(str(c) for c in key["choices"])
+    out.update({f"quant.{k}": tuple(v) for k, v in schema.QUANT_DTYPE_CHOICES.items()})
+    return out
+
+
 def validate(cfg: TuneforgeConfig) -> TuneforgeConfig:
     """Check values and cross-field rules; raise ConfigError naming the key(s) and the fix."""
-    for key, allowed in CHOICES.items():
+    for key, allowed in {**CHOICES, **_library_choices()}.items():
         value = _get(cfg, key)
-        if value not in allowed:
+        if value is None and key not in CHOICES:
+            continue  # a null library key means its default
+        if str(value) not in allowed:
             raise ConfigError(
                 f"{key}={value!r} is not valid; choose one of {', '.join(allowed)}.{closest(value, allowed)}"
             )
+    validate_library_keys(cfg)
+    from tuneforge.callbacks import check_paths
+
+    check_paths(cfg.callbacks)
     t = cfg.train
     positive = {
         "train.learning_rate": t.learning_rate,
@@ -98,12 +112,15 @@ def validate(cfg: TuneforgeConfig) -> TuneforgeConfig:
         )
 
     # Cross-field rules.
-    if cfg.quant.load_in_4bit and cfg.peft.method == "none":
-        raise ConfigError(
-            "quant.load_in_4bit=true with peft=none would train 4-bit weights directly, which bitsandbytes cannot do. "
-            "Use peft=lora for QLoRA, or quant=none for a full fine-tune."
-        )
     q = cfg.quant
+    if q.load_in_4bit and q.load_in_8bit:
+        raise ConfigError("quant.load_in_4bit and quant.load_in_8bit are both true: choose one (quant=none for neither).")
+    if is_quantized(q) and cfg.peft.method == "none":
+        bits = "4-bit" if q.load_in_4bit else "8-bit"
+        raise ConfigError(
+            f"quant.load_in_{bits[0]}bit=true with peft=none would train {bits} weights directly, which bitsandbytes "
+            "cannot do. Use peft=lora for QLoRA, or quant=none for a full fine-tune."
+        )
     if q.load_in_4bit and not q.upcast_non_quantized and q.bnb_4bit_compute_dtype == "float16":
         raise ConfigError("quant.upcast_non_quantized=false with quant.bnb_4bit_compute_dtype=float16 would keep norms "
                           "and embeddings in fp16, which overflows in training: use bfloat16, or upcast.")
@@ -122,8 +139,8 @@ def validate(cfg: TuneforgeConfig) -> TuneforgeConfig:
     if (t.load_best_model_at_end and t.save_strategy == "steps" and t.eval_strategy == "steps"
             and t.save_steps % t.eval_steps):
         raise ConfigError(
-            f"train.load_best_model_at_end=true: train.save_steps ({t.save_steps}) must be a multiple of "
-            f"train.eval_steps ({t.eval_steps}), so that the best evaluation has a checkpoint."
+            f"train.load_best_model_at_end=true: train.save_steps ({t.save_steps:g}) must be a multiple of "
+            f"train.eval_steps ({t.eval_steps:g}), so that the best evaluation has a checkpoint."
         )
     if cfg.eval.sample_every_steps < 0 or cfg.eval.sample_prompts < 1:
         raise ConfigError("eval.sample_every_steps must be >= 0 (0: off) and eval.sample_prompts >= 1.")
@@ -146,6 +163,24 @@ def validate(cfg: TuneforgeConfig) -> TuneforgeConfig:
     validate_data(cfg.data, cfg.format)
     validate_launcher(cfg)
     return cfg
+
+
+def validate_library_keys(cfg: TuneforgeConfig) -> None:
+    """Library keys that tuneforge applies itself, and keys of another task's trainer config."""
+    t = cfg.train
+    # transformers 5.25 renamed gradient_checkpointing(_kwargs) to activation_checkpointing(_kwargs): either name
+    # works; from here on the old names carry the value (tuneforge applies checkpointing to the model itself).
+    if getattr(t, "activation_checkpointing", None) is not None:
+        t.gradient_checkpointing, t.activation_checkpointing = bool(t.activation_checkpointing), None
+    if getattr(t, "activation_checkpointing_kwargs", None) is not None:
+        t.gradient_checkpointing_kwargs, t.activation_checkpointing_kwargs = t.activation_checkpointing_kwargs, None
+    kwargs = t.gradient_checkpointing_kwargs
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise ConfigError(f"train.gradient_checkpointing_kwargs={kwargs!r}: give a mapping, e.g. {{use_reentrant: false}}.")
+    if kwargs and kwargs.get("use_reentrant"):
+        raise ConfigError("train.gradient_checkpointing_kwargs.use_reentrant=true: reentrant checkpointing computes no "
+                          "gradient through frozen (4-bit) layers into LoRA adapters (DESIGN rule 10); leave it false.")
+    refuse_foreign_keys(cfg)
 
 
 def validate_launcher(cfg: TuneforgeConfig) -> None:

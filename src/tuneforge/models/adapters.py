@@ -5,42 +5,24 @@ from __future__ import annotations
 import logging
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import PreTrainedModel
 
 from tuneforge.config import PeftConfig, QuantConfig, TrainConfig
+from tuneforge.library_args import checkpointing_kwargs, is_quantized, lora_config
 
 log = logging.getLogger(__name__)
 
-# Non-reentrant checkpointing works with frozen inputs and PEFT; the reentrant default warns or breaks.
-GC_KWARGS = {"use_reentrant": False}
-
-
-def lora_config(cfg: PeftConfig, task_type: str = "CAUSAL_LM", new_token_ids: list[int] | None = None) -> LoraConfig:
-    target = cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules)
-    return LoraConfig(
-        r=cfg.r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=target,
-        bias=cfg.bias,
-        use_rslora=cfg.use_rslora,
-        modules_to_save=list(cfg.modules_to_save) if cfg.modules_to_save else None,
-        # Only the new rows of the embedding train (not the whole matrix, as modules_to_save would).
-        trainable_token_indices=list(new_token_ids) if new_token_ids and cfg.train_new_tokens else None,
-        task_type=task_type,
-    )
-
 
 def prepare_base(model: PreTrainedModel, quant: QuantConfig) -> PreTrainedModel:
-    """DESIGN rule 10 on a 4-bit base: every base weight frozen (nothing to do on an unquantized one).
+    """DESIGN rule 10 on a 4-bit (or 8-bit) base: every base weight frozen (nothing to do on an unquantized one).
 
     With `quant.upcast_non_quantized` this is prepare_model_for_kbit_training, which also copies every weight
     that is not 4-bit to fp32. Without it (and always under FSDP / ZeRO-3, which flatten parameters into
     uniform-dtype shards) those weights keep their loaded dtype, as in TRL's own QLoRA path."""
     from tuneforge.models.loading import sharded_training
 
-    if not quant.load_in_4bit:
+    if not is_quantized(quant):
         return model
     if quant.upcast_non_quantized and not sharded_training():
         # Checkpointing is enabled by enable_checkpointing, with the run's layer policy.
@@ -61,11 +43,11 @@ def enable_checkpointing(model: PreTrainedModel, train: TrainConfig) -> PreTrain
     if train.gradient_checkpointing_offload and not offload:
         log.info("train.gradient_checkpointing_offload: no GPU, activations already in host memory")
     if hasattr(model, "activation_checkpointing_enable"):  # turns input gradients on itself
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=dict(GC_KWARGS),
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing_kwargs(train),
                                               every_n_layers=train.gradient_checkpointing_every_n_layers,
                                               offload=offload)
     else:  # transformers before the rename; validation refuses the layer policy there
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(GC_KWARGS))
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs(train))
         model.enable_input_require_grads()
     return model
 

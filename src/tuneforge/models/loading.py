@@ -13,6 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from tuneforge.config import ModelConfig, QuantConfig
+from tuneforge.library_args import quantization_config
 from tuneforge.models import embedded
 
 log = logging.getLogger(__name__)
@@ -36,21 +37,6 @@ def compute_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def quantization_config(cfg: QuantConfig) -> BitsAndBytesConfig | None:
-    if not cfg.load_in_4bit:
-        return None
-    kwargs = {}
-    if cfg.bnb_4bit_quant_storage:
-        kwargs["bnb_4bit_quant_storage"] = getattr(torch, cfg.bnb_4bit_quant_storage)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
-        bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
-        bnb_4bit_compute_dtype=compute_dtype(cfg.bnb_4bit_compute_dtype),
-        **kwargs,
-    )
-
-
 def load_config(path: str, cfg: ModelConfig):
     """The model's config only (no weights): what the doctor and dry runs need."""
     return AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
@@ -70,7 +56,8 @@ def load_model(path: str, cfg: ModelConfig, quant: QuantConfig) -> PreTrainedMod
         use_safetensors=True,  # never unpickle weights (a .bin checkpoint can run code)
         device_map=_device_map(bnb),
     )
-    log.info("Loaded %s (%s%s) in %.1f s", path, dtype, ", 4-bit NF4" if bnb else "", time.perf_counter() - start)
+    kind = f", 4-bit {quant.bnb_4bit_quant_type}" if quant.load_in_4bit else ", 8-bit" if quant.load_in_8bit else ""
+    log.info("Loaded %s (%s%s) in %.1f s", path, dtype, kind, time.perf_counter() - start)
     if bnb is not None:
         keep_cpu_4bit_trainable(model)
     return model
