@@ -52,6 +52,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -266,7 +267,7 @@ def run_worker(spec: dict) -> dict:
     from tuneforge.data.collators import build_collator
     from tuneforge.data.packing import pack
     from tuneforge.library_args import lora_config, trainer_arguments
-    from tuneforge.models.adapters import add_lora, enable_checkpointing, prepare_base
+    from tuneforge.models.adapters import adapter_dtypes_kept, add_lora, enable_checkpointing, prepare_base
     from tuneforge.models.loading import load_model
 
     arm = Arm(**spec["arm"])
@@ -318,8 +319,11 @@ def run_worker(spec: dict) -> dict:
 
     batches = BatchLog(collate, tokenizer.pad_token_id)
     clock = StepClock()
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_rows, processing_class=tokenizer,
-                         data_collator=batches, peft_config=peft_config, callbacks=[clock.callback])
+    # tuneforge's arms keep PEFT's fp32 adapters as a run does (models/adapters.adapter_dtypes_kept); arm (a) gets
+    # TRL's bf16 cast, as a plain TRL script would.
+    with (nullcontext() if arm.trl_defaults else adapter_dtypes_kept(model)):
+        trainer = SFTTrainer(model=model, args=args, train_dataset=train_rows, processing_class=tokenizer,
+                             data_collator=batches, peft_config=peft_config, callbacks=[clock.callback])
     gate = gate_loss(trainer, rows, collate, packing.mode, max_length)
     batches.batches.clear()
     if cuda:

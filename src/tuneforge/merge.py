@@ -31,6 +31,9 @@ CHECK_PROMPTS = ["What is the capital of France?", "Write this date as YYYY-MM-D
 def _merged_base(run_dir: Path, base: str, tokenizer):
     cfg_model, cfg_quant = _run_model_cfg(run_dir)
     path = resolve_path(cfg_model)
+    if base == "dequantized" and cfg_quant.load_in_8bit:
+        raise ConfigError("merge.base=dequantized: an 8-bit base has no exact de-quantization in transformers; use "
+                          "merge.base=original.")
     if base == "dequantized" and cfg_quant.load_in_4bit:
         # transformers' own de-quantization: every Linear4bit becomes an nn.Linear with the NF4 values.
         model = load_model(path, cfg_model, cfg_quant).dequantize(dtype=torch.float32)
@@ -38,6 +41,12 @@ def _merged_base(run_dir: Path, base: str, tokenizer):
         model = load_model(path, replace(cfg_model, dtype="float32"), QuantConfig(load_in_4bit=False))
     fit_embeddings(model, tokenizer)
     return model
+
+
+def merged_model(run_dir: Path, base: str, tokenizer):
+    """The run's adapter folded into a full-precision base (`dequantized` or `original`), in memory."""
+    merged = load_adapter(_merged_base(run_dir, base, tokenizer), str(run_dir / runs.ADAPTER_DIR))
+    return merged.merge_and_unload()
 
 
 def _run_model_cfg(run_dir: Path) -> tuple[ModelConfig, QuantConfig]:
@@ -66,8 +75,7 @@ def run(cfg: MergeCommandConfig) -> dict:
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty; choose another out=DIR.")
     reference, tokenizer, _ = load_trained(run_dir)  # adapter on its training base (4-bit as trained)
-    merged = load_adapter(_merged_base(run_dir, cfg.merge.base, tokenizer), str(run_dir / runs.ADAPTER_DIR))
-    merged = merged.merge_and_unload()
+    merged = merged_model(run_dir, cfg.merge.base, tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

@@ -352,14 +352,17 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         raise
 
 
-def save_adapter(trainer, tokenizer, run_dir: Path) -> bool:
+def save_adapter(trainer, tokenizer, run_dir: Path, initial_adapter: Optional[str] = None) -> bool:
     """The trained adapter + tokenizer into RUN/adapter, atomically; True on the process that wrote it. Every
-    rank must call it (FSDP gathers the weights); the others return False."""
+    rank must call it (FSDP gathers the weights); the others return False. `initial_adapter`: a PiSSA/OLoRA
+    run's adapter before training (models/adapters.keep_initial_adapter), to save the converted adapter."""
     if not trainer.args.should_save:
         trainer.save_model(str(run_dir / ADAPTER_DIR))  # collectives only: the main process writes
         return False
     with atomic_dir(run_dir / ADAPTER_DIR) as tmp:
         trainer.save_model(str(tmp))
+        if initial_adapter:
+            trainer.model.save_pretrained(str(tmp), path_initial_model_for_weight_conversion=initial_adapter)
         # Trainer.save_model adds training_args.bin, a pickle (reading it runs code): the run's config.yaml
         # already holds every setting, so the adapter stays safetensors + JSON only.
         (tmp / "training_args.bin").unlink(missing_ok=True)

@@ -20,7 +20,8 @@ from tuneforge.data.pipeline import PreparedData, prepare
 from tuneforge.estimate import preflight, print_estimate
 from tuneforge.evaluate import evaluate_generations, generation_pairs, print_comparison
 from tuneforge.inference import GenerationSettings
-from tuneforge.models.adapters import add_lora, enable_checkpointing, prepare_base
+from tuneforge.models.adapters import (add_lora, adapter_dtypes_kept, enable_checkpointing, keep_initial_adapter,
+                                      prepare_base)
 from tuneforge.models.loading import fit_embeddings, load_model, resolve_path
 from tuneforge.samples import SAMPLES_FILE, SampleGenerations
 from tuneforge.tokenizer import content_hash, load_tokenizer, new_token_ids
@@ -91,7 +92,8 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any, callbacks: li
     set_seed(cfg.train.seed)
     model = prepare_base(model, cfg.quant)
     model = enable_checkpointing(model, cfg.train)
-    model = add_lora(model, cfg.peft, new_token_ids(tokenizer, tok_report))
+    model = add_lora(model, cfg.peft, new_token_ids(tokenizer, tok_report), weights_path=model_path)
+    initial_adapter = keep_initial_adapter(model, cfg.peft, run_dir) if main else None
 
     gen = GenerationSettings(max_new_tokens=cfg.eval.max_new_tokens, max_input_tokens=cfg.eval.max_input_tokens,
                              batch_size=cfg.eval.batch_size)
@@ -115,20 +117,21 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any, callbacks: li
     if main:
         runs.check_free_space(run_dir, runs.estimate_for(model, cfg.train))
     args = library_args.trainer_arguments(cfg, run_dir)
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_rows,
-        eval_dataset=data.eval.select_columns(["input_ids", "labels"]) if cfg.train.eval_strategy != "no" else None,
-        processing_class=tokenizer,
-        data_collator=data_collator,
-        callbacks=callbacks,
-    )
+    with adapter_dtypes_kept(model):
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_rows,
+            eval_dataset=data.eval.select_columns(["input_ids", "labels"]) if cfg.train.eval_strategy != "no" else None,
+            processing_class=tokenizer,
+            data_collator=data_collator,
+            callbacks=callbacks,
+        )
     console.attach(trainer)
     # TRL writes its generic model card at every checkpoint; the run's own card is written once it has scores.
     trainer.create_model_card = lambda *args, **kwargs: None
     result = faults.train_guarded(trainer, cfg.train, run_dir, args.bf16)
-    if not runs.save_adapter(trainer, tokenizer, run_dir):
+    if not runs.save_adapter(trainer, tokenizer, run_dir, initial_adapter):
         # Every rank scores too (sharded models generate together); only the main process writes.
         if held_out:
             _score(model, tokenizer, held_out, gen)

@@ -181,6 +181,39 @@ def validate_library_keys(cfg: TuneforgeConfig) -> None:
         raise ConfigError("train.gradient_checkpointing_kwargs.use_reentrant=true: reentrant checkpointing computes no "
                           "gradient through frozen (4-bit) layers into LoRA adapters (DESIGN rule 10); leave it false.")
     refuse_foreign_keys(cfg)
+    validate_lora_init(cfg)
+
+
+# LoRA initialisations that need a pass over training data before the first step (PEFT's EVA, CorDA, LoRA-GA).
+DATA_DRIVEN_INITS = ("eva", "corda", "lora_ga")
+
+
+def validate_lora_init(cfg: TuneforgeConfig) -> None:
+    """Which of PEFT's initialisations fit the base: each one a run can save and a fresh process reproduce."""
+    init, p, q = cfg.peft.init_lora_weights, cfg.peft, cfg.quant
+    if p.method != "lora" or isinstance(init, bool):
+        return
+    name = str(init)
+    if name.startswith(("pissa", "olora")) and is_quantized(q):
+        raise ConfigError(
+            f"peft.init_lora_weights={name} rewrites the base weights into a residual (W - BA) before training; on a "
+            f"quantized base PEFT cannot (PiSSA), or the residual is re-quantized (OLoRA), so no saved adapter would "
+            f"reproduce the trained model on the base reloaded from its weights. Use quant=none with {name}, or "
+            "peft.init_lora_weights=loftq for a 4-bit base.")
+    if name == "loftq" and not q.load_in_4bit:
+        raise ConfigError("peft.init_lora_weights=loftq fits the adapters to a 4-bit base's quantization error: use it "
+                          "with quant=nf4 (tuneforge applies PEFT's replace_lora_weights_loftq, which leaves the base as "
+                          "loaded).")
+    if name == "loftq" and not cfg.dry_run:
+        import torch
+
+        if not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())):
+            raise ConfigError("peft.init_lora_weights=loftq: PEFT computes the LoftQ initialisation on a CUDA or XPU "
+                              "device (peft/utils/loftq_utils.py) and this machine has neither; use the default "
+                              "initialisation (or gaussian) on a CPU.")
+    if name in DATA_DRIVEN_INITS:
+        raise ConfigError(f"peft.init_lora_weights={name} needs a data-driven initialisation pass before training, "
+                          "which tuneforge does not run yet; use true (the default), gaussian, pissa, olora or loftq.")
 
 
 def validate_launcher(cfg: TuneforgeConfig) -> None:

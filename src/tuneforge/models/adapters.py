@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Iterator
 
 import torch
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
@@ -53,12 +57,27 @@ def enable_checkpointing(model: PreTrainedModel, train: TrainConfig) -> PreTrain
 
 
 def add_lora(model: PreTrainedModel, cfg: PeftConfig, new_token_ids: list[int] | None = None,
-             task_type: str = "CAUSAL_LM"):
-    """LoRA adapters on the (prepared) base; peft.method=none returns the model for a full fine-tune."""
+             task_type: str = "CAUSAL_LM", weights_path: str | None = None):
+    """LoRA adapters on the (prepared) base; peft.method=none returns the model for a full fine-tune.
+
+    peft.init_lora_weights=loftq on a 4-bit base goes through PEFT's replace_lora_weights_loftq: the adapters
+    are fitted to the quantization error of each layer (read from the base's safetensors) and the 4-bit base
+    stays as it loaded, so the saved adapter reproduces the trained model on a base reloaded from its weights.
+    PEFT's own LoftQ init would instead rewrite the base weights, which tuneforge does not save. `weights_path`:
+    the local model directory or hub id the base loaded from (LoftQ reads its full-precision weights)."""
     if cfg.method == "none":
         return model
+    loftq = cfg.init_lora_weights == "loftq"
+    if loftq:
+        cfg = replace(cfg, init_lora_weights=True, loftq_config={})
     config = lora_config(cfg, task_type=task_type, new_token_ids=new_token_ids)
-    model = keep_input_dtype_under_autocast(get_peft_model(model, config))
+    model = get_peft_model(model, config)
+    if loftq:
+        from peft import replace_lora_weights_loftq
+
+        local = weights_path if weights_path and Path(weights_path).is_dir() else None  # else: the hub cache
+        replace_lora_weights_loftq(model, model_path=local)
+    model = keep_input_dtype_under_autocast(model)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA: %s trainable of %s parameters (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     return model
@@ -81,6 +100,42 @@ def keep_input_dtype_under_autocast(model: PreTrainedModel) -> PreTrainedModel:
         if hasattr(layer, "cast_input_dtype_enabled"):  # PEFT's public switch (peft.helpers uses it too)
             layer.register_forward_pre_hook(hook)
     return model
+
+
+@contextmanager
+def adapter_dtypes_kept(model) -> Iterator[None]:
+    """Trainable parameters leave the block in the dtype they entered it with.
+
+    TRL's SFTTrainer (1.16) casts every trainable parameter of a quantized model to bf16 ("follow the QLoRA
+    paper"), whatever the compute dtype. On a CPU in fp32 that rounds the adapters to bf16 and, through PEFT's
+    input cast, every adapted layer's input too; and the saved adapter, which PEFT reloads in fp32, no longer
+    computes what was trained (measured: a DoRA run's greedy answers differed after one step). tuneforge keeps
+    PEFT's fp32 adapters (fp32 optimizer updates too); under bf16 autocast their matmuls still run in bf16."""
+    dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
+    yield
+    for name, param in model.named_parameters():
+        if name in dtypes and param.dtype != dtypes[name]:
+            param.data = param.data.to(dtypes[name])
+
+
+# LoRA initialisations that rewrite the base weights into a residual (W - BA) before training.
+RESIDUAL_INITS = ("pissa", "olora")
+INITIAL_ADAPTER_DIR = "initial_adapter"  # PEFT loads it under its directory name: no dots
+
+
+def rewrites_base(cfg: PeftConfig) -> bool:
+    return cfg.method == "lora" and str(cfg.init_lora_weights).startswith(RESIDUAL_INITS)
+
+
+def keep_initial_adapter(model, cfg: PeftConfig, run_dir) -> str | None:
+    """PiSSA/OLoRA: the adapter as initialised, before any step. The saved adapter is then converted (PEFT's
+    path_initial_model_for_weight_conversion) into a plain LoRA delta of twice the rank that applies to the
+    original base weights, which is what a fresh process loads. None for other initialisations."""
+    if not rewrites_base(cfg):
+        return None
+    path = str(Path(run_dir) / INITIAL_ADAPTER_DIR)
+    model.save_pretrained(path)
+    return path
 
 
 def load_adapter(base: PreTrainedModel, adapter_dir: str) -> PeftModel:
