@@ -73,3 +73,43 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 900, input: str 
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     return subprocess.run([str(exe), *args], cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout, env=env,
                           input=input)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, smollm_dir) -> str:
+    """A random 2-layer, width-64 model with the embedded model's config and real tokenizer: for tests of the
+    run machinery, where each step costs milliseconds instead of seconds."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    config = AutoConfig.from_pretrained(smollm_dir)
+    config.update({"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+                   "num_key_value_heads": 2, "head_dim": 16})
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(smollm_dir).save_pretrained(out)
+    return str(out)
+
+
+def cli_in_process(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`tuneforge ARGS` through the same entry point as the console script (tuneforge.cli.main), in this process:
+    for commands that load no weights (doctor, preview, dry runs, config errors), whose fresh-process start
+    (about 6 s of imports each) the subprocess tests already cover. Returns what run_cli returns."""
+    import contextlib
+    import io
+
+    from tuneforge.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    previous = Path.cwd()
+    os.chdir(cwd or REPO)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as exc:  # Hydra and the commands' own error paths exit
+                code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        os.chdir(previous)
+    return subprocess.CompletedProcess(["tuneforge", *args], code, out.getvalue(), err.getvalue())

@@ -15,7 +15,7 @@ def test_defaults_compose_to_the_demo():
     assert cfg.quant.load_in_4bit and cfg.quant.bnb_4bit_quant_type == "nf4" and cfg.quant.bnb_4bit_use_double_quant
     assert cfg.peft.method == "lora"
     assert cfg.tokenizer.pad_token == "auto"
-    assert cfg.train.max_steps == 30  # from recipes/demo.yaml, applied over conf/train/default.yaml
+    assert cfg.train.max_steps == 20  # from recipes/demo.yaml, applied over conf/train/default.yaml
 
 
 @pytest.mark.parametrize(

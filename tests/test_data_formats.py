@@ -31,6 +31,25 @@ def test_instruction_with_system_prompt():
                                 {"role": "assistant", "content": "Hello"}]}
 
 
+def test_empty_system_prompt_is_an_empty_system_turn_and_inference_gets_the_same(smollm_tokenizer):
+    """format.system_prompt="" suppresses a template's default system prompt (SmolLM2's: 16 tokens a row);
+    inference prompts get the run's system prompt exactly as its training rows did (rule 5)."""
+    from tuneforge.data.formats import with_system_prompt
+
+    row = fmt({"prompt": "Hi", "completion": "Hello"}, system_prompt="")
+    assert row["messages"][0] == {"role": "system", "content": ""}
+    assert fmt({"prompt": "Hi", "completion": "Hello"})["messages"][0]["role"] == "user"  # None: no turn
+    full = smollm_tokenizer.apply_chat_template(row["messages"], tokenize=False)
+    default = smollm_tokenizer.apply_chat_template(row["messages"][1:], tokenize=False)
+    assert "SmolLM" in default and "SmolLM" not in full
+    cfg = FormatConfig(system_prompt="")
+    prompt = smollm_tokenizer.apply_chat_template(with_system_prompt("Hi", cfg), tokenize=False,
+                                                  add_generation_prompt=True)
+    assert full.startswith(prompt)  # the inference prompt is the training row up to the answer
+    own = [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}]
+    assert with_system_prompt(own, cfg) == own
+
+
 def test_instruction_accepts_trl_conversational_prompt_completion():
     row = {"prompt": [{"role": "user", "content": "Hi"}], "completion": [{"role": "assistant", "content": "Yo"}]}
     assert [m["role"] for m in fmt(row)["messages"]] == ["user", "assistant"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from conftest import run_cli
+from conftest import cli_in_process
 from tuneforge.config import DataConfig, TuneforgeConfig
 from tuneforge.data.pipeline import prepare
 from tuneforge.data.preview import CLOSE, OPEN, cli_args, output_dir, padding_waste, percentile, segments, show
@@ -62,16 +62,15 @@ def test_cli_args_shorthand_and_default_directory():
 
 def test_preview_cli_on_the_demo(tmp_path):
     out = tmp_path / "pv"
-    proc = run_cli("preview", "n=1", "data.builtin_rows=40", f"preview.output_dir={out}",
-                   f"data.cache_dir={tmp_path}/cache", cwd=tmp_path, timeout=300)
+    proc = cli_in_process("preview", "n=1", "data.builtin_rows=40", f"preview.output_dir={out}",
+                   f"data.cache_dir={tmp_path}/cache", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "--- row 0 ---" in proc.stdout and OPEN in proc.stdout and "padding waste" in proc.stdout
     assert (out / "preview.html").exists() and (out / "token_lengths.png").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "pv"]  # nothing dropped into the cwd
-    default = run_cli("preview", "n=1", "data.builtin_rows=40", f"data.cache_dir={tmp_path}/cache", cwd=tmp_path,
-                      timeout=300)
+    default = cli_in_process("preview", "n=1", "data.builtin_rows=40", f"data.cache_dir={tmp_path}/cache", cwd=tmp_path)
     assert default.returncode == 0, default.stderr
     (page,) = (tmp_path / "outputs" / "preview").glob("*/*/preview.html")
     assert not (tmp_path / "preview.html").exists()
-    bad = run_cli("preview", "n=1", "data.on_bad_rows=drop", timeout=120)
+    bad = cli_in_process("preview", "n=1", "data.on_bad_rows=drop")
     assert bad.returncode == 2 and "data.on_bad_row" in bad.stderr

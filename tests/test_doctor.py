@@ -15,7 +15,7 @@ from tuneforge.config import CollatorConfig, PeftConfig, TokenizerConfig, Tunefo
 from tuneforge.data.pipeline import DataStats, PreparedData
 from tuneforge.data.tokenize import IGNORE
 from tuneforge.tokenizer import TokenizerReport, apply_fixes, load_tokenizer
-from tests.conftest import run_cli, shared
+from tests.conftest import cli_in_process, shared
 
 
 def _ctx(tokenizer, train_rows, eval_rows=None, stats=None, cfg=None, report=None, vocab=None, context=8192):
@@ -158,13 +158,13 @@ def test_opt_chatml_no_resize_and_trainable_new_tokens():
 
 
 def test_doctor_cli_ok_json_and_broken_config(tmp_path):
-    ok = run_cli("doctor", "--json", "data.builtin_rows=60", cwd=tmp_path)
+    ok = cli_in_process("doctor", "--json", "data.builtin_rows=60", cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr[-2000:]
     report = json.loads((tmp_path / "doctor.json").read_text())
     assert report["errors"] is False and any(c["name"] == "PAD != EOS" and c["status"] == "fixed" for c in report["checks"])
-    broken = run_cli("doctor", "tokenizer=none", "data.builtin_rows=60", cwd=tmp_path)
+    broken = cli_in_process("doctor", "tokenizer=none", "data.builtin_rows=60", cwd=tmp_path)
     assert broken.returncode == 1 and "error" in broken.stdout and "PAD != EOS" in broken.stdout
     # train refuses the same config before loading any weights.
-    train = run_cli("train", "tokenizer=none", "data.builtin_rows=60", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    train = cli_in_process("train", "tokenizer=none", "data.builtin_rows=60", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert train.returncode == 2 and "doctor found errors" in train.stderr + train.stdout
     assert not (tmp_path / "run" / "adapter").exists()

@@ -93,8 +93,11 @@ def test_generation_stops_at_end_of_turn_and_at_eos(smollm_fp32, smollm_tokenize
 
 
 def test_chat_sends_the_whole_conversation_each_turn(smollm_fp32, smollm_tokenizer, monkeypatch, capsys):
-    """`infer chat=true`: every turn is generated from the conversation so far, answers included."""
+    """`infer chat=true`: every turn is generated from the conversation so far, answers included, and led by the
+    run's system prompt (here an empty one) as its training rows were."""
     from tuneforge import infer
+    from tuneforge.config import FormatConfig
+    from tuneforge.data.formats import with_system_prompt
 
     seen = []
 
@@ -105,9 +108,11 @@ def test_chat_sends_the_whole_conversation_each_turn(smollm_fp32, smollm_tokeniz
     lines = iter(["What is 2+2?", "And 3+3?", ""])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     monkeypatch.setattr(infer, "generate", spy)
-    answers = infer._chat(smollm_fp32, smollm_tokenizer, GenerationSettings(max_new_tokens=8))
+    as_trained = lambda messages: with_system_prompt(messages, FormatConfig(system_prompt=""))  # noqa: E731
+    answers = infer._chat(smollm_fp32, smollm_tokenizer, GenerationSettings(max_new_tokens=8), as_trained)
     assert len(answers) == 2 and all(answers)
-    assert seen[1] == [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": answers[0]},
+    assert seen[0] == [{"role": "system", "content": ""}, {"role": "user", "content": "What is 2+2?"}]
+    assert seen[1] == [{"role": "system", "content": ""}, {"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": answers[0]},
                        {"role": "user", "content": "And 3+3?"}]
     streamed = capsys.readouterr().out
     assert streamed.count("model> ") == 2 and answers[0] in streamed and answers[1] in streamed

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, cli_in_process, run_cli
 from tuneforge.compose import compose_config, load_config
 from tuneforge.config import ConfigError
 from tuneforge.launch import accelerate_config, launch_command
@@ -127,7 +127,7 @@ def test_slurm_preset_composes():
 
 def test_dry_run_prints_launch_command_and_plan(tmp_path):
     run_dir = tmp_path / "dry"
-    result = run_cli("train", "launcher=ddp", "launcher.num_processes=4", "dry_run=true", f"hydra.run.dir={run_dir}")
+    result = cli_in_process("train", "launcher=ddp", "launcher.num_processes=4", "dry_run=true", f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "launch command:" in out and "accelerate.commands.launch" in out and "--num_processes 4" in out
@@ -138,11 +138,13 @@ def test_dry_run_prints_launch_command_and_plan(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_cpu_ddp_run(tmp_path):
-    """launcher=ddp with 2 gloo processes: different data shards, identical LoRA weights, one run directory."""
+def test_two_process_cpu_ddp_run(tmp_path, tiny_model):
+    """launcher=ddp with 2 gloo processes (a small random model: the launch is under test, not learning):
+    different data shards, identical LoRA weights, one run directory."""
     outputs = tmp_path / "outputs"
     start = time.perf_counter()
-    result = run_cli("train", "launcher=ddp", "launcher.num_processes=2", "train.max_steps=3",
+    result = run_cli("train", "launcher=ddp", "launcher.num_processes=2", "launcher.record_ranks=true",
+                     f"model.name_or_path={tiny_model}", "train.max_steps=3", "train.learning_rate=3e-3",
                      "train.per_device_train_batch_size=4", "train.logging_steps=1", "data.max_samples=48",
                      "eval.before_after=false", f"hydra.run.dir={outputs}/run", timeout=900)
     wall = time.perf_counter() - start

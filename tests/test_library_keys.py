@@ -70,14 +70,10 @@ VALUES: dict[str, object] = {
     "peft.layer_replication": [[0, 2]],
     "peft.target_parameters": ["mlp.experts.gate_up_proj"],
     "peft.alora_invocation_tokens": [1, 2],
-    "peft.loftq_config": {"loftq_bits": 4},
     "peft.bias": "lora_only",
     # Nested config objects, given as mappings of their fields (PEFT builds the object).
     "peft.arrow_config": {"top_k": 2},
-    "peft.corda_config": {"corda_method": "kpm"},
-    "peft.eva_config": {"rho": 3.0},
     "peft.kasa_config": {"beta": 0.5},
-    "peft.lora_ga_config": {"scale": "gd"},
     "peft.monteclora_config": {"num_samples": 4},
     "peft.velora_config": {"num_groups": 8},
     "peft.runtime_config": {"ephemeral_gpu_offload": True},
@@ -106,11 +102,8 @@ NEEDS: dict[str, dict[str, object]] = {
     "train.hub_strategy": {"train.push_to_hub": True},
     "train.fp16": {"train.bf16": False},
     "train.save_strategy": {"train.load_best_model_at_end": False},
-    "peft.loftq_config": {"peft.init_lora_weights": "loftq"},
     "peft.use_qalora": {"peft.use_dora": False},
     "peft.lora_bias": {"peft.init_lora_weights": True},
-    "peft.eva_config": {"peft.init_lora_weights": "eva"},
-    "peft.corda_config": {"peft.init_lora_weights": "corda"},
     "peft.qalora_group_size": {"peft.use_qalora": True},
     "quant.llm_int8_threshold": {"quant.load_in_4bit": False, "quant.load_in_8bit": True},
     "quant.llm_int8_skip_modules": {"quant.load_in_4bit": False, "quant.load_in_8bit": True},
@@ -136,6 +129,11 @@ NOT_WALKED = {
                          "(launcher=ddp picks it)",
     "train.tf32": "TrainingArguments refuses tf32 without an Ampere-or-newer CUDA GPU (test_tf32_is_refused_on_a_cpu)",
     "peft.megatron_config": "read only with megatron_core installed",
+    "peft.loftq_config": "refused: tuneforge's LoftQ (4-bit, replace_lora_weights_loftq) takes no options "
+                         "(tests/test_lora_variants.py refusals)",
+    "peft.eva_config": "refused with the data-driven initialisations (the same test)",
+    "peft.corda_config": "the same",
+    "peft.lora_ga_config": "the same",
 }
 
 
@@ -386,3 +384,18 @@ def test_callbacks_key_takes_trainer_callback_classes():
         callbacks.load(["nowhere.at_all:Hook"])
     with pytest.raises(ConfigError, match="is not a transformers TrainerCallback class"):
         callbacks.load(["collections:OrderedDict"])
+
+
+def test_keys_command_lists_types_defaults_and_replacements(capsys):
+    from tuneforge import keys
+
+    assert keys.main(["train"]) == 0
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if l.startswith("train.adam_beta2 "))
+    assert "float" in line and "0.999" in line and "SFTConfig" in line
+    assert any(l.startswith("train.learning_rate ") and "tuneforge default" in l for l in out.splitlines())
+    assert any(l.startswith("train.packing ") and "use packing=bfd" in l for l in out.splitlines())
+    assert keys.main(["train", "--task", "classification"]) == 0
+    classification = capsys.readouterr().out
+    assert "train.loss_type " not in classification and "train.max_length " in classification  # SFT-only vs every task
+    assert keys.main(["nope"]) == 2

@@ -106,6 +106,9 @@ def test_variant_reloads_and_merges_to_the_trained_model(name, variant_runs, rel
     (["quant=none", "peft.init_lora_weights=loftq"], "use it with quant=nf4"),
     (["peft.init_lora_weights=eva"], "data-driven initialisation"),
     (["peft.init_lora_weights=corda"], "data-driven initialisation"),
+    (["peft.loftq_config={loftq_bits: 4}"], "takes no options: remove peft.loftq_config"),
+    (["peft.eva_config={rho: 2.0}"], "peft.eva_config configures a data-driven initialisation"),
+    (["peft.corda_config={cache_file: x}"], "peft.corda_config configures a data-driven initialisation"),
     *([(["peft.init_lora_weights=loftq"], "on a CUDA or XPU device")] if not GPU else []),
 ])
 def test_variants_that_cannot_round_trip_are_refused_before_loading(overrides, reason):

@@ -26,20 +26,6 @@ SECRET = "hf_tuneforgeTESTsecret123"
 ENV_SECRET = "wandbTESTsecret456"
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, smollm_dir) -> str:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    out = tmp_path_factory.mktemp("tiny") / "model"
-    config = AutoConfig.from_pretrained(smollm_dir)
-    config.update({"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
-                   "num_key_value_heads": 2, "head_dim": 16})
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(smollm_dir).save_pretrained(out)
-    return str(out)
-
-
 def _args(model: str, *extra: str) -> list[str]:
     return [f"model.name_or_path={model}", "train.max_steps=6", "train.save_steps=2", "train.logging_steps=1",
             "train.per_device_train_batch_size=4", "train.warmup_steps=1", "train.learning_rate=3e-3",

@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.conftest import run_cli
+from tests.conftest import cli_in_process, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -105,7 +105,7 @@ def test_interactive_chat_streams_each_answer(trained_run):
     assert len(turns) == 2 and all(t.strip() and "you>" in t for t in turns)
 
 
-def test_load_best_model_at_end_keeps_the_best_checkpoint(tmp_path):
+def test_load_best_model_at_end_keeps_the_best_checkpoint(tmp_path, tiny_model):
     """The saved adapter is the best evaluation's checkpoint, not the last weights. Training lowers the
     eval loss step by step, so `greater_is_better=true` makes step 2 the "best" one: it tells the kept
     checkpoint apart from the last one whatever the exact losses are."""
@@ -113,7 +113,8 @@ def test_load_best_model_at_end_keeps_the_best_checkpoint(tmp_path):
 
     run_dir = tmp_path / "best"
     result = run_cli(
-        "train", "train.max_steps=4", "train.per_device_train_batch_size=4", "data.builtin_rows=60",
+        "train", f"model.name_or_path={tiny_model}", "train.learning_rate=3e-3",  # the checkpoint choice is tested
+        "train.max_steps=4", "train.per_device_train_batch_size=4", "data.builtin_rows=60",
         "eval.before_after=false", "train.eval_strategy=steps", "train.eval_steps=2", "train.save_strategy=steps",
         "train.save_steps=2", "train.load_best_model_at_end=true", "train.metric_for_best_model=eval_loss",
         "train.greater_is_better=true", f"hydra.run.dir={run_dir}",
@@ -147,7 +148,7 @@ def test_in_memory_generation_equals_reloaded_adapter(trained_run, tmp_path):
 def test_second_run_into_same_directory_is_refused(trained_run):
     run_dir, _ = trained_run
     before = (run_dir / "metrics.json").read_bytes()
-    result = run_cli("train", "train.max_steps=1", f"hydra.run.dir={run_dir}")
+    result = cli_in_process("train", "train.max_steps=1", f"hydra.run.dir={run_dir}")
     assert result.returncode == 2
     assert "already holds a run" in result.stderr + result.stdout
     assert (run_dir / "metrics.json").read_bytes() == before

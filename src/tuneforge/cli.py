@@ -26,6 +26,7 @@ commands:
   preview  formatted samples with trained/masked tokens + data statistics, no weights loaded:
            tuneforge preview [overrides] [n=5]   (writes preview.html under outputs/preview/)
   report   table + plots of a sweep: tuneforge report multirun/DATE/TIME [--metric NAME] [--direction minimize]
+  keys     every train.*/peft.*/quant.* key with its type, default and origin: tuneforge keys [train] [--task TASK]
   reproduce  re-run a run from its config.yaml into a new run directory:
            tuneforge reproduce RUN_DIR [overrides] [--check]  (--check: exit 1 unless the losses match)
 
@@ -177,8 +178,14 @@ def _reproduce_main(args: list[str]) -> int:
     return reproduce.main(args)
 
 
+def _keys_main(args: list[str]) -> int:
+    from tuneforge import keys
+
+    return keys.main(args)
+
+
 # Commands that take a path, not a Hydra config of their own.
-PLAIN_COMMANDS = {"report": _report_main, "reproduce": _reproduce_main}
+PLAIN_COMMANDS = {"report": _report_main, "reproduce": _reproduce_main, "keys": _keys_main}
 
 COMMANDS = {
     "train": ("config", _friendly(_train_app)),

@@ -233,6 +233,9 @@ class LauncherConfig:
     offload_param_device: str = "none"
     # deepspeed_zero3: build the model already partitioned (needed for QLoRA under ZeRO-3).
     zero3_init_flag: bool = True
+    # Write RUN/ranks.json: each rank's data-shard digests, own losses and final weight digest (it hashes every
+    # batch and syncs every micro-batch's loss, so it is off unless asked for).
+    record_ranks: bool = False
     # A path to your own Accelerate config file: used instead of the generated one (the keys above still apply
     # as `accelerate launch` flags for num_processes / machines).
     accelerate_config: Optional[str] = None

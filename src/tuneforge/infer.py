@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from tuneforge import runs
-from tuneforge.config import ConfigError, InferConfig
+from tuneforge.config import TEXT_STRATEGIES, ConfigError, InferConfig
+from tuneforge.data.formats import with_system_prompt
 from tuneforge.inference import GenerationSettings, generate
 from tuneforge.models.trained import load_trained
 
@@ -36,11 +37,14 @@ def run(cfg: InferConfig) -> list[str]:
     settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, max_input_tokens=cfg.max_input_tokens,
                                   batch_size=cfg.batch_size, do_sample=cfg.do_sample,
                                   temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
-    model, tokenizer, _ = load_trained(cfg.run_dir)
+    model, tokenizer, run_cfg = load_trained(cfg.run_dir)
+    chat_rows = bool(tokenizer.chat_template) and run_cfg.format.strategy not in TEXT_STRATEGIES
+    # Chat prompts get the run's system prompt, as its training rows did (rule 5); text formats are raw text.
+    as_trained = (lambda p: with_system_prompt(p, run_cfg.format)) if chat_rows else (lambda p: p)
     if cfg.chat:
-        return _chat(model, tokenizer, settings)
+        return _chat(model, tokenizer, settings, as_trained)
     prompts = [cfg.prompt] if cfg.prompt else read_prompts(cfg.prompts_file)
-    answers = generate(model, tokenizer, prompts, settings)
+    answers = generate(model, tokenizer, [as_trained(p) for p in prompts], settings)
     for answer in answers:
         print(answer)
     if cfg.output_file:
@@ -48,7 +52,7 @@ def run(cfg: InferConfig) -> list[str]:
     return answers
 
 
-def _chat(model, tokenizer, settings) -> list[str]:
+def _chat(model, tokenizer, settings, as_trained) -> list[str]:
     """Interactive multi-turn chat with streamed answers; an empty line or Ctrl-D ends it."""
     messages, answers = [], []
     while True:
@@ -60,7 +64,7 @@ def _chat(model, tokenizer, settings) -> list[str]:
             break
         messages.append({"role": "user", "content": text})
         print("model> ", end="", flush=True)
-        answer = generate(model, tokenizer, [messages], settings, stream=True)[0]
+        answer = generate(model, tokenizer, [as_trained(messages)], settings, stream=True)[0]
         messages.append({"role": "assistant", "content": answer})
         answers.append(answer)
     return answers

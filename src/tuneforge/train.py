@@ -109,7 +109,7 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any, callbacks: li
     if cfg.eval.sample_every_steps:
         callbacks.append(SampleGenerations(tokenizer, generation_pairs(data.eval, cfg.eval.sample_prompts), gen,
                                            cfg.eval.sample_every_steps, run_dir / SAMPLES_FILE))
-    if state.num_processes > 1:  # ranks.json: each rank's data shard, losses and final weights
+    if state.num_processes > 1 and cfg.launcher.record_ranks:  # ranks.json: each rank's shard, losses, weights
         recorder = launch.RankRecorder()
         recorder.attach(model)
         callbacks.append(recorder.callback)

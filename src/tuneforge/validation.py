@@ -191,6 +191,16 @@ DATA_DRIVEN_INITS = ("eva", "corda", "lora_ga")
 def validate_lora_init(cfg: TuneforgeConfig) -> None:
     """Which of PEFT's initialisations fit the base: each one a run can save and a fresh process reproduce."""
     init, p, q = cfg.peft.init_lora_weights, cfg.peft, cfg.quant
+    if p.method == "lora" and p.loftq_config:
+        raise ConfigError("peft.loftq_config configures PEFT's LoftQ for a full-precision base, which quantizes and "
+                          "rewrites the base weights that tuneforge does not save; tuneforge applies LoftQ to the 4-bit "
+                          "base (peft.init_lora_weights=loftq with quant=nf4, PEFT's replace_lora_weights_loftq), which "
+                          "takes no options: remove peft.loftq_config.")
+    for key in ("eva_config", "corda_config", "lora_ga_config"):
+        if p.method == "lora" and getattr(p, key, None) is not None:
+            raise ConfigError(f"peft.{key} configures a data-driven initialisation (peft.init_lora_weights="
+                              f"{key.removesuffix('_config')}), which needs a pass over training data before the first "
+                              "step that tuneforge does not run yet: remove it.")
     if p.method != "lora" or isinstance(init, bool):
         return
     name = str(init)

@@ -77,7 +77,18 @@ def _with_eos(text: str, spans: list[list[int]], ctx: FormatContext, cfg: Format
 
 
 def _system(cfg: FormatConfig) -> list[dict[str, str]]:
-    return [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+    """format.system_prompt as a turn. None: no system turn (a chat template's own default system prompt, if it has
+    one, applies); "": an empty system turn, which suppresses such a default (SmolLM2's costs 16 tokens a row)."""
+    return [] if cfg.system_prompt is None else [{"role": "system", "content": cfg.system_prompt}]
+
+
+def with_system_prompt(prompt: Any, cfg: FormatConfig) -> Any:
+    """An inference prompt (a string or messages) as training rendered its rows: a string becomes a user turn,
+    and the run's format.system_prompt leads unless the messages bring their own system turn (DESIGN rule 5)."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if messages and messages[0].get("role") == "system":
+        return messages
+    return _system(cfg) + messages
 
 
 def instruction(row: dict, cfg: FormatConfig, ctx: FormatContext) -> Row:
