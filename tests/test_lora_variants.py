@@ -58,8 +58,8 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def variant_runs(tmp_path_factory, smollm_dir):
-    """One step of each variant, in this process, through tuneforge.train.run (the CLI's training function)."""
-    from tuneforge import train
+    """One step of each variant, in this process, through tuneforge.lifecycle.run (what the CLI runs)."""
+    from tuneforge import lifecycle
     from tuneforge.compose import load_config
 
     runs = {}
@@ -67,7 +67,7 @@ def variant_runs(tmp_path_factory, smollm_dir):
     for name, overrides in VARIANTS.items():
         cfg = load_config([*QUICK, *overrides])
         run_dir = root / name
-        metrics = train.run(cfg, run_dir, OmegaConf.structured(cfg))
+        metrics = lifecycle.run(cfg, run_dir, OmegaConf.structured(cfg))
         assert metrics["train_steps"] == 1, name
         runs[name] = run_dir
     return runs

@@ -14,7 +14,8 @@ import torch
 from omegaconf import OmegaConf
 
 from tests.conftest import run_cli
-from tuneforge import report, reproduce, runs
+from tuneforge import checkpoints, manifest, redaction, report, reproduce, runs
+from tuneforge.objective import objective
 from tuneforge.compose import load_config
 from tuneforge.config import ConfigError
 from tuneforge.faults import StopOnNaN
@@ -24,30 +25,30 @@ from tuneforge.faults import StopOnNaN
 
 @pytest.mark.parametrize("key", ["model.token", "hf_token", "token", "wandb_api_key", "x.auth_token", "+model.token"])
 def test_secret_keys(key):
-    assert runs.is_secret_key(key)
+    assert redaction.is_secret_key(key)
 
 
 @pytest.mark.parametrize("key", ["tokenizer.pad_token", "eos_token", "add_special_tokens", "tokenizer", "max_tokens",
                                  "tokens_seen"])
 def test_not_secret_keys(key):
-    assert not runs.is_secret_key(key)
+    assert not redaction.is_secret_key(key)
 
 
 def test_redact_config_and_command_line():
     cfg = {"model": {"token": "hf_abc", "name_or_path": "x"}, "tokenizer": {"pad_token": "<unk>"},
            "overrides": ["model.token=hf_abc", "train.seed=1"], "none": {"token": None}}
-    out = runs.redact(cfg)
-    assert out["model"]["token"] == runs.REDACTED and out["model"]["name_or_path"] == "x"
+    out = redaction.redact(cfg)
+    assert out["model"]["token"] == redaction.REDACTED and out["model"]["name_or_path"] == "x"
     assert out["tokenizer"]["pad_token"] == "<unk>" and out["none"]["token"] is None
-    assert out["overrides"] == [f"model.token={runs.REDACTED}", "train.seed=1"]
-    line = runs.command_line(["tuneforge train", "model.token=hf_abc", "train.seed=1"])
+    assert out["overrides"] == [f"model.token={redaction.REDACTED}", "train.seed=1"]
+    line = redaction.command_line(["tuneforge train", "model.token=hf_abc", "train.seed=1"])
     assert "hf_abc" not in line and "train.seed=1" in line
 
 
 def test_write_config_redacts(tmp_path):
     runs.write_config(tmp_path, OmegaConf.create({"model": {"token": "hf_secret"}, "hydra": {"x": 1}}))
     text = (tmp_path / "config.yaml").read_text()
-    assert "hf_secret" not in text and runs.REDACTED in text and "hydra" not in text
+    assert "hf_secret" not in text and redaction.REDACTED in text and "hydra" not in text
 
 
 def test_redact_hydra_files(tmp_path):
@@ -57,7 +58,7 @@ def test_redact_hydra_files(tmp_path):
     runs.redact_hydra_files(tmp_path)
     for name in ("overrides.yaml", "config.yaml"):
         text = (tmp_path / ".hydra" / name).read_text()
-        assert "hf_secret" not in text and runs.REDACTED in text
+        assert "hf_secret" not in text and redaction.REDACTED in text
     assert "train.seed=3" in (tmp_path / ".hydra" / "overrides.yaml").read_text()
 
 
@@ -80,24 +81,24 @@ def test_latest_complete_checkpoint_skips_half_written(tmp_path):
     _checkpoint(tmp_path, 4, missing="trainer_state.json")
     _checkpoint(tmp_path, 12, missing="adapter_model.safetensors")
     _checkpoint(tmp_path, 14, complete=False)
-    assert runs.latest_complete_checkpoint(tmp_path).name == "checkpoint-10"  # numeric order, not text order
-    assert "trainer_state.json" in runs.checkpoint_problem(tmp_path / "checkpoint-4")
-    assert "weights" in runs.checkpoint_problem(tmp_path / "checkpoint-12")
-    assert "truncated" in runs.checkpoint_problem(tmp_path / "checkpoint-14")
+    assert checkpoints.latest_complete_checkpoint(tmp_path).name == "checkpoint-10"  # numeric order, not text order
+    assert "trainer_state.json" in checkpoints.checkpoint_problem(tmp_path / "checkpoint-4")
+    assert "weights" in checkpoints.checkpoint_problem(tmp_path / "checkpoint-12")
+    assert "truncated" in checkpoints.checkpoint_problem(tmp_path / "checkpoint-14")
 
 
 def test_resolve_resume(tmp_path):
-    assert runs.resolve_resume(None, tmp_path) is None
-    assert runs.resolve_resume("False", tmp_path) is None
-    assert runs.resolve_resume("auto", tmp_path) is None  # nothing yet: a fresh start
+    assert checkpoints.resolve_resume(None, tmp_path) is None
+    assert checkpoints.resolve_resume("False", tmp_path) is None
+    assert checkpoints.resolve_resume("auto", tmp_path) is None  # nothing yet: a fresh start
     with pytest.raises(ConfigError, match="no complete checkpoint"):
-        runs.resolve_resume("True", tmp_path)
+        checkpoints.resolve_resume("True", tmp_path)
     good = _checkpoint(tmp_path, 3)
     _checkpoint(tmp_path, 5, missing="optimizer.pt")
-    assert runs.resolve_resume("auto", tmp_path) == str(good)
-    assert runs.resolve_resume("true", tmp_path) == str(good)
+    assert checkpoints.resolve_resume("auto", tmp_path) == str(good)
+    assert checkpoints.resolve_resume("true", tmp_path) == str(good)
     with pytest.raises(ConfigError, match="optimizer.pt"):
-        runs.resolve_resume(str(tmp_path / "checkpoint-5"), tmp_path)
+        checkpoints.resolve_resume(str(tmp_path / "checkpoint-5"), tmp_path)
 
 
 def test_run_dir_rules(tmp_path):
@@ -151,14 +152,14 @@ def test_run_keys_validated():
 
 
 def test_manifest_environment_and_objective(tmp_path):
-    env = runs.environment()
-    assert set(runs.PACKAGES) <= set(env["packages"]) and env["packages"]["torch"]
+    env = manifest.environment()
+    assert set(manifest.PACKAGES) <= set(env["packages"]) and env["packages"]["torch"]
     assert env["device"]["type"] in ("cpu", "cuda") and env["world_size"] >= 1 and env["python"]
     m = {"eval_after": {"exact_match": 0.5}, "train_loss": 1.0, "log_history": [{"eval_loss": 2.0, "step": 1}]}
-    assert runs.objective(m, "exact_match") == 0.5
-    assert runs.objective(m, "train_loss") == 1.0
-    assert runs.objective(m, "eval_loss") == 2.0
-    assert runs.objective(m, "rouge_l") is None
+    assert objective(m, "exact_match") == 0.5
+    assert objective(m, "train_loss") == 1.0
+    assert objective(m, "eval_loss") == 2.0
+    assert objective(m, "rouge_l") is None
 
 
 # --- NaN guard ---------------------------------------------------------------------------------------------
@@ -191,7 +192,7 @@ def test_compare_curves_and_version_differences():
     assert reproduce.compare_curves(a, [{"loss": 1.0 + 1e-6, "step": 1}, {"loss": 0.5, "step": 2}], 1e-4)["ok"]
     bad = reproduce.compare_curves(a, [{"loss": 1.1, "step": 1}], 1e-4)
     assert not bad["ok"] and bad["missing_steps"] == [2] and bad["max_rel_diff"] == pytest.approx(0.1)
-    now = runs.environment()
+    now = manifest.environment()
     old = json.loads(json.dumps(now))
     old["packages"]["trl"] = "0.0.1"
     old["device"] = {"type": "cuda", "name": "H100"}

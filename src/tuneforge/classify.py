@@ -10,19 +10,17 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from datasets import Dataset
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer
 
-from tuneforge import library_args, runs
-from tuneforge.callbacks import load as user_callbacks
+from tuneforge import library_args
 from tuneforge.config import ConfigError, TuneforgeConfig
 from tuneforge.data.sources import data_sources, load_source
 from tuneforge.models.adapters import add_lora, enable_checkpointing, prepare_base
-from tuneforge.models.loading import compute_dtype, fit_embeddings, resolve_path
-from tuneforge.tokenizer import load_tokenizer
+from tuneforge.models.loading import fit_embeddings, resolve_path
+from tuneforge.tokenizer import content_hash, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -64,84 +62,75 @@ def _encode(ds: Dataset, tokenizer, text_col: str, label_col: str, label2id: dic
     return ds.map(encode, batched=True, remove_columns=ds.column_names, desc="Tokenizing")
 
 
-def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any) -> dict:
-    if cfg.dry_run:
-        from tuneforge.train import print_dry_run
+class Classification:
+    """The classification stages for lifecycle.run (its docstring lists the order they are called in)."""
 
-        print_dry_run(cfg)
-        return {}
-    from tuneforge.launch import process_state
+    def __init__(self, cfg: TuneforgeConfig, run_dir: Path, main: bool):
+        self.cfg, self.run_dir, self.main = cfg, run_dir, main
+        self.initial_adapter = self.resized_vocab = None
 
-    state = process_state()  # several processes: the main one writes the run directory
-    if state.is_main_process:
-        runs.claim_run_dir(run_dir, cfg.train.resume_from_checkpoint)
-        runs.write_config(run_dir, resolved_config)
-    runs.use_token(cfg.model)
-    with state.main_process_first():
-        path = resolve_path(cfg.model)
-        tokenizer, tok_report = load_tokenizer(path, cfg.tokenizer, cfg.model.revision, cfg.model.trust_remote_code)
+    @staticmethod
+    def sweep_metric(cfg: TuneforgeConfig) -> str:
+        return "eval_accuracy"
+
+    def prepare(self) -> dict:
+        cfg, fmt = self.cfg, self.cfg.format
+        self.path = resolve_path(cfg.model)
+        self.tokenizer, self.tok_report = load_tokenizer(self.path, cfg.tokenizer, cfg.model.revision,
+                                                         cfg.model.trust_remote_code)
         splits = load_source(data_sources(cfg.data, cfg.format)[0], cfg.data)
-    if len(splits["eval"]) == 0:
-        raise ConfigError("task=classification needs held-out rows: set data.eval_fraction > 0 or data.eval_split.")
-    fmt = cfg.format
-    names = label_names(splits["train"][fmt.label_column])
-    label2id = {n: i for i, n in enumerate(names)}
-    train = _encode(splits["train"], tokenizer, fmt.text_column, fmt.label_column, label2id, cfg.train.max_length)
-    held_out = _encode(splits["eval"], tokenizer, fmt.text_column, fmt.label_column, label2id, cfg.train.max_length)
+        if len(splits["eval"]) == 0:
+            raise ConfigError("task=classification needs held-out rows: set data.eval_fraction > 0 or "
+                              "data.eval_split.")
+        self.names = label_names(splits["train"][fmt.label_column])
+        self.label2id = {n: i for i, n in enumerate(self.names)}
+        self.train = _encode(splits["train"], self.tokenizer, fmt.text_column, fmt.label_column, self.label2id,
+                             cfg.train.max_length)
+        self.held_out = _encode(splits["eval"], self.tokenizer, fmt.text_column, fmt.label_column, self.label2id,
+                                cfg.train.max_length)
+        return {"tokenizer": {"content_hash": content_hash(self.tokenizer)},
+                "data": {"fingerprint": self.train._fingerprint,
+                         "rows": {"train": len(self.train), "eval": len(self.held_out)}}}
 
-    from transformers import set_seed
+    def check(self) -> None:
+        """Nothing beyond the label checks of prepare(): the doctor's checks are about chat rows and masks."""
 
-    from tuneforge.estimate import preflight
+    def build_model(self):
+        cfg, names = self.cfg, self.names
+        model = AutoModelForSequenceClassification.from_pretrained(
+            self.path, num_labels=len(names), id2label=dict(enumerate(names)), label2id=self.label2id,
+            dtype=library_args.compute_dtype(cfg.model.dtype), quantization_config=library_args.quantization_config(cfg.quant),
+            revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code, use_safetensors=True,
+        )
+        if fit_embeddings(model, self.tokenizer):  # decoder backbones: the fixed PAD id tells the head where rows end
+            self.resized_vocab = model.get_input_embeddings().weight.shape[0]
+        model = prepare_base(model, cfg.quant)
+        model = enable_checkpointing(model, cfg.train)
+        return add_lora(model, cfg.peft, task_type="SEQ_CLS")  # the new head is trained in full
 
-    if state.is_main_process and (warning := preflight(cfg)):
-        log.warning("GPU memory: %s", warning)
-    set_seed(cfg.train.seed)  # the new head (and LoRA) are drawn before the Trainer seeds
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=len(names), id2label=dict(enumerate(names)), label2id=label2id,
-        dtype=compute_dtype(cfg.model.dtype), quantization_config=library_args.quantization_config(cfg.quant),
-        revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code, use_safetensors=True,
-    )
-    fit_embeddings(model, tokenizer)  # decoder backbones: the fixed PAD id tells the head where rows end
-    model = prepare_base(model, cfg.quant)
+    def baseline(self, model) -> float:
+        """The majority-class accuracy on the held-out rows: what a score must beat to mean something."""
+        counts = Counter(self.held_out["labels"])
+        return max(counts.values()) / len(self.held_out)
 
-    t = cfg.train
-    model = enable_checkpointing(model, t)
-    model = add_lora(model, cfg.peft, task_type="SEQ_CLS")  # the new head is trained in full
-    args = library_args.trainer_arguments(cfg, run_dir)
-    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
-                      data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=cfg.collator.pad_to_multiple_of),
-                      processing_class=tokenizer, compute_metrics=classification_metrics,
-                      callbacks=user_callbacks(cfg.callbacks))
-    from tuneforge import console
+    def build_trainer(self, model, args, callbacks: list) -> Trainer:
+        collator = DataCollatorWithPadding(self.tokenizer, pad_to_multiple_of=self.cfg.collator.pad_to_multiple_of)
+        return Trainer(model=model, args=args, train_dataset=self.train, eval_dataset=self.held_out,
+                       data_collator=collator, processing_class=self.tokenizer,
+                       compute_metrics=classification_metrics, callbacks=callbacks)
 
-    console.attach(trainer)
-    from tuneforge import faults
-    from tuneforge.tokenizer import content_hash
+    def evaluate(self, model, trainer) -> dict:
+        return trainer.evaluate()  # every rank: the evaluation loop gathers across processes
 
-    if state.is_main_process:
-        runs.write_manifest(run_dir, seed=t.seed, tokenizer={"content_hash": content_hash(tokenizer)},
-                            data={"fingerprint": train._fingerprint, "rows": {"train": len(train), "eval": len(held_out)}})
-        runs.check_free_space(run_dir, runs.estimate_for(model, t))
-    result = faults.train_guarded(trainer, t, run_dir, args.bf16)
-    final = trainer.evaluate()
-    if not runs.save_adapter(trainer, tokenizer, run_dir):
-        return {}
+    def metrics(self, result, trainer, majority: float, final: dict) -> dict:
+        return {
+            "task": "classification", "labels": self.names, "train_rows": len(self.train),
+            "eval_rows": len(self.held_out), "train_loss": result.training_loss,
+            "train_runtime_s": result.metrics.get("train_runtime"), "eval_accuracy": final["eval_accuracy"],
+            "eval_macro_f1": final["eval_macro_f1"], "majority_baseline_accuracy": majority,
+            "tokenizer": {"fixes": self.tok_report.fixes}, "log_history": trainer.state.log_history,
+        }
 
-    counts = Counter(held_out["labels"])
-    majority = max(counts.values()) / len(held_out)
-    metrics = {
-        "task": "classification", "labels": names, "train_rows": len(train), "eval_rows": len(held_out),
-        "train_loss": result.training_loss, "train_runtime_s": result.metrics.get("train_runtime"),
-        "eval_accuracy": final["eval_accuracy"], "eval_macro_f1": final["eval_macro_f1"],
-        "majority_baseline_accuracy": majority, "tokenizer": {"fixes": tok_report.fixes},
-        "log_history": trainer.state.log_history, "world_size": trainer.args.world_size,
-    }
-    runs.write_json(run_dir / runs.METRICS_FILE, metrics)
-    runs.plot_losses(trainer.state.log_history, run_dir / "loss.png")
-    from tuneforge import model_card
-
-    model_card.write(cfg, metrics, runs.read_manifest(run_dir).get("command", runs.command_line()), run_dir)
-    runs.write_manifest(run_dir, status="finished", finished_at=runs._now())
-    print(f"held-out accuracy {metrics['eval_accuracy']:.3f} (macro-F1 {metrics['eval_macro_f1']:.3f}) vs "
-          f"majority-class baseline {majority:.3f} on {len(held_out)} rows")
-    return metrics
+    def report(self, majority: float, final: dict, metrics: dict) -> None:
+        print(f"held-out accuracy {metrics['eval_accuracy']:.3f} (macro-F1 {metrics['eval_macro_f1']:.3f}) vs "
+              f"majority-class baseline {majority:.3f} on {len(self.held_out)} rows")

@@ -33,80 +33,36 @@ commands:
 Hydra flags work as usual: -m/--multirun, --cfg job, hydra.run.dir=DIR, --help.
 """
 
-# Hydra flags that take a value, and flags that only print (no pre-validation needed).
-_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
-                     "--config-dir", "-cd", "--experimental-rerun", "--shell-completion", "-sc"}
+# Hydra flags that only print (no pre-validation needed).
 _INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--version", "--shell-completion", "-sc"}
-
-
-def split_args(args: list[str]) -> tuple[list[str], list[str], bool]:
-    """(hydra flags, overrides, multirun?)"""
-    flags, overrides, i = [], [], 0
-    while i < len(args):
-        arg = args[i]
-        if arg.startswith("-"):
-            flags.append(arg)
-            if arg in _FLAGS_WITH_VALUE and i + 1 < len(args) and not args[i + 1].startswith("-") and "=" not in args[i + 1]:
-                flags.append(args[i + 1])
-                i += 1
-        else:
-            overrides.append(arg)
-        i += 1
-    return flags, overrides, any(f in ("-m", "--multirun") for f in flags)
 
 
 def _train_app(dcfg) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from tuneforge import runs
+    from tuneforge import lifecycle, manifest, runs
+    from tuneforge.faults import Diverged, Interrupted
+    from tuneforge.redaction import redact
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     runs.redact_hydra_files(run_dir, Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else run_dir)
-    from tuneforge.faults import Diverged, Interrupted
-
     if hc.mode != RunMode.MULTIRUN:
         try:
-            return _train_job(dcfg, run_dir)
+            return lifecycle.sweep_value(*lifecycle.job(dcfg, run_dir))
         except Diverged as exc:
-            runs.write_failure(run_dir, exc)
+            manifest.write_failure(run_dir, exc)
             raise
     try:  # one failed job must not stop the sweep (Hydra's basic launcher stops at the first exception)
-        return _train_job(dcfg, run_dir)
+        return lifecycle.sweep_value(*lifecycle.job(dcfg, run_dir))
     except Interrupted:
         raise  # a person asked the whole sweep to stop
     except Exception as exc:
         log.error("job %s failed: %s", hc.job.num, exc)
         run_dir.mkdir(parents=True, exist_ok=True)
-        runs.write_failure(run_dir, exc, job=hc.job.num, overrides=runs.redact(list(hc.overrides.task)))
+        manifest.write_failure(run_dir, exc, job=hc.job.num, overrides=redact(list(hc.overrides.task)))
         return None  # the Optuna sweeper records the trial as failed (NaN would crash its bookkeeping)
-
-
-def _train_job(dcfg, run_dir: Path) -> float | None:
-    from tuneforge.compose import to_validated
-    from tuneforge.runs import objective
-
-    cfg = to_validated(dcfg)  # every multirun job is validated on its own values
-    from tuneforge import launch, library_args
-
-    library_args.check(cfg)
-    if launch.needs_launch(cfg):  # launcher=ddp|fsdp|deepspeed_*: re-run through `accelerate launch`
-        value = launch.run_from_hydra(cfg, run_dir)
-        if not cfg.dry_run:
-            return value
-    if cfg.task == "classification":
-        from tuneforge import classify
-
-        return classify.run(cfg, run_dir, dcfg).get("eval_accuracy")
-    from tuneforge import train
-
-    metrics = train.run(cfg, run_dir, dcfg)
-    value = objective(metrics, cfg.eval.metric)  # what a sweeper optimizes
-    if value is None and not cfg.dry_run:
-        log.warning("eval.metric=%s is not among this run's metrics (held-out scores need eval.before_after=true; "
-                    "or use last_logged_loss, train_loss, eval_loss): a sweeper gets None.", cfg.eval.metric)
-    return value
 
 
 def _preview_app(dcfg) -> None:
@@ -132,19 +88,19 @@ def _doctor_app(dcfg) -> None:
 
 
 def _friendly(app):
-    """Config errors found inside a job (e.g. a taken run directory) exit 2 with one clear line."""
+    """Failures a user can cause, found inside a job (e.g. a taken run directory, a stopped run), exit with
+    their documented code after one clear line (lifecycle.exit_code)."""
 
     def wrapped(dcfg):
-        from tuneforge.faults import RunStopped
+        from tuneforge.lifecycle import exit_code
 
         try:
             return app(dcfg)
-        except ConfigError as exc:
-            log.error("config error: %s", exc)
-            sys.exit(2)
-        except RunStopped as exc:  # SIGTERM/Ctrl-C (checkpoint saved) or NaN: the message says what next
-            log.error("%s", exc)
-            sys.exit(exc.exit_code)
+        except Exception as exc:
+            code = exit_code(exc)
+            if code is None:
+                raise
+            sys.exit(code)
 
     wrapped.__name__ = app.__name__
     return wrapped
@@ -263,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         from tuneforge.data.preview import cli_args
 
         args = cli_args(args)
+    from tuneforge.compose import split_args
+
     flags, overrides, multirun = split_args(args)
     try:
         if not set(flags) & _INFO_FLAGS:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 import typing
 from dataclasses import fields, is_dataclass
-from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
@@ -173,7 +172,7 @@ def unknown_key_message(key: str, valid: set[str]) -> str:
     return strict + (closest(key, in_section) or closest(key, sorted(valid)))
 
 
-def _explain(exc: BaseException) -> str:
+def explain(exc: BaseException) -> str:
     """The most specific message in an exception chain, with the full key when OmegaConf knows it."""
     chain = []
     while exc is not None:
@@ -201,7 +200,7 @@ def compose_config(overrides: list[str] | None = None, config_name: str = "confi
     except ConfigError:
         raise
     except Exception as exc:  # Hydra/OmegaConf composition errors
-        raise ConfigError(_explain(exc)) from exc
+        raise ConfigError(explain(exc)) from exc
     finally:
         GlobalHydra.instance().clear()
 
@@ -220,10 +219,29 @@ def to_validated(cfg) -> TuneforgeConfig:
         plain = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"]) if "hydra" in cfg else cfg
         obj = OmegaConf.to_object(plain)
     except OmegaConfBaseException as exc:
-        raise ConfigError(_explain(exc)) from exc
+        raise ConfigError(explain(exc)) from exc
     from tuneforge import device_defaults
 
     # `auto` settings depend on the device the job runs on, so they are decided here, in the job.
     return validate(device_defaults.resolve(validate(obj)))
 
 
+# Hydra flags that take a value (the next argument is theirs, not an override).
+_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                     "--config-dir", "-cd", "--experimental-rerun", "--shell-completion", "-sc"}
+
+
+def split_args(args: list[str]) -> tuple[list[str], list[str], bool]:
+    """(hydra flags, overrides, multirun?)"""
+    flags, overrides, i = [], [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("-"):
+            flags.append(arg)
+            if arg in _FLAGS_WITH_VALUE and i + 1 < len(args) and not args[i + 1].startswith("-") and "=" not in args[i + 1]:
+                flags.append(args[i + 1])
+                i += 1
+        else:
+            overrides.append(arg)
+        i += 1
+    return flags, overrides, any(f in ("-m", "--multirun") for f in flags)

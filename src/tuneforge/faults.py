@@ -1,6 +1,6 @@
 """Faults during training: SIGTERM/Ctrl-C save a checkpoint and stop cleanly; NaN/inf stops early.
 
-Both are TrainerCallbacks (the Trainer already knows how to save and stop between steps); `train.run` turns
+Both are TrainerCallbacks (the Trainer already knows how to save and stop between steps); `lifecycle.run` turns
 what they saw into an exit code and a message that says how to resume or what to check.
 """
 
@@ -143,15 +143,15 @@ def diverged_message(guard: StopOnNaN, learning_rate: float, bf16: bool, checkpo
 
 def train_guarded(trainer, train_cfg, run_dir, bf16: bool):
     """`trainer.train()` with checkpoint resume, the signal and NaN guards; raises Interrupted / Diverged."""
-    from tuneforge import runs
+    from tuneforge import checkpoints, manifest, redaction
 
-    checkpoint = runs.resolve_resume(train_cfg.resume_from_checkpoint, run_dir)
+    checkpoint = checkpoints.resolve_resume(train_cfg.resume_from_checkpoint, run_dir)
     main = trainer.is_world_process_zero()  # several processes: the main one writes the run directory
     if checkpoint:
         log.info("Resuming from %s", checkpoint)
     if checkpoint and main:
-        runs.write_manifest(run_dir, resumed=runs.read_manifest(run_dir).get("resumed", []) + [
-            {"from": checkpoint, "command": runs.command_line(), "at": runs._now()}])
+        manifest.write(run_dir, resumed=manifest.read(run_dir).get("resumed", []) + [
+            {"from": checkpoint, "command": redaction.command_line(), "at": manifest.now()}])
     stopper, guard = StopOnSignal(), StopOnNaN(train_cfg.nan_patience)
     trainer.add_callback(stopper)
     trainer.add_callback(guard)
@@ -159,14 +159,14 @@ def train_guarded(trainer, train_cfg, run_dir, bf16: bool):
 
     with stopper.installed(), training_output():
         result = trainer.train(resume_from_checkpoint=checkpoint)
-    latest = runs.latest_complete_checkpoint(run_dir)
+    latest = checkpoints.latest_complete_checkpoint(run_dir)
     if guard.tripped_at is not None:
         if main:
-            runs.write_manifest(run_dir, status="diverged", stopped_at_step=guard.tripped_at)
+            manifest.write(run_dir, status="diverged", stopped_at_step=guard.tripped_at)
         raise Diverged(diverged_message(guard, train_cfg.learning_rate, bf16, latest))
     if stopper.signum is not None:
         if main:
-            runs.write_manifest(run_dir, status="interrupted", stopped_at_step=stopper.step)
+            manifest.write(run_dir, status="interrupted", stopped_at_step=stopper.step)
         raise Interrupted(interrupted_message(stopper, run_dir, latest), stopper.signum)
     if checkpoint:  # the Trainer averages only the steps of this session; report the whole run's mean
         result = result._replace(training_loss=whole_run_loss(trainer.state.log_history, result.training_loss))

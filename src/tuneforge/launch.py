@@ -13,7 +13,6 @@ only turns `launcher.*` into an Accelerate config and a command line.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shlex
@@ -210,24 +209,15 @@ def _hydra_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.hydra)
 
 
-def run_from_hydra(cfg: TuneforgeConfig, run_dir: Path) -> float | None:
-    """The launching Hydra job: start the ranks with this job's own overrides; the sweeper's value comes from
-    the metrics the main rank wrote."""
+def run_from_hydra(cfg: TuneforgeConfig, run_dir: Path) -> None:
+    """The launching Hydra job: start the ranks with this job's own overrides (the main rank writes the run's
+    metrics, which lifecycle.job reads back); a failed launch exits with the ranks' status."""
     from hydra.core.hydra_config import HydraConfig
 
     code = launch(cfg, run_dir, list(HydraConfig.get().overrides.task))
     if code != 0:
         log.error("the launched training failed (exit status %d); see the output above and %s", code, run_dir)
         sys.exit(code)
-    if cfg.dry_run:
-        return None
-    metrics_file = run_dir / "metrics.json"
-    if not metrics_file.is_file():
-        return None
-    metrics = json.loads(metrics_file.read_text())
-    if cfg.task == "classification":
-        return metrics.get("eval_accuracy")
-    return (metrics.get("eval_after") or {}).get(cfg.eval.metric)
 
 
 # ------------------------------------------------------------------------------------------ inside the ranks

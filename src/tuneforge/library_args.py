@@ -81,10 +81,24 @@ def accelerator_available() -> bool:
         torch.backends.mps.is_available()
 
 
+def device_supports_bf16() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def compute_dtype(name: str):
+    """A dtype name as a torch dtype. auto: bf16 where a CUDA device supports it, else fp32 (fp32 is also the
+    faster choice on CPUs)."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device_supports_bf16() else torch.float32
+    return getattr(torch, name)
+
+
 def resolved_bf16(train) -> bool:
     """train.bf16=null (auto): bf16 where a CUDA device supports it, else fp32 (schema.TRAIN's reason)."""
-    from tuneforge.models.loading import device_supports_bf16
-
     return device_supports_bf16() if train.bf16 is None else bool(train.bf16)
 
 
@@ -160,8 +174,6 @@ def quantization_config(quant):
     if not is_quantized(quant):
         return None
     import torch
-
-    from tuneforge.models.loading import compute_dtype
 
     kwargs = section_kwargs(schema.QUANT, quant, BNB)
     kwargs["bnb_4bit_compute_dtype"] = compute_dtype(quant.bnb_4bit_compute_dtype)

@@ -12,7 +12,7 @@ from pathlib import Path
 import platformdirs
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
-_REPO_ROOT = _PACKAGE_DIR.parent.parent
+REPO_ROOT = _PACKAGE_DIR.parent.parent
 
 CACHE_ENV = "TUNEFORGE_CACHE"
 
@@ -30,12 +30,12 @@ def _first_existing(*candidates: Path) -> Path:
 
 def conf_dir() -> Path:
     """The directory holding `config.yaml` and the config groups."""
-    return _first_existing(_PACKAGE_DIR / "_conf", _REPO_ROOT / "conf")
+    return _first_existing(_PACKAGE_DIR / "_conf", REPO_ROOT / "conf")
 
 
 def recipes_dir() -> Path:
     """The directory holding `recipes/NAME.yaml`."""
-    return _first_existing(_PACKAGE_DIR / "_recipes", _REPO_ROOT / "recipes")
+    return _first_existing(_PACKAGE_DIR / "_recipes", REPO_ROOT / "recipes")
 
 
 def cache_dir(override: str | None = None) -> Path:

@@ -17,6 +17,7 @@ from typing import Optional
 from omegaconf import OmegaConf
 
 from tuneforge import runs
+from tuneforge.objective import objective
 
 USAGE = "usage: tuneforge report SWEEP_DIR [--metric NAME] [--direction minimize|maximize]"
 
@@ -86,14 +87,14 @@ def build_table(jobs: list[Job], metric: Optional[str] = None, direction: Option
     scored it, else the last logged training loss."""
     if metric is None:
         wanted = next((j.eval_metric for j in jobs if j.eval_metric), None)
-        scored = wanted and any(runs.objective(j.metrics, wanted) is not None for j in jobs if j.status == "ok")
+        scored = wanted and any(objective(j.metrics, wanted) is not None for j in jobs if j.status == "ok")
         metric = wanted if scored else "last_logged_loss"
     direction = direction or _direction(sweep_dir or Path("."), metric)
     keys = swept_keys(jobs)
     sign = 1 if direction == "minimize" else -1
 
     def order(job: Job):
-        value = runs.objective(job.metrics, metric) if job.status == "ok" else None
+        value = objective(job.metrics, metric) if job.status == "ok" else None
         ok = value is not None and not math.isnan(value)
         return (0 if ok else 1, sign * value if ok else 0, job.name)
 
@@ -103,7 +104,7 @@ def build_table(jobs: list[Job], metric: Optional[str] = None, direction: Option
     for rank, job in enumerate(sorted(jobs, key=order), 1):
         m = job.metrics
         rows.append([rank if job.status == "ok" else "", job.name, job.status, *[job.overrides.get(k, "") for k in keys],
-                     runs.objective(m, metric) if job.status == "ok" else None, *[m.get(k) for k in extra],
+                     objective(m, metric) if job.status == "ok" else None, *[m.get(k) for k in extra],
                      job.error[:160]])
     return header, rows, metric, direction
 
@@ -153,7 +154,7 @@ def plot(jobs: list[Job], metric: str, path: Path) -> None:
             curve = [(h["step"], h["loss"]) for h in job.metrics.get("log_history", []) if "loss" in h]
             if curve:
                 left.plot(*zip(*curve), marker=".", label=label)
-        value = runs.objective(job.metrics, metric) if job.status == "ok" else None
+        value = objective(job.metrics, metric) if job.status == "ok" else None
         labels.append(label if job.status == "ok" else f"{label} ({job.status})")
         values.append(value if value is not None and not math.isnan(value) else 0.0)
     left.set_xlabel("step")

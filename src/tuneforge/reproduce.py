@@ -19,7 +19,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from transformers import TrainerCallback
 
-from tuneforge import library_args, runs
+from tuneforge import library_args, manifest, redaction, runs
 from tuneforge.config import ConfigError
 
 log = logging.getLogger("tuneforge")
@@ -130,15 +130,14 @@ def _unredact(obj):
         return {k: _unredact(v) for k, v in obj.items()}
     if isinstance(obj, list):
         return [_unredact(v) for v in obj]
-    return None if obj == runs.REDACTED else obj
+    return None if obj == redaction.REDACTED else obj
 
 
 def main(args: list[str]) -> int:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from tuneforge.cli import split_args
-    from tuneforge.compose import _explain, check_override_keys, register_all, to_validated
+    from tuneforge.compose import check_override_keys, explain, register_all, split_args, to_validated
     from tuneforge.config import TuneforgeConfig
 
     try:
@@ -148,7 +147,7 @@ def main(args: list[str]) -> int:
         explicit = [o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")]
         if explicit:  # before Hydra writes .hydra/ into it
             runs.check_run_dir_free(Path(explicit[-1]))
-        for line in version_differences(runs.read_manifest(run_dir), runs.environment()):
+        for line in version_differences(manifest.read(run_dir), manifest.environment()):
             print(f"tuneforge reproduce: warning: version differs from the run: {line}", file=sys.stderr)
         metrics_path = run_dir / runs.METRICS_FILE
         if check and not metrics_path.is_file():
@@ -165,7 +164,7 @@ def main(args: list[str]) -> int:
             except ConfigError:
                 raise
             except Exception as exc:
-                raise ConfigError(_explain(exc)) from exc
+                raise ConfigError(explain(exc)) from exc
             finally:
                 GlobalHydra.instance().clear()
             return _run(tmp, run_dir, rest, history if check else None, rtol)
@@ -182,30 +181,20 @@ def _run(config_dir: str, original_dir: Path, args: list[str], history, rtol: fl
     def app(dcfg):
         from hydra.core.hydra_config import HydraConfig
 
-        from tuneforge import train
-        from tuneforge.compose import to_validated
-        from tuneforge.faults import RunStopped
+        from tuneforge import lifecycle
 
         new_dir = Path(HydraConfig.get().runtime.output_dir)
         runs.redact_hydra_files(new_dir)
+        checker = CurveCheck(history, rtol) if history is not None else None
         try:
-            cfg = to_validated(dcfg)
-            checker = CurveCheck(history, rtol) if history is not None else None
-            if cfg.task == "classification":
-                from tuneforge import classify
-
-                metrics = classify.run(cfg, new_dir, dcfg)
-            else:
-                metrics = train.run(cfg, new_dir, dcfg, callbacks=[checker] if checker else None)
-        except ConfigError as exc:
-            log.error("config error: %s", exc)
-            outcome["code"] = 2
+            _, metrics = lifecycle.job(dcfg, new_dir, callbacks=[checker] if checker else None)
+        except Exception as exc:
+            code = lifecycle.exit_code(exc)
+            if code is None:
+                raise
+            outcome["code"] = code
             return
-        except RunStopped as exc:
-            log.error("%s", exc)
-            outcome["code"] = exc.exit_code
-            return
-        runs.write_manifest(new_dir, reproduced_from=str(original_dir))
+        manifest.write(new_dir, reproduced_from=str(original_dir))
         if history is None:
             log.info("Reproduction of %s saved in %s", original_dir, new_dir)
             return

@@ -1,25 +1,22 @@
-"""`tuneforge train`: the SFT pipeline, stage by stage, top to bottom (DESIGN.md section 2)."""
+"""`task=sft`: supervised fine-tuning with TRL's SFTTrainer, its stages top to bottom (DESIGN.md section 2).
+The run around them (run directory, guards, saving, metrics files) is lifecycle.py's."""
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
-from typing import Any
 
-from transformers import set_seed
 from trl import SFTTrainer
 
-from tuneforge import console, faults, launch, library_args, model_card, runs
-from tuneforge.callbacks import load as user_callbacks
+from tuneforge import launch, runs
 from tuneforge.config import ConfigError, TuneforgeConfig
 from tuneforge.data.collators import TokenCounter, build_collator
 from tuneforge.data.packing import check_no_contamination, pack, probe_rows
 from tuneforge.data.pipeline import PreparedData, prepare
-from tuneforge.estimate import preflight, print_estimate
 from tuneforge.evaluate import evaluate_generations, generation_pairs, print_comparison
 from tuneforge.inference import GenerationSettings
+from tuneforge.manifest import run_identity
 from tuneforge.models.adapters import (add_lora, adapter_dtypes_kept, enable_checkpointing, keep_initial_adapter,
                                       prepare_base)
 from tuneforge.models.loading import fit_embeddings, load_model, resolve_path
@@ -29,133 +26,96 @@ from tuneforge.tokenizer import content_hash, load_tokenizer, new_token_ids
 log = logging.getLogger(__name__)
 
 
-def plan(cfg: TuneforgeConfig) -> dict:
-    """What a run would do, computed without loading any weights (`dry_run=true`)."""
-    t = cfg.train
-    world = cfg.launcher.num_processes if cfg.launcher.name != "local" else int(os.environ.get("WORLD_SIZE", "1"))
-    return {
-        "model": cfg.model.name_or_path,
-        "quantization": (f"4-bit {cfg.quant.bnb_4bit_quant_type}" if cfg.quant.load_in_4bit else
-                         "8-bit" if cfg.quant.load_in_8bit else cfg.model.dtype),
-        "adapter": f"LoRA r={cfg.peft.r} alpha={cfg.peft.lora_alpha} on {cfg.peft.target_modules}"
-        if cfg.peft.method == "lora" else "none (full fine-tune)",
-        "data": cfg.data.path,
-        "format": cfg.format.strategy,
-        "collator": cfg.collator.name,
-        "packing": cfg.packing.mode,
-        "max_length": t.max_length,
-        "launcher": f"{cfg.launcher.name} ({world} process{'es' if world > 1 else ''})",
-        "effective_batch_size": t.per_device_train_batch_size * t.gradient_accumulation_steps * world,
-        "max_steps": t.max_steps if t.max_steps > 0 else f"{t.num_train_epochs} epoch(s)",
-        "learning_rate": t.learning_rate,
-    }
+class SFT:
+    """The SFT stages for lifecycle.run (its docstring lists the order they are called in)."""
 
+    def __init__(self, cfg: TuneforgeConfig, run_dir: Path, main: bool):
+        self.cfg, self.run_dir, self.main = cfg, run_dir, main
+        self.initial_adapter = self.resized_vocab = None
+        self.gen = GenerationSettings(max_new_tokens=cfg.eval.max_new_tokens,
+                                      max_input_tokens=cfg.eval.max_input_tokens, batch_size=cfg.eval.batch_size)
 
-def print_dry_run(cfg: TuneforgeConfig) -> None:
-    """The plan, then the GPU memory estimate (tuneforge/estimate.py)."""
-    for key, value in plan(cfg).items():
-        print(f"{key:>22}: {value}")
-    print_estimate(cfg)
+    @staticmethod
+    def sweep_metric(cfg: TuneforgeConfig) -> str:
+        return cfg.eval.metric
 
+    def prepare(self) -> dict:
+        cfg = self.cfg
+        self.model_path = resolve_path(cfg.model)
+        self.tokenizer, self.tok_report = load_tokenizer(self.model_path, cfg.tokenizer, cfg.model.revision,
+                                                         cfg.model.trust_remote_code)
+        self.data = prepare(cfg.data, cfg.format, cfg.train, self.tokenizer, cfg.collator)
+        return run_identity(self.data, content_hash(self.tokenizer))
 
-def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any, callbacks: list | None = None) -> dict:
-    """Train, save and score; returns the metrics written to metrics.json. `callbacks`: extra TrainerCallbacks."""
-    if cfg.dry_run:
-        print_dry_run(cfg)
-        return {}
-    # Several processes (launcher=ddp/...): one run directory, written by the main process only.
-    state = launch.process_state()
-    main = state.is_main_process
-    if main:
-        runs.claim_run_dir(run_dir, cfg.train.resume_from_checkpoint)
-        runs.write_config(run_dir, resolved_config)
-    runs.use_token(cfg.model)
+    def check(self) -> None:
+        cfg = self.cfg
+        if cfg.doctor.enabled:
+            _doctor(cfg, self.tokenizer, self.tok_report, self.model_path, self.data,
+                    self.run_dir if self.main else None)
+        self.train_rows, self.packing_stats = pack(self.data.train, cfg.packing, cfg.train.max_length)
+        self.held_out = generation_pairs(self.data.eval, cfg.eval.num_samples) if cfg.eval.before_after else []
 
-    with state.main_process_first():  # the model conversion and the data cache are built once
-        model_path = resolve_path(cfg.model)
-        tokenizer, tok_report = load_tokenizer(model_path, cfg.tokenizer, cfg.model.revision,
-                                               cfg.model.trust_remote_code)
-        data = prepare(cfg.data, cfg.format, cfg.train, tokenizer, cfg.collator)
-    if cfg.doctor.enabled:
-        _doctor(cfg, tokenizer, tok_report, model_path, data, run_dir if main else None)
-    train_rows, packing_stats = pack(data.train, cfg.packing, cfg.train.max_length)
-    if main:
-        runs.write_manifest(run_dir, **runs.run_identity(cfg, data, content_hash(tokenizer)))
+    def build_model(self):
+        cfg, tokenizer = self.cfg, self.tokenizer
+        start = time.perf_counter()
+        model = load_model(self.model_path, cfg.model, cfg.quant)
+        self.load_seconds = time.perf_counter() - start
+        if fit_embeddings(model, tokenizer):
+            self.resized_vocab = model.get_input_embeddings().weight.shape[0]
+        model = prepare_base(model, cfg.quant)
+        model = enable_checkpointing(model, cfg.train)
+        model = add_lora(model, cfg.peft, new_token_ids(tokenizer, self.tok_report), weights_path=self.model_path)
+        self.initial_adapter = keep_initial_adapter(model, cfg.peft, self.run_dir) if self.main else None
+        return model
 
-    if main and (warning := preflight(cfg)):
-        log.warning("GPU memory: %s", warning)
-    start = time.perf_counter()
-    model = load_model(model_path, cfg.model, cfg.quant)
-    load_seconds = time.perf_counter() - start
-    new_rows = fit_embeddings(model, tokenizer)
-    # LoRA's A matrices are drawn here, before the Trainer seeds: seed now, or no two runs start alike.
-    set_seed(cfg.train.seed)
-    model = prepare_base(model, cfg.quant)
-    model = enable_checkpointing(model, cfg.train)
-    model = add_lora(model, cfg.peft, new_token_ids(tokenizer, tok_report), weights_path=model_path)
-    initial_adapter = keep_initial_adapter(model, cfg.peft, run_dir) if main else None
+    def baseline(self, model):
+        """Held-out generations on the same base weights with the adapter off: the 'before' column."""
+        if not self.held_out:
+            return None
+        with model.disable_adapter():
+            return evaluate_generations(model, self.tokenizer, self.held_out, self.gen)
 
-    gen = GenerationSettings(max_new_tokens=cfg.eval.max_new_tokens, max_input_tokens=cfg.eval.max_input_tokens,
-                             batch_size=cfg.eval.batch_size)
-    held_out = generation_pairs(data.eval, cfg.eval.num_samples) if cfg.eval.before_after else []
-    before = _score(model, tokenizer, held_out, gen, adapter_off=True) if held_out else None
+    def build_trainer(self, model, args, callbacks: list) -> SFTTrainer:
+        cfg, data = self.cfg, self.data
+        # Labels come from the data stage; the collator only pads or flattens, and counts tokens for metrics.
+        self.collate = TokenCounter(build_collator(cfg.collator, cfg.packing, self.tokenizer,
+                                                   cfg.tokenizer.padding_side), cfg.train.dataloader_num_workers)
+        if cfg.packing.mode != "none":
+            check_no_contamination(model, self.collate.collate, probe_rows(data.train))
+        data_collator = self.collate
+        if cfg.eval.sample_every_steps:
+            callbacks.append(SampleGenerations(self.tokenizer, generation_pairs(data.eval, cfg.eval.sample_prompts),
+                                               self.gen, cfg.eval.sample_every_steps, self.run_dir / SAMPLES_FILE))
+        if cfg.launcher.record_ranks and launch.process_state().num_processes > 1:
+            recorder = launch.RankRecorder()  # ranks.json: each rank's shard, losses and final weights
+            recorder.attach(model)
+            callbacks.append(recorder.callback)
+            data_collator = recorder.wrap_collator(self.collate)
+        eval_rows = data.eval.select_columns(["input_ids", "labels"]) if cfg.train.eval_strategy != "no" else None
+        with adapter_dtypes_kept(model):
+            return SFTTrainer(model=model, args=args, train_dataset=self.train_rows, eval_dataset=eval_rows,
+                              processing_class=self.tokenizer, data_collator=data_collator, callbacks=callbacks)
 
-    # Labels come from the data stage; the collator only pads or flattens, and counts tokens for metrics.
-    collate = TokenCounter(build_collator(cfg.collator, cfg.packing, tokenizer, cfg.tokenizer.padding_side),
-                           cfg.train.dataloader_num_workers)
-    if cfg.packing.mode != "none":
-        check_no_contamination(model, collate.collate, probe_rows(data.train))
-    callbacks, data_collator = [*user_callbacks(cfg.callbacks), *(callbacks or [])], collate
-    if cfg.eval.sample_every_steps:
-        callbacks.append(SampleGenerations(tokenizer, generation_pairs(data.eval, cfg.eval.sample_prompts), gen,
-                                           cfg.eval.sample_every_steps, run_dir / SAMPLES_FILE))
-    if state.num_processes > 1 and cfg.launcher.record_ranks:  # ranks.json: each rank's shard, losses, weights
-        recorder = launch.RankRecorder()
-        recorder.attach(model)
-        callbacks.append(recorder.callback)
-        data_collator = recorder.wrap_collator(collate)
-    if main:
-        runs.check_free_space(run_dir, runs.estimate_for(model, cfg.train))
-    args = library_args.trainer_arguments(cfg, run_dir)
-    with adapter_dtypes_kept(model):
-        trainer = SFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=train_rows,
-            eval_dataset=data.eval.select_columns(["input_ids", "labels"]) if cfg.train.eval_strategy != "no" else None,
-            processing_class=tokenizer,
-            data_collator=data_collator,
-            callbacks=callbacks,
-        )
-    console.attach(trainer)
-    # TRL writes its generic model card at every checkpoint; the run's own card is written once it has scores.
-    trainer.create_model_card = lambda *args, **kwargs: None
-    result = faults.train_guarded(trainer, cfg.train, run_dir, args.bf16)
-    if not runs.save_adapter(trainer, tokenizer, run_dir, initial_adapter):
-        # Every rank scores too (sharded models generate together); only the main process writes.
-        if held_out:
-            _score(model, tokenizer, held_out, gen)
-        return {}
+    def evaluate(self, model, trainer):
+        """The 'after' column; every rank generates (sharded models generate together)."""
+        return evaluate_generations(model, self.tokenizer, self.held_out, self.gen) if self.held_out else None
 
-    after = _score(model, tokenizer, held_out, gen) if held_out else None
-    metrics = _metrics(result, trainer, data, tok_report, load_seconds, tokenizer, before, after)
-    # Over every batch the collator built (train, and eval when train.eval_strategy is set).
-    metrics["batches"] = collate.summary() | {"packing": packing_stats.as_dict()}
-    metrics["padding_efficiency"] = metrics["batches"]["padding_efficiency"]
-    metrics["trained_token_fraction"] = metrics["batches"]["trained_token_fraction"]
-    metrics["world_size"] = trainer.args.world_size
-    runs.write_json(run_dir / runs.METRICS_FILE, metrics)
-    if after is not None:
-        runs.write_predictions(run_dir / "predictions_before.jsonl", before.predictions)
-        runs.write_predictions(run_dir / "predictions.jsonl", after.predictions)
+    def metrics(self, result, trainer, before, after) -> dict:
+        metrics = _metrics(result, trainer, self.data, self.tok_report, self.tokenizer, before, after)
+        metrics["model_load_s"] = self.load_seconds
+        # Over every batch the collator built (train, and eval when train.eval_strategy is set).
+        metrics["batches"] = self.collate.summary() | {"packing": self.packing_stats.as_dict()}
+        metrics["padding_efficiency"] = metrics["batches"]["padding_efficiency"]
+        metrics["trained_token_fraction"] = metrics["batches"]["trained_token_fraction"]
+        return metrics
+
+    def report(self, before, after, metrics: dict) -> None:
+        if after is None:
+            return
+        runs.write_predictions(self.run_dir / "predictions_before.jsonl", before.predictions)
+        runs.write_predictions(self.run_dir / "predictions.jsonl", after.predictions)
         print_comparison({"before": before.scores, "after": after.scores},
-                         f"Held-out generation ({len(held_out)} prompts, same base weights)")
-    runs.plot_losses(trainer.state.log_history, run_dir / "loss.png")
-    model_card.write(cfg, metrics, runs.read_manifest(run_dir).get("command", runs.command_line()), run_dir,
-                     model.get_input_embeddings().weight.shape[0] if new_rows else None)
-    runs.write_manifest(run_dir, status="finished", finished_at=runs._now())
-    log.info("Run saved in %s", run_dir)
-    return metrics
+                         f"Held-out generation ({len(self.held_out)} prompts, same base weights)")
 
 
 def _doctor(cfg, tokenizer, tok_report, model_path, data, run_dir) -> None:
@@ -174,14 +134,7 @@ def _doctor(cfg, tokenizer, tok_report, model_path, data, run_dir) -> None:
             log.info("doctor: %s %s: %s", c.name, c.status, c.action)
 
 
-def _score(model, tokenizer, conversations, settings, adapter_off: bool = False):
-    if adapter_off and hasattr(model, "disable_adapter"):
-        with model.disable_adapter():
-            return evaluate_generations(model, tokenizer, conversations, settings)
-    return evaluate_generations(model, tokenizer, conversations, settings)
-
-
-def _metrics(result, trainer, data: PreparedData, tok_report, load_seconds, tokenizer, before, after) -> dict:
+def _metrics(result, trainer, data: PreparedData, tok_report, tokenizer, before, after) -> dict:
     runtime = result.metrics.get("train_runtime", 0.0)
     tokens = trainer.state.num_input_tokens_seen
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -193,7 +146,6 @@ def _metrics(result, trainer, data: PreparedData, tok_report, load_seconds, toke
         "train_steps": trainer.state.global_step,
         "tokens_seen": tokens,
         "tokens_per_second": tokens / runtime if runtime else None,
-        "model_load_s": load_seconds,
         "data": {split: st.as_dict() for split, st in data.stats.items()},
         "tokenizer": {"fixes": tok_report.fixes, "added_tokens": tok_report.added_tokens,
                       "content_hash": content_hash(tokenizer)},

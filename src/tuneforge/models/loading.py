@@ -13,7 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from tuneforge.config import ModelConfig, QuantConfig
-from tuneforge.library_args import quantization_config
+from tuneforge.library_args import compute_dtype, quantization_config
 from tuneforge.models import embedded
 
 log = logging.getLogger(__name__)
@@ -24,17 +24,6 @@ def resolve_path(cfg: ModelConfig) -> str:
     if embedded.is_embedded(cfg.name_or_path):
         return str(embedded.resolve(cfg.name_or_path, cfg.cache_dir))
     return cfg.name_or_path
-
-
-def device_supports_bf16() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
-def compute_dtype(name: str) -> torch.dtype:
-    """auto: bf16 where the accelerator supports it, else fp32 (fp32 is also the faster choice on CPUs)."""
-    if name == "auto":
-        return torch.bfloat16 if device_supports_bf16() else torch.float32
-    return getattr(torch, name)
 
 
 def load_config(path: str, cfg: ModelConfig):

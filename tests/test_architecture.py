@@ -1,0 +1,67 @@
+"""The layering ARCHITECTURE.md promises: no import cycle in src/, nothing imports the CLI, and every module
+of the package has its line in ARCHITECTURE.md."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "src" / "tuneforge"
+
+
+def _imports() -> dict[str, set[str]]:
+    """{module: the tuneforge modules it imports}, lazy (function-level) imports included."""
+    modules = {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tuneforge"):
+                # `from tuneforge import runs` imports the module runs; `from tuneforge.runs import x`, runs.
+                found |= ({f"{node.module}.{a.name}" for a in node.names} & modules.keys()) or {node.module}
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names if a.name.startswith("tuneforge")}
+        graph[name] = {m for m in found if m in modules and m != name}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node, path):
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                return path[path.index(dep):] + [dep] if dep in path else [node, dep]
+            if dep not in state and (found := visit(dep, path + [dep])):
+                return found
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start, [start])):
+            return found
+    return None
+
+
+def test_no_import_cycle_and_nothing_imports_the_cli():
+    graph = _imports()
+    assert len(graph) > 40
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+    assert not [m for m, deps in graph.items() if "tuneforge.cli" in deps]
+
+
+def test_cycle_finder_finds_a_cycle():
+    """The check above would see a cycle if there were one."""
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_every_module_is_in_architecture_md():
+    text = (REPO / "ARCHITECTURE.md").read_text()
+    missing = [p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py")
+               if p.name != "__init__.py" and f"`{p.relative_to(PACKAGE).as_posix()}`" not in text
+               and f"`{p.stem}.py`" not in text]
+    assert not missing, f"ARCHITECTURE.md has no line for {missing}"
