@@ -94,8 +94,8 @@ def tiny_model(tmp_path_factory, smollm_dir) -> str:
 
 def cli_in_process(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """`tuneforge ARGS` through the same entry point as the console script (tuneforge.cli.main), in this process:
-    for commands that load no weights (doctor, preview, dry runs, config errors), whose fresh-process start
-    (about 6 s of imports each) the subprocess tests already cover. Returns what run_cli returns."""
+    a fresh process costs about 6 s of imports, and the fresh-process start, a reload in a new process and the
+    kill/signal paths have their own run_cli tests. Returns what run_cli returns."""
     import contextlib
     import io
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, cli_in_process, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,8 @@ def _args(model: str, *extra: str) -> list[str]:
 
 
 def _hooked(*args: str) -> subprocess.CompletedProcess:
-    """The real CLI with tests/ importable, for `callbacks=[tests.fault_hooks:...]`."""
+    """The real CLI in a fresh process (a kill or a signal stops only it), with tests/ importable, for
+    `callbacks=[tests.fault_hooks:...]`."""
     return run_cli(*args, env_extra={"PYTHONPATH": str(REPO)})
 
 
@@ -81,13 +82,13 @@ def test_no_secret_in_any_file(baseline):
 
 
 def test_reproduce_check_passes_as_is_and_fails_with_another_seed(baseline, tmp_path):
-    same = run_cli("reproduce", str(baseline), "--check", f"hydra.run.dir={tmp_path / 'same'}")
+    same = cli_in_process("reproduce", str(baseline), "--check", f"hydra.run.dir={tmp_path / 'same'}")
     assert same.returncode == 0, same.stdout[-3000:] + same.stderr[-3000:]
     assert "reproduce --check: MATCH" in same.stdout
     check = json.loads((tmp_path / "same" / "reproduce.json").read_text())
     assert check["ok"] and check["max_rel_diff"] <= 1e-4 and len(check["rows"]) == 6
     assert json.loads((tmp_path / "same" / "manifest.json").read_text())["reproduced_from"] == str(baseline)
-    other = run_cli("reproduce", str(baseline), "--check", "train.seed=7", f"hydra.run.dir={tmp_path / 'other'}")
+    other = cli_in_process("reproduce", str(baseline), "--check", "train.seed=7", f"hydra.run.dir={tmp_path / 'other'}")
     assert other.returncode == 1
     assert "MISMATCH" in other.stdout and "stopping" in other.stdout + other.stderr
 
@@ -102,7 +103,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(baseline, tiny_model, t
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert (run_dir / "checkpoint-2" / "trainer_state.json").is_file() and not (run_dir / "adapter").exists()
 
-    again = run_cli(*args)  # the same command without resume: refused, nothing overwritten
+    again = cli_in_process(*args)  # the same command without resume: refused, nothing overwritten
     assert again.returncode == 2 and "resume_from_checkpoint=auto" in again.stderr
 
     resumed = _hooked(*args, "train.resume_from_checkpoint=auto", "callbacks=[tests.fault_hooks:TermAtStep3]")
@@ -112,7 +113,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(baseline, tiny_model, t
     stopped_at = max(int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*"))
     assert stopped_at == 3 and not (run_dir / "adapter").exists()
 
-    final = run_cli(*args, "train.resume_from_checkpoint=auto")
+    final = cli_in_process(*args, "train.resume_from_checkpoint=auto")
     assert final.returncode == 0, final.stderr[-3000:]
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert [r["from"].rsplit("-", 1)[1] for r in manifest["resumed"]] == ["2", "3"]
@@ -135,8 +136,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(baseline, tiny_model, t
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model, tmp_path):
     run_dir = tmp_path / "run"
-    proc = _hooked("train", *_args(tiny_model, "train.save_steps=1", f"hydra.run.dir={run_dir}"),
-                   "callbacks=[tests.fault_hooks:NanFromStep3]")
+    proc = cli_in_process("train", *_args(tiny_model, "train.save_steps=1", f"hydra.run.dir={run_dir}"),
+                          "callbacks=[tests.fault_hooks:NanFromStep3]")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 3, out[-3000:]
     assert "became NaN/inf at step 3" in out and "checkpoint-2" in out and "learning_rate" in out
@@ -152,13 +153,13 @@ def test_grid_sweep_with_a_failed_job_and_its_report(tmp_path):
     """Embedded model, a 2-job grid: one job trains, the other fails its validation; the sweep goes on
     (exit 0) and the report lists both, the finished one ranked."""
     sweep = tmp_path / "sweep"
-    result = run_cli("train", "-m", "train.learning_rate=3e-4,-1", "train.max_steps=2", "train.logging_steps=1",
+    result = cli_in_process("train", "-m", "train.learning_rate=3e-4,-1", "train.max_steps=2", "train.logging_steps=1",
                      "train.per_device_train_batch_size=2", "data.max_samples=48", "eval.before_after=false",
                      "quant=none", "peft.target_modules=[q_proj,v_proj]", f"hydra.sweep.dir={sweep}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert (sweep / "0" / "metrics.json").is_file() and (sweep / "0" / "manifest.json").is_file()
     assert "must be > 0" in json.loads((sweep / "1" / "failed.json").read_text())["error"]
-    rep = run_cli("report", str(sweep))
+    rep = cli_in_process("report", str(sweep))
     assert rep.returncode == 0, rep.stderr[-3000:]
     md = (sweep / "report.md").read_text()
     assert "1 finished, 1 failed" in md and "| rank | job | status | train.learning_rate | last_logged_loss |" in md

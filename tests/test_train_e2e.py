@@ -71,13 +71,13 @@ def test_model_card_describes_the_run(trained_run):
     assert (run_dir / "adapter" / "README.md").read_text() == card
 
 
-def _infer_in_fresh_process(run_dir, rows, tmp_path) -> list[str]:
+def _infer(run_dir, rows, tmp_path, fresh_process: bool = True) -> list[str]:
     """`tuneforge infer` on the prompts of prediction rows; its completions in order."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"messages": r["prompt"]}) + "\n" for r in rows))
     answers = tmp_path / "answers.jsonl"
-    result = run_cli("infer", f"run_dir={run_dir}", f"prompts_file={prompts}", f"output_file={answers}",
-                     "max_new_tokens=12")
+    result = (run_cli if fresh_process else cli_in_process)(
+        "infer", f"run_dir={run_dir}", f"prompts_file={prompts}", f"output_file={answers}", "max_new_tokens=12")
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads(line)["completion"] for line in answers.read_text().splitlines()]
 
@@ -112,7 +112,7 @@ def test_load_best_model_at_end_keeps_the_best_checkpoint(tmp_path, tiny_model):
     from safetensors.torch import load_file
 
     run_dir = tmp_path / "best"
-    result = run_cli(
+    result = cli_in_process(
         "train", f"model.name_or_path={tiny_model}", "train.learning_rate=3e-3",  # the checkpoint choice is tested
         "train.max_steps=4", "train.per_device_train_batch_size=4", "data.builtin_rows=60",
         "eval.before_after=false", "train.eval_strategy=steps", "train.eval_steps=2", "train.save_strategy=steps",
@@ -133,7 +133,7 @@ def test_load_best_model_at_end_keeps_the_best_checkpoint(tmp_path, tiny_model):
 
 
 def test_load_best_model_at_end_with_mismatched_save_steps_fails_before_loading():
-    result = run_cli("train", "train.eval_strategy=steps", "train.eval_steps=3", "train.save_strategy=steps",
+    result = cli_in_process("train", "train.eval_strategy=steps", "train.eval_steps=3", "train.save_strategy=steps",
                      "train.save_steps=4", "train.load_best_model_at_end=true")
     assert result.returncode == 2
     assert "train.save_steps (4) must be a multiple of train.eval_steps (3)" in result.stderr
@@ -142,7 +142,7 @@ def test_load_best_model_at_end_with_mismatched_save_steps_fails_before_loading(
 def test_in_memory_generation_equals_reloaded_adapter(trained_run, tmp_path):
     run_dir, _ = trained_run
     rows = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
-    assert _infer_in_fresh_process(run_dir, rows, tmp_path) == [r["prediction"] for r in rows]
+    assert _infer(run_dir, rows, tmp_path) == [r["prediction"] for r in rows]
 
 
 def test_second_run_into_same_directory_is_refused(trained_run):
@@ -157,7 +157,7 @@ def test_second_run_into_same_directory_is_refused(trained_run):
 
 def test_eval_command_scores_base_and_fine_tuned_and_matches_infer(trained_run, tmp_path):
     run_dir, _ = trained_run
-    result = run_cli("eval", f"run_dir={run_dir}", "eval.compare_base=true", "eval.num_samples=4",
+    result = cli_in_process("eval", f"run_dir={run_dir}", "eval.compare_base=true", "eval.num_samples=4",
                      "eval.max_new_tokens=12")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((run_dir / "eval" / "eval.json").read_text())
@@ -168,14 +168,14 @@ def test_eval_command_scores_base_and_fine_tuned_and_matches_infer(trained_run, 
     assert report["fine_tuned"]["eval_loss"] != report["base"]["eval_loss"]  # the adapter is really applied
     rows = [json.loads(line) for line in (run_dir / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and {"prompt", "reference", "prediction", "base_prediction", "chrf"} <= set(rows[0])
-    # `infer` and `eval` go through the same helper: same prompt, same answer.
-    assert _infer_in_fresh_process(run_dir, rows, tmp_path) == [r["prediction"] for r in rows]
+    # `infer` and `eval` go through the same helper: same prompt, same answer (a fresh process: the test above).
+    assert _infer(run_dir, rows, tmp_path, fresh_process=False) == [r["prediction"] for r in rows]
 
 
 def test_merge_into_dequantized_base_reproduces_the_adapter(trained_run, tmp_path):
     run_dir, _ = trained_run
     out = tmp_path / "merged"
-    result = run_cli("merge", f"run_dir={run_dir}", f"out={out}")
+    result = cli_in_process("merge", f"run_dir={run_dir}", f"out={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     assert (out / "chat_template.jinja").is_file()
