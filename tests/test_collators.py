@@ -1,6 +1,8 @@
 """Loss masks and collators: the decoded trained tokens of a batch are exactly the expected spans.
 
-Masks are built at preparation time (tokenize.py); the collators only pad or flatten. These tests port
+Masks are built at preparation time (data/text_masks.py); the collators only pad or flatten. The rows here
+are labelled by the reference implementations (tests/mask_oracles.py, checked against the production path
+in tests/test_masks.py and tests/test_data_pipeline.py). These tests port
 the behaviours TRL's removed DataCollatorForCompletionOnlyLM tests pinned (templates given as ids,
 multi-turn pairing with an instruction template, the warning when a (truncated) row lacks the template,
 padding-free output) and check both padding sides.
@@ -14,13 +16,8 @@ from transformers import AutoTokenizer
 
 from tuneforge.config import CollatorConfig, PackingConfig
 from tuneforge.data.collators import CausalLMCollator, TokenCounter, build_collator
-from tuneforge.data.tokenize import (
-    IGNORE,
-    assistant_mask_route,
-    tokenize_conversations,
-    tokenize_rows,
-    tokenize_text_rows,
-)
+from tests.mask_oracles import tokenize_conversations, tokenize_rows, tokenize_text_rows
+from tuneforge.data.tokenize import IGNORE, assistant_mask_route
 from tuneforge.tokenizer import stop_token_ids
 
 from conftest import shared

@@ -13,7 +13,8 @@ from tuneforge.config import CollatorConfig, ConfigError, DataConfig, FormatConf
 from tuneforge.data.pipeline import prepare
 from tuneforge.data.render import render_conversations
 from tuneforge.data.text_masks import encode, encoding_span_labels, offsets_of, span_labels
-from tuneforge.data.tokenize import IGNORE, assistant_spans, labels_from_spans
+from tests.mask_oracles import labels_from_spans, tokenize_text_rows
+from tuneforge.data.tokenize import IGNORE, assistant_spans
 from tuneforge.tokenizer import stop_token_ids
 
 TRAIN = TrainConfig(max_length=256)
@@ -268,10 +269,9 @@ def test_max_samples_caps_training_rows(smollm_tokenizer, tmp_path):
 
 
 def test_fast_labels_equal_the_reference_tokenizer_stage_on_alpaca(smollm_tokenizer):
-    """Render (one pass) + bisection/char lookups == prefix renders + tokenize.tokenize_text_rows, row for row."""
+    """Render (one pass) + bisection/char lookups == prefix renders + the oracle tokenize_text_rows, row for row."""
     from tuneforge.data.formats import FormatContext, formatter
     from tuneforge.data.text_masks import tokenize_texts
-    from tuneforge.data.tokenize import tokenize_text_rows
 
     tok = smollm_tokenizer
     rows = [r for r in json.loads(shared("alpaca_5000.json").read_text())[:400] if r["output"].strip()]

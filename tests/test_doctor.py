@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
-import pytest
 from datasets import Dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -35,7 +34,7 @@ def _by_name(checks, name):
 
 def _row(tokenizer, messages):
     """A correctly masked chat row: labels from tuneforge's own span masking."""
-    from tuneforge.data.tokenize import tokenize_conversations
+    from tests.mask_oracles import tokenize_conversations
     from tuneforge.tokenizer import stop_token_ids
 
     stops = tokenizer.convert_ids_to_tokens(stop_token_ids(tokenizer))

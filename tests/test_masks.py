@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from tuneforge.config import DataConfig, FormatConfig, TrainConfig
+import pytest
+
+from tests.conftest import shared
+from tests.mask_oracles import tokenize_conversations
+from tuneforge.config import CollatorConfig, DataConfig, FormatConfig, TrainConfig
 from tuneforge.data.pipeline import prepare
-from tuneforge.data.tokenize import IGNORE, tokenize_conversations
+from tuneforge.data.render import render_conversations
+from tuneforge.data.text_masks import tokenize_texts
+from tuneforge.data.tokenize import IGNORE
 from tuneforge.tokenizer import stop_token_ids
 
 
@@ -61,3 +67,38 @@ def test_demo_data_pipeline(smollm_tokenizer):
     completion = _trained_text(smollm_tokenizer, row["input_ids"], row["labels"])
     assert len(completion) == len("YYYY-MM-DD<|im_end|>") and completion[4] == "-"
     assert len(data.eval) == 5 and data.eval[0]["messages"][-1]["role"] == "assistant"
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Rewrite 3 March 2021"}, {"role": "assistant", "content": "2021-03-03"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Capital of France?"},
+     {"role": "assistant", "content": "Paris.\n\nIt is on the Seine."}],
+    [{"role": "system", "content": ""}, {"role": "user", "content": "word " * 40},
+     {"role": "assistant", "content": "ok " * 30}],
+]
+
+
+@pytest.mark.parametrize("template", ["embedded", "phi-3-mini-4k-instruct"])
+@pytest.mark.parametrize("collator, max_length, truncation_mode", [
+    ("assistant_only", 512, "keep_start"), ("assistant_only", 48, "keep_start"), ("assistant_only", 48, "keep_end"),
+    ("lm", 48, "keep_end"),
+])
+def test_production_masks_equal_the_oracle(template, collator, max_length, truncation_mode, smollm_tokenizer):
+    """The one production path (one-pass render + span labels by lookup) gives, token for token, the labels of
+    the reference implementation (prefix renders + a per-token loop, tests/mask_oracles.py) on each chat
+    template shipped or tested here, with and without truncation, for assistant-only and full-sequence loss."""
+    from transformers import AutoTokenizer
+
+    tok = smollm_tokenizer if template == "embedded" else AutoTokenizer.from_pretrained(
+        str(shared(f"tokenizers/{template}")))
+    stops = [tok.convert_ids_to_tokens(i) for i in stop_token_ids(tok)]
+    cfg = CollatorConfig(name=collator)
+    rendered = render_conversations(tok, CONVERSATIONS, stops)
+    ours = tokenize_texts(tok, [t for t, _ in rendered], [s for _, s in rendered], max_length, truncation_mode, cfg)
+    oracle = tokenize_conversations({"messages": CONVERSATIONS}, tok, stops, max_length, truncation_mode, cfg)
+    assert ours["input_ids"] == oracle["input_ids"]
+    assert ours["labels"] == oracle["labels"]
+    assert ours["truncated"] == oracle["truncated"]
+    assert any(ours["truncated"]) == (max_length < 512)  # the short limit cuts the long rows, the long one none
+    assert any(l != IGNORE for row in ours["labels"] for l in row)

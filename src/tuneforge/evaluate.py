@@ -3,6 +3,7 @@ and perplexity, and the `tuneforge eval` command."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -17,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tuneforge.data.formats import split_for_generation
+from tuneforge.data.tokenize import IGNORE
 from tuneforge.inference import GenerationSettings, Rendered, eval_mode, generate
 
 log = logging.getLogger(__name__)
@@ -98,26 +100,22 @@ def evaluate_generations(model, tokenizer, pairs: list[tuple[Any, str]], setting
     return GenerationEval(scores=scores, predictions=rows)
 
 
-def score_with_and_without_adapter(model, tokenizer, pairs, settings) -> tuple[GenerationEval, GenerationEval | None]:
-    """(fine-tuned, base): the base is the same (4-bit) weights with the adapter switched off."""
-    tuned = evaluate_generations(model, tokenizer, pairs, settings)
-    if not hasattr(model, "disable_adapter"):
-        return tuned, None
-    with model.disable_adapter():
-        base = evaluate_generations(model, tokenizer, pairs, settings)
-    return tuned, base
+def adapter_off(model):
+    """A context in which `model` computes as its base: the same (4-bit) weights with the adapter switched off;
+    a model without an adapter (full fine-tuning, before training) is its own base."""
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
 
 
 @torch.inference_mode()
 def eval_loss(model, dataset, collate, batch_size: int) -> dict[str, float]:
-    """Token-weighted mean loss over the trained (label != -100) tokens, and its perplexity."""
+    """Token-weighted mean loss over the trained (label != IGNORE) tokens, and its perplexity."""
     total, count = 0.0, 0
     device = next(p.device for p in model.parameters())
     with eval_mode(model):
         for start in range(0, len(dataset), batch_size):
             batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
             batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-            n = int((batch["labels"][:, 1:] != -100).sum())  # the model shifts labels by one
+            n = int((batch["labels"][:, 1:] != IGNORE).sum())  # the model shifts labels by one
             if n == 0:
                 continue
             out = model(**batch, use_cache=False)
@@ -169,7 +167,7 @@ def run(cfg) -> dict:
     result["fine_tuned"] = {**tuned.scores, **eval_loss(model, data.eval, collate, ev.batch_size)}
     table = {"fine-tuned": result["fine_tuned"]}
     if ev.compare_base and hasattr(model, "disable_adapter"):
-        with model.disable_adapter():
+        with adapter_off(model):
             base = evaluate_generations(model, tokenizer, pairs, settings)
             result["base"] = {**base.scores, **eval_loss(model, data.eval, collate, ev.batch_size)}
         table = {"base": result["base"], "fine-tuned": result["fine_tuned"]}

@@ -14,7 +14,7 @@ from tuneforge.config import ConfigError, TuneforgeConfig
 from tuneforge.data.collators import TokenCounter, build_collator
 from tuneforge.data.packing import check_no_contamination, pack, probe_rows
 from tuneforge.data.pipeline import PreparedData, prepare
-from tuneforge.evaluate import evaluate_generations, generation_pairs, print_comparison
+from tuneforge.evaluate import adapter_off, evaluate_generations, generation_pairs, print_comparison
 from tuneforge.inference import GenerationSettings
 from tuneforge.manifest import run_identity
 from tuneforge.models.adapters import (add_lora, adapter_dtypes_kept, enable_checkpointing, keep_initial_adapter,
@@ -72,7 +72,7 @@ class SFT:
         """Held-out generations on the same base weights with the adapter off: the 'before' column."""
         if not self.held_out:
             return None
-        with model.disable_adapter():
+        with adapter_off(model):
             return evaluate_generations(model, self.tokenizer, self.held_out, self.gen)
 
     def build_trainer(self, model, args, callbacks: list) -> SFTTrainer:

@@ -1,11 +1,14 @@
-"""Tokenize a batch of texts in one fast-tokenizer call and turn trained character spans into labels.
+"""Tokenize a batch of texts in one fast-tokenizer call and turn each row's trained character spans into labels.
 
-Every formatted row reaches this stage as text + spans (chat rows after rendering, plain-text
-strategies by construction). Spans map to tokens through the offsets of the whole text tokenized
-in context, so a template that tokenizes differently alone than in context cannot break masking
-(DESIGN rule 6). Same rules as `tokenize.tokenize_text_rows` (which it calls for rows without
-spans), computed per span (char -> token lookups, or bisection) instead of per token: this stage is
-on the cold path.
+Every formatted row reaches this stage as text + spans (chat rows after rendering, render.py; plain-text
+strategies by construction, formats.py). Spans map to tokens through the offsets of the whole text
+tokenized in context, so a template that tokenizes differently alone than in context cannot break masking
+(DESIGN rule 6). A token is trained when its characters overlap a span; that is worked out per span --
+a few char -> token lookups on the Rust `Encoding`, or bisection over the offsets -- rather than per token,
+because this runs on every row the data stage prepares. `collator.name=lm` trains every token; rows without
+spans are labelled by `tokenize.completion_labels` (`collator.response_template`), or not at all. Labels are
+built on the whole row and cut with it on truncation (a token's label depends on its own characters only).
+The per-token reference implementations these must agree with are in tests/mask_oracles.py.
 """
 
 from __future__ import annotations
@@ -70,9 +73,9 @@ def encoding_span_labels(ids: list[int], enc: Any, spans: list[list[int]]) -> Op
 
 
 def span_labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[list[int]]) -> list[int]:
-    """Token i is trained when its characters overlap a span -- `tokenize.labels_from_spans`' rule (a zero-width
-    token counts as the point where it sits) -- found by bisection over the non-decreasing token starts and
-    ends: O(log n) per span instead of a Python step per token."""
+    """Token i is trained when its characters overlap a span (a zero-width token counts as the point where it
+    sits), found by bisection over the non-decreasing token starts and ends: O(log n) per span instead of a
+    Python step per token."""
     labels = [IGNORE] * len(ids)
     for start, end in spans:
         a = bisect_right(offsets, start, key=_end)
