@@ -14,10 +14,12 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
 from trl import SFTTrainer
 
-from tuneforge.config import PACKING_ATTENTION, CollatorConfig, ModelConfig, PackingConfig, QuantConfig, TrainConfig
-from tuneforge.data.collators import build_collator
-from tuneforge.data.packing import ContaminationError, check_no_contamination, pack, probe_rows
 from tests.mask_oracles import tokenize_conversations
+from tuneforge.config import (PACKING_ATTENTION, CollatorConfig, ConfigError, ModelConfig, PackingConfig, QuantConfig,
+                              TrainConfig)
+from tuneforge.data.collators import build_collator
+from tuneforge.data.packing import (AUTO, CHOICES, FLATTEN, MODES, PAD, ROWS, ContaminationError,
+                                    check_no_contamination, pack, probe_rows)
 from tuneforge.data.tokenize import IGNORE
 from tuneforge.tokenizer import stop_token_ids
 
@@ -106,6 +108,41 @@ def test_bfd_batches_keep_one_packed_row_per_batch_row(smollm_tokenizer):
         # Every other label is the one built at preparation time: masks survive packing.
         assert [l for i, l in enumerate(labels[:n]) if i not in starts] == [
             l for i, l in enumerate(packed[r]["labels"]) if i not in starts]
+
+
+@pytest.mark.parametrize("name", list(MODES))
+def test_every_registered_mode_packs_and_collates_as_it_declares(name, smollm_tokenizer):
+    """Each mode of the registry: rows packed (with seq_lengths) exactly when it has a packer, and a batch laid
+    out as it declares: padded rows with an attention mask, one flattened row, or one packed row per row."""
+    mode = MODES[name]
+    ds = rows(smollm_tokenizer, 6)
+    packed, stats = pack(ds, PackingConfig(mode=name), max_length=128)
+    assert stats.mode == name and stats.tokens == sum(len(r) for r in ds["input_ids"])
+    assert ("seq_lengths" in packed.column_names) == (mode.pack_rows is not None)
+    examples = [packed[i] for i in range(min(2, len(packed)))]
+    batch = collate(smollm_tokenizer, name)(examples)
+    real = sum(len(e["input_ids"]) for e in examples)
+    assert ("attention_mask" in batch) == (mode.batch == PAD) == (not mode.shares_rows)
+    if mode.batch == FLATTEN:
+        assert batch["input_ids"].shape == (1, real)
+    if mode.batch == ROWS:
+        assert batch["input_ids"].shape[0] == len(examples)
+    if mode.shares_rows:  # position ids restart at every sequence start
+        assert int((batch["position_ids"] == 0).sum()) >= len(examples)
+
+
+def test_validation_choices_are_the_registry_and_an_unknown_mode_is_refused():
+    from tuneforge.compose import load_config
+    from tuneforge.validation import CHOICES as VALIDATED
+
+    assert VALIDATED["packing.mode"] == CHOICES == (AUTO, *MODES)
+    from tuneforge.paths import conf_dir
+
+    assert {p.stem for p in (conf_dir() / "packing").glob("*.yaml")} == set(CHOICES)  # `packing=NAME` for each
+    with pytest.raises(ConfigError, match="packing.mode"):
+        load_config(["packing.mode=zigzag"])
+    with pytest.raises(ConfigError, match="not a packing mode"):
+        pack(Dataset.from_dict({"input_ids": [[1, 2]], "labels": [[1, 2]]}), PackingConfig(mode="zigzag"), 8)
 
 
 def test_none_and_padding_free_leave_rows_alone(smollm_tokenizer):

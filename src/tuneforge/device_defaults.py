@@ -12,6 +12,7 @@ import dataclasses
 import importlib.util
 
 from tuneforge.config import PACKING_ATTENTION, ConfigError, TuneforgeConfig
+from tuneforge.data.packing import AUTO, packing_mode
 
 
 def cuda_available() -> bool:
@@ -24,19 +25,19 @@ def liger_installed() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
-def packing_mode(cfg: TuneforgeConfig, cuda: bool) -> str:
+def auto_packing_mode(cfg: TuneforgeConfig, cuda: bool) -> str:
     """packing=auto: bfd on CUDA wherever packing is allowed (causal-LM labels, an attention that honours
     restarting position ids), none otherwise."""
     packable = (cfg.task == "sft" and cfg.collator.name != "padding"
                 and cfg.model.attn_implementation in PACKING_ATTENTION)
-    return "bfd" if cuda and packable else "none"
+    return "bfd" if cuda and packable else "none"  # names in data/packing.MODES
 
 
 def check_packed_attention(mode: str, attn: str, cuda: bool) -> None:
     """flex_attention keeps packed sequences apart on CUDA, but on a CPU that depends on the processor:
     measured on an AMD EPYC, its packed loss was NaN (2 layers) and off by 2.5e-3 (1 layer) where sdpa and
     eager gave 0.0; on an Intel Xeon it was clean. A run must not depend on which CPU it landed on."""
-    if mode != "none" and attn == "flex_attention" and not cuda:
+    if packing_mode(mode).shares_rows and attn == "flex_attention" and not cuda:
         raise ConfigError(
             f"packing.mode={mode} with model.attn_implementation=flex_attention on a CPU: whether flex_attention "
             "keeps packed sequences apart on a CPU depends on the processor (NaN or cross-sequence attention on "
@@ -47,12 +48,14 @@ def check_packed_attention(mode: str, attn: str, cuda: bool) -> None:
 def resolve(cfg: TuneforgeConfig, cuda: bool | None = None) -> TuneforgeConfig:
     """A copy of `cfg` with `packing.mode=auto` and `train.use_liger_kernel=null` decided for this device, and
     the packing rules that depend on the device checked."""
-    flex_packed = cfg.packing.mode not in ("none", "auto") and cfg.model.attn_implementation == "flex_attention"
-    needs_device = cfg.packing.mode == "auto" or cfg.train.use_liger_kernel is None or flex_packed
+    auto = cfg.packing.mode == AUTO
+    flex_packed = (not auto and packing_mode(cfg.packing.mode).shares_rows
+                   and cfg.model.attn_implementation == "flex_attention")
+    needs_device = auto or cfg.train.use_liger_kernel is None or flex_packed
     cuda = (cuda_available() if needs_device else False) if cuda is None else cuda
     packing, train = cfg.packing, cfg.train
-    if packing.mode == "auto":
-        packing = dataclasses.replace(packing, mode=packing_mode(cfg, cuda))
+    if auto:
+        packing = dataclasses.replace(packing, mode=auto_packing_mode(cfg, cuda))
     check_packed_attention(packing.mode, cfg.model.attn_implementation, cuda)
     if train.use_liger_kernel is None:
         train = dataclasses.replace(train, use_liger_kernel=cuda and liger_installed() and cfg.task == "sft")

@@ -12,7 +12,7 @@ from trl import SFTTrainer
 from tuneforge import launch, runs
 from tuneforge.config import ConfigError, TuneforgeConfig
 from tuneforge.data.collators import TokenCounter, build_collator
-from tuneforge.data.packing import check_no_contamination, pack, probe_rows
+from tuneforge.data.packing import check_no_contamination, pack, packing_mode, probe_rows
 from tuneforge.data.pipeline import PreparedData, prepare
 from tuneforge.evaluate import adapter_off, evaluate_generations, generation_pairs, print_comparison
 from tuneforge.inference import GenerationSettings
@@ -80,7 +80,7 @@ class SFT:
         # Labels come from the data stage; the collator only pads or flattens, and counts tokens for metrics.
         self.collate = TokenCounter(build_collator(cfg.collator, cfg.packing, self.tokenizer,
                                                    cfg.tokenizer.padding_side), cfg.train.dataloader_num_workers)
-        if cfg.packing.mode != "none":
+        if packing_mode(cfg.packing.mode).shares_rows:
             check_no_contamination(model, self.collate.collate, probe_rows(data.train))
         data_collator = self.collate
         if cfg.eval.sample_every_steps:

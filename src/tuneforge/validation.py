@@ -22,6 +22,8 @@ from tuneforge.config import (
     TuneforgeConfig,
     closest,
 )
+from tuneforge.data.packing import AUTO, packing_mode
+from tuneforge.data.packing import CHOICES as PACKING_CHOICES
 from tuneforge.library_args import is_quantized, refuse_foreign_keys
 
 # Legal values for tuneforge's enum-like string keys: checked here so a typo names the key and the closest value.
@@ -35,7 +37,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "format.alpaca_style": ("auto", "chat", "classic"),
     "preview.split": ("train", "eval"),
     "collator.name": ("completion_only", "assistant_only", "lm", "padding"),
-    "packing.mode": ("auto", "none", "wrapped", "bfd", "padding_free"),
+    "packing.mode": PACKING_CHOICES,
     "quant.bnb_4bit_quant_type": ("nf4", "fp4"),
     "peft.method": ("lora", "none"),
     "tokenizer.padding_side": ("left", "right"),
@@ -158,7 +160,7 @@ def validate(cfg: TuneforgeConfig) -> TuneforgeConfig:
             f"task=classification with collator={cfg.collator.name}: causal-LM collators build next-token labels; "
             "use collator=padding."
         )
-    if cfg.packing.mode not in ("none", "auto") and cfg.task == "classification":
+    if cfg.packing.mode != AUTO and packing_mode(cfg.packing.mode).shares_rows and cfg.task == "classification":
         raise ConfigError("packing.mode must be none for task=classification (one label per sequence).")
     validate_data(cfg.data, cfg.format)
     validate_launcher(cfg)
@@ -390,8 +392,8 @@ def _is_template(value: Any) -> bool:
 def validate_collator_packing(cfg: TuneforgeConfig) -> None:
     """Collator/packing rules: each names both keys and what to use instead."""
     col, mode = cfg.collator, cfg.packing.mode
-    if mode == "auto":  # decided on the device (device_defaults.packing_mode): packs only where allowed
-        mode = "none"
+    # auto is decided on the device (device_defaults.auto_packing_mode), which packs only where allowed.
+    packed = mode != AUTO and packing_mode(mode).shares_rows
     if col.pad_to_multiple_of is not None and col.pad_to_multiple_of <= 0:
         raise ConfigError(f"collator.pad_to_multiple_of={col.pad_to_multiple_of} must be > 0 (or null).")
     for key in ("response_template", "instruction_template"):
@@ -405,10 +407,10 @@ def validate_collator_packing(cfg: TuneforgeConfig) -> None:
             raise ConfigError(f"collator.{key}={value!r}: give a non-empty string or a list of token ids.")
     if col.instruction_template is not None and col.response_template is None:
         raise ConfigError("collator.instruction_template needs collator.response_template (where each response starts).")
-    if col.name == "padding" and mode != "none":
+    if col.name == "padding" and packed:
         raise ConfigError(f"packing.mode={mode} with collator=padding: the padding collator takes one sequence per "
                           "row with one label; use packing=none.")
-    if mode != "none" and cfg.model.attn_implementation not in PACKING_ATTENTION:
+    if packed and cfg.model.attn_implementation not in PACKING_ATTENTION:
         raise ConfigError(
             f"packing.mode={mode} with model.attn_implementation={cfg.model.attn_implementation}: that "
             "implementation ignores the restarting position ids, so packed sequences would attend to each other; "

@@ -16,6 +16,7 @@ from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from tuneforge.config import CollatorConfig, PackingConfig
+from tuneforge.data.packing import FLATTEN, ROWS, packing_mode
 from tuneforge.data.tokenize import IGNORE
 
 
@@ -69,8 +70,8 @@ def build_collator(cfg: CollatorConfig, packing: PackingConfig, tokenizer: PreTr
         return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=cfg.pad_to_multiple_of)
     return CausalLMCollator(
         pad_token_id=tokenizer.pad_token_id,
-        padding_free=packing.mode == "padding_free",
-        packed_rows=packing.mode in ("bfd", "wrapped"),
+        padding_free=packing_mode(packing.mode).batch == FLATTEN,
+        packed_rows=packing_mode(packing.mode).batch == ROWS,
         pad_to_multiple_of=cfg.pad_to_multiple_of,
         padding_side=padding_side,
     )

@@ -1,17 +1,18 @@
 """Packing: several tokenized sequences per training row, without letting them attend to each other.
 
-Modes (`packing.mode`):
-- none: one sequence per row, padded per batch.
-- padding_free: rows are not changed; the collator flattens each batch into one row (no padding).
-- bfd: best-fit-decreasing bins of `train.max_length` tokens (TRL `pack_dataset`), `seq_lengths` per row.
-- wrapped: concatenate and cut into rows of exactly `train.max_length`; TRL's wrapped mode drops the
-  sequence boundaries, ours records them in `seq_lengths` so position ids restart at each sequence start.
+The modes are the `MODES` registry below: each declares how it packs the prepared rows and what the collator
+does with a batch of them; validation, the device defaults, the collator and the trainer read it, so a mode
+added there is known everywhere (and a name not in it is refused by validation). `packing.mode=auto` is
+decided per device (device_defaults.auto_packing_mode).
 
-Every mode but `none` feeds the model batches without an attention mask and with position ids restarting
-per sequence (see `collators.build_collator`); the loss masks (labels) travel with the tokens, so
-completion-only masking survives packing.
+Every mode whose sequences share a forward row feeds the model batches without an attention mask and with
+position ids restarting per sequence (see `collators.build_collator`); the loss masks (labels) travel with
+the tokens, so completion-only masking survives packing.
 `check_no_contamination` is the start-up probe that fails a run whose model lets packed sequences see
 each other (an attention implementation or a model that ignores position ids, a KV cache left on).
+
+Validation reads the registry before any model loads, so torch, datasets and TRL are imported only in the
+functions that use them.
 """
 
 from __future__ import annotations
@@ -19,17 +20,69 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass
 from itertools import accumulate
-from typing import Any, Callable
-
-import torch
-from datasets import Dataset
-from trl.data_utils import pack_dataset
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from tuneforge.config import ConfigError, PackingConfig
+
+if TYPE_CHECKING:
+    import torch
+    from datasets import Dataset
 
 log = logging.getLogger(__name__)
 
 PACKED_COLUMNS = ["input_ids", "labels"]
+
+
+def _bfd(ds: Dataset, max_length: int) -> Dataset:
+    from trl.data_utils import pack_dataset
+
+    return pack_dataset(ds, max_length, strategy="bfd")
+
+
+def _wrapped(ds: Dataset, max_length: int) -> Dataset:
+    return ds.map(_wrap, batched=True, fn_kwargs={"max_length": max_length})
+
+
+# What the collator does with a batch: PAD each sequence to the longest (one sequence per row), FLATTEN the
+# batch into one row (no padding), or keep one packed ROW per batch row (its `seq_lengths` restart positions).
+PAD, FLATTEN, ROWS = "pad", "flatten", "rows"
+
+
+@dataclass(frozen=True)
+class PackingMode:
+    name: str
+    doc: str
+    # How the prepared rows are packed: (rows, max_length) -> rows with `seq_lengths`; None leaves them as they are.
+    pack_rows: Optional[Callable[[Any, int], Any]]
+    batch: str  # PAD | FLATTEN | ROWS
+
+    @property
+    def shares_rows(self) -> bool:
+        """Sequences share a forward row: no attention mask, restarting position ids, the contamination probe,
+        causal-LM labels only, an attention implementation that honours the position ids."""
+        return self.batch != PAD
+
+
+# To add a packing mode: add it here, and conf/packing/NAME.yaml so that `packing=NAME` selects it.
+MODES: dict[str, PackingMode] = {m.name: m for m in (
+    PackingMode("none", "one sequence per row, padded per batch", None, PAD),
+    PackingMode("padding_free", "rows unchanged; the collator flattens each batch into one row (no padding)",
+                None, FLATTEN),
+    PackingMode("bfd", "best-fit-decreasing bins of train.max_length tokens (TRL pack_dataset), seq_lengths per "
+                "row", _bfd, ROWS),
+    PackingMode("wrapped", "concatenate and cut into rows of exactly train.max_length; TRL's wrapped mode drops the "
+                "sequence boundaries, ours keeps them in seq_lengths so position ids restart at each sequence",
+                _wrapped, ROWS),
+)}
+AUTO = "auto"  # decided for the device the job runs on (device_defaults.auto_packing_mode)
+CHOICES = (AUTO, *MODES)
+
+
+def packing_mode(name: str) -> PackingMode:
+    """The registered mode `name` (validation refuses any other before a run starts)."""
+    if name not in MODES:
+        raise ConfigError(f"packing.mode={name} is not a packing mode; choose one of {', '.join(MODES)} (or auto).")
+    return MODES[name]
 
 
 class ContaminationError(ConfigError):
@@ -66,26 +119,25 @@ def _wrap(batch: dict[str, list], max_length: int) -> dict[str, list]:
     return out
 
 
-def pack(ds: Dataset, cfg: PackingConfig, max_length: int, map_kwargs: dict[str, Any] | None = None
-         ) -> tuple[Dataset, PackingStats]:
+def pack(ds: Dataset, cfg: PackingConfig, max_length: int) -> tuple[Dataset, PackingStats]:
     """The training rows for `packing.mode` (input_ids, labels and, when packed, seq_lengths)."""
+    mode = packing_mode(cfg.mode)
     tokens = sum(len(ids) for ids in ds["input_ids"])
-    if cfg.mode in ("none", "padding_free"):
-        return ds, PackingStats(cfg.mode, len(ds), len(ds), tokens, None)
+    if mode.pack_rows is None:
+        return ds, PackingStats(mode.name, len(ds), len(ds), tokens, None)
     ds = ds.select_columns(PACKED_COLUMNS)
-    if cfg.mode == "bfd":
-        packed = pack_dataset(ds, max_length, strategy="bfd", map_kwargs=map_kwargs)
-    else:
-        packed = ds.map(_wrap, batched=True, fn_kwargs={"max_length": max_length}, **(map_kwargs or {}))
-    stats = PackingStats(cfg.mode, len(ds), len(packed), tokens, tokens / (len(packed) * max_length))
+    packed = mode.pack_rows(ds, max_length)
+    stats = PackingStats(mode.name, len(ds), len(packed), tokens, tokens / (len(packed) * max_length))
     log.info("packing=%s: %d sequences -> %d rows of <= %d tokens (%.1f%% full)",
-             cfg.mode, stats.rows_in, stats.rows_out, max_length, 100 * stats.fill)
+             mode.name, stats.rows_in, stats.rows_out, max_length, 100 * stats.fill)
     return packed, stats
 
 
 def _sequence_losses(model, batch: dict[str, Any], lengths: list[int]) -> torch.Tensor:
     """Mean next-token loss of each sequence of a (possibly flattened) batch, as training computes it:
     no KV cache (SFTTrainer passes use_cache=False), every key the collator produced."""
+    import torch
+
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs, use_cache=False).logits.float()
     losses, offset = [], 0
@@ -102,9 +154,11 @@ def _sequence_losses(model, batch: dict[str, Any], lengths: list[int]) -> torch.
 
 
 def check_no_contamination(model, collate: Callable, rows: list[list[int]], tolerance: float = 1e-2) -> float:
-    """Start-up probe: forward `rows` packed into one row (collated by the run's collator) and each alone; raise ContaminationError when a sequence's packed loss differs from its unpacked loss by
-    more than `tolerance` (relative). Clean packing agrees to ~1e-7 in fp32 and ~1e-3 in bf16/4-bit; a
+    """Start-up probe: forward `rows` packed into one row (collated by the run's collator) and each alone;
+    raise ContaminationError when a sequence's packed loss differs from its unpacked loss by more than `tolerance` (relative). Clean packing agrees to ~1e-7 in fp32 and ~1e-3 in bf16/4-bit; a
     sequence that attends to its neighbour is off by ~1e-1. Returns the largest relative difference."""
+    import torch
+
     was_training = model.training
     model.eval()
     try:
