@@ -8,13 +8,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from tests.conftest import REPO
+from tests.conftest import REPO, cli_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -58,17 +56,14 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def variant_runs(tmp_path_factory, smollm_dir):
-    """One step of each variant, in this process, through tuneforge.lifecycle.run (what the CLI runs)."""
-    from tuneforge import lifecycle
-    from tuneforge.compose import load_config
-
+    """One step of each variant, in this process, through the CLI entry point (`tuneforge train`)."""
     runs = {}
     root = tmp_path_factory.mktemp("variants")
     for name, overrides in VARIANTS.items():
-        cfg = load_config([*QUICK, *overrides])
         run_dir = root / name
-        metrics = lifecycle.run(cfg, run_dir, OmegaConf.structured(cfg))
-        assert metrics["train_steps"] == 1, name
+        result = cli_in_process("train", *QUICK, *overrides, f"hydra.run.dir={run_dir}")
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert json.loads((run_dir / "metrics.json").read_text())["train_steps"] == 1, name
         runs[name] = run_dir
     return runs
 

@@ -82,13 +82,13 @@ def test_no_secret_in_any_file(baseline):
 
 
 def test_reproduce_check_passes_as_is_and_fails_with_another_seed(baseline, tmp_path):
-    same = cli_in_process("reproduce", str(baseline), "--check", f"hydra.run.dir={tmp_path / 'same'}")
+    same = run_cli("reproduce", str(baseline), "--check", f"hydra.run.dir={tmp_path / 'same'}")
     assert same.returncode == 0, same.stdout[-3000:] + same.stderr[-3000:]
     assert "reproduce --check: MATCH" in same.stdout
     check = json.loads((tmp_path / "same" / "reproduce.json").read_text())
     assert check["ok"] and check["max_rel_diff"] <= 1e-4 and len(check["rows"]) == 6
     assert json.loads((tmp_path / "same" / "manifest.json").read_text())["reproduced_from"] == str(baseline)
-    other = cli_in_process("reproduce", str(baseline), "--check", "train.seed=7", f"hydra.run.dir={tmp_path / 'other'}")
+    other = run_cli("reproduce", str(baseline), "--check", "train.seed=7", f"hydra.run.dir={tmp_path / 'other'}")
     assert other.returncode == 1
     assert "MISMATCH" in other.stdout and "stopping" in other.stdout + other.stderr
 

@@ -180,11 +180,11 @@ def _precheck(command: str, config_name: str, overrides: list[str], multirun: bo
 def _run_hydra(command: str, config_name: str, app, args: list[str]) -> None:
     import hydra
 
-    from tuneforge.compose import register_all
+    from tuneforge.compose import hydra_args, register_all
     from tuneforge.paths import conf_dir
 
     register_all()
-    sys.argv = [f"tuneforge {command}"] + args
+    sys.argv = [f"tuneforge {command}"] + hydra_args(args, config_name)
     hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=config_name)(app)()
 
 

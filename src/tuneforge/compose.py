@@ -245,3 +245,11 @@ def split_args(args: list[str]) -> tuple[list[str], list[str], bool]:
             overrides.append(arg)
         i += 1
     return flags, overrides, any(f in ("-m", "--multirun") for f in flags)
+
+
+def hydra_args(args: list[str], config_name: str = "config") -> list[str]:
+    """The command line for Hydra itself with its mapping overrides merged the way compose_config merges them
+    (`peft.rank_pattern={q_proj: 8}`), so a run composes exactly what was checked."""
+    _, overrides, _ = split_args(args)
+    merged = dict(zip(overrides, _as_mapping_overrides(overrides, SCHEMAS[config_name])))
+    return [merged.get(arg, arg) for arg in args]

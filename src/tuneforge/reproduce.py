@@ -203,9 +203,9 @@ def _run(config_dir: str, original_dir: Path, args: list[str], history, rtol: fl
         _print(result, original_dir, new_dir)
         outcome["code"] = 0 if result["ok"] else 1
 
-    import sys as _sys
+    from tuneforge.compose import hydra_args
 
-    _sys.argv = ["tuneforge reproduce"] + args
+    sys.argv = ["tuneforge reproduce"] + hydra_args(args)
     hydra.main(version_base="1.3", config_path=config_dir, config_name="reproduce")(app)()
     return outcome["code"]
 
