@@ -1,24 +1,46 @@
-"""Reference implementations of the loss masks, independent of the production path: tests check the fast
-path (data/pipeline.py -> data/render.py one-pass render -> data/text_masks.build_labels, with bisection and
-char -> token lookups) against them, row for row, on every shipped chat template and text strategy.
+"""Independent oracles for the loss masks: the fast production path (data/pipeline.py -> data/render.py's
+one-pass render -> `text_masks.build_labels`, via the pipeline) is checked against them on every shipped chat
+template (tests/test_masks.py), and every chat row the tests build comes from that path, checked on the way
+(`pipeline_rows`).
 
-They are the straightforward versions: every assistant turn located by rendering each conversation prefix
-(tokenize.assistant_spans), every token labelled by a Python loop over its offsets (labels_from_spans).
-Slow, and easy to read; production must agree with them.
+They are the straightforward versions, sharing no step with the fast path where it has a fast version of its
+own: every assistant turn located by rendering each conversation prefix (`tokenize.assistant_spans`, which
+production runs only as render.py's fallback), every token labelled by a Python loop over its offsets
+(`labels_from_spans`, vs bisection and char -> token lookups), rows truncated before labelling (production labels
+first, then cuts). The template's own {% generation %} mask and the response-template search have one
+implementation (`tokenize.generation_spans`, `tokenize.completion_labels`): the oracles reuse them, and the
+tests pin what they train by decoded text. Slow, and easy to read; production must agree with them.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-from tuneforge.config import CollatorConfig
+from tuneforge.config import CollatorConfig, FormatConfig
+from tuneforge.data.pipeline import _tokenizer_kwargs, process_batch
+from tuneforge.data.sources import ROW
 from tuneforge.data.tokenize import IGNORE, assistant_mask_route, completion_labels, conversation_spans
 
+# Chat templates the tests use besides the shipped ones, each for a route of the fast path.
+# ChatML with {% generation %} around each assistant content and its end-of-turn token: collator=assistant_only
+# takes the template's own mask.
+GENERATION_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# ChatML that trims contents: marker positions cannot be trusted, render.py falls back to prefix renders.
+TRIMMING_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
-def labels_from_spans(input_ids: list[int], offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[int]:
+
+def labels_from_spans(input_ids: list[int], offsets: Sequence[tuple[int, int]],
+                      spans: Sequence[tuple[int, int]]) -> list[int]:
     """Token i is trained when its characters overlap a span (spans sorted, non-overlapping). Overlap, not
     "starts inside": with BPE the completion's first token often carries the space before it (" Paris"
     after "Answer:"), and the model must still learn to produce it."""
@@ -33,33 +55,14 @@ def labels_from_spans(input_ids: list[int], offsets: Sequence[tuple[int, int]], 
     return labels
 
 
-def _truncate(seqs: list[list], length: int, max_length: int, truncation_mode: str) -> tuple[list[list], bool]:
-    """Cut every parallel sequence the same way (SFTConfig.truncation_mode semantics)."""
-    if length <= max_length:
-        return seqs, False
-    cut = slice(None, max_length) if truncation_mode == "keep_start" else slice(-max_length, None)
-    return [s[cut] for s in seqs], True
-
-
-def _append(out: dict[str, list], ids: list[int], labels: list[int], truncated: bool) -> None:
-    out["input_ids"].append(ids)
-    out["labels"].append(labels)
-    out["num_tokens"].append(len(ids))
-    out["truncated"].append(truncated)
-
-
-def _empty_output() -> dict[str, list]:
-    return {"input_ids": [], "labels": [], "num_tokens": [], "truncated": []}
-
-
 def tokenize_conversations(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, stop_strings: list[str],
                            max_length: int, truncation_mode: str,
                            collator: Optional[CollatorConfig] = None) -> dict[str, list]:
-    """Batched `datasets.map` function: messages -> input_ids, labels, num_tokens, truncated.
+    """messages -> input_ids, labels, truncated.
 
     `collator.name=lm` trains every token; otherwise (completion_only, assistant_only, or no collator
     given) the assistant turns are trained: from the template's {% generation %} mask with
-    `assistant_only` when the template supports it, from rendered offsets otherwise.
+    `assistant_only` when the template supports it, from prefix renders otherwise.
     """
     collator = collator or CollatorConfig(name="assistant_only")
     route = assistant_mask_route(tokenizer) if collator.name == "assistant_only" else "offsets"
@@ -70,49 +73,56 @@ def tokenize_conversations(batch: dict[str, list], tokenizer: PreTrainedTokenize
 
 def tokenize_text_rows(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, collator: CollatorConfig,
                        max_length: int, truncation_mode: str) -> dict[str, list]:
-    """Batched `datasets.map` function: text (+ optional spans) -> input_ids, labels, num_tokens, truncated.
+    """text (+ optional spans) -> input_ids, labels, truncated.
 
     The text is tokenized as is (no special tokens added: the chat template or the format placed them,
-    EOS included -- see format.append_eos). Labels: `collator.name=lm` trains every token; non-empty
-    `spans` train those character spans; otherwise `collator.response_template` (+ `instruction_template`)
-    locates the responses. A row where the template is not found keeps all labels at -100 (the pipeline
-    counts it as fully masked) and one warning per batch says how many, and how many of those were
-    truncated (the template may have been cut off: raise train.max_length).
+    EOS included -- see format.append_eos) and truncated (SFTConfig.truncation_mode semantics), then labelled:
+    `collator.name=lm` trains every token; non-empty `spans` train those character spans; otherwise
+    `collator.response_template` (+ `instruction_template`) locates the responses, and a row where it is not
+    found trains nothing (the pipeline counts it as fully masked).
     """
     texts = batch["text"]
     spans_col = batch.get("spans") or [None] * len(texts)
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-    out = _empty_output()
-    missing = missing_truncated = 0
+    out: dict[str, list] = {"input_ids": [], "labels": [], "truncated": []}
     for text, spans, ids, offsets in zip(texts, spans_col, enc["input_ids"], enc["offset_mapping"]):
-        (ids, offsets), truncated = _truncate([list(ids), [tuple(o) for o in offsets]], len(ids), max_length,
-                                              truncation_mode)
+        ids, offsets = list(ids), [tuple(o) for o in offsets]
+        truncated = len(ids) > max_length
+        if truncated:
+            cut = slice(None, max_length) if truncation_mode == "keep_start" else slice(-max_length, None)
+            ids, offsets = ids[cut], offsets[cut]
         if collator.name == "lm":
             labels = list(ids)
         elif spans:
             labels = labels_from_spans(ids, offsets, sorted((int(s), int(e)) for s, e in spans))
-        else:
+        elif collator.response_template is not None:
             labels = (completion_labels(ids, offsets, text, collator.response_template, collator.instruction_template)
-                      if collator.response_template is not None else None)
-            if labels is None:
-                labels = [IGNORE] * len(ids)
-                missing += 1
-                missing_truncated += truncated
-        _append(out, ids, labels, truncated)
-    if missing:
-        warnings.warn(
-            f"collator.response_template={collator.response_template!r} was not found in {missing} of "
-            f"{len(texts)} rows ({missing_truncated} of them truncated to train.max_length={max_length}); "
-            "their labels are all -100 and they train nothing. Check the template against the formatted text "
-            "(or give it as token ids found in context), or raise train.max_length.",
-            UserWarning, stacklevel=2,
-        )
+                      or [IGNORE] * len(ids))
+        else:
+            labels = [IGNORE] * len(ids)
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+        out["truncated"].append(truncated)
     return out
 
 
-def tokenize_rows(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, collator: CollatorConfig,
-                  stop_strings: list[str], max_length: int, truncation_mode: str) -> dict[str, list]:
-    """One `datasets.map` function for both kinds of formatted rows: `messages` or `text` (+ `spans`)."""
-    if "messages" in batch:
-        return tokenize_conversations(batch, tokenizer, stop_strings, max_length, truncation_mode, collator)
-    return tokenize_text_rows(batch, tokenizer, collator, max_length, truncation_mode)
+def pipeline_rows(tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict]],
+                  collator: Optional[CollatorConfig] = None, max_length: int = 512,
+                  truncation_mode: str = "keep_start", system_prompt: Optional[str] = None) -> dict[str, list]:
+    """input_ids, labels, truncated and n_trained of these conversations (raw rows of format.strategy=conversational)
+    as the data stage prepares them -- its map function, with its stop strings and mask route: format, one-pass
+    render, `build_labels` -- after checking them row for row against the oracle on the formatted messages."""
+    collator = collator or CollatorConfig()
+    kwargs = _tokenizer_kwargs(tokenizer, collator)
+    out = process_batch({ROW: list(range(len(conversations))), "messages": conversations},
+                        fmt=FormatConfig(strategy="conversational", system_prompt=system_prompt), max_length=max_length,
+                        truncation_mode=truncation_mode, on_bad_row="error", where="tests", keep_generation=True,
+                        **kwargs)
+    oracle = tokenize_conversations({"messages": out["messages"]}, tokenizer, kwargs["stops"], max_length,
+                                    truncation_mode, collator)
+    for i in range(len(conversations)):
+        for key in ("input_ids", "labels", "truncated"):
+            if out[key][i] != oracle[key][i]:
+                raise AssertionError(f"row {i}: the production {key} differ from the oracle's\n"
+                                     f"  production: {out[key][i]}\n  oracle:     {oracle[key][i]}")
+    return {k: out[k] for k in ("input_ids", "labels", "truncated", "n_trained")}

@@ -1,11 +1,10 @@
 """Loss masks and collators: the decoded trained tokens of a batch are exactly the expected spans.
 
 Masks are built at preparation time (data/text_masks.py); the collators only pad or flatten. The rows here
-are labelled by the reference implementations (tests/mask_oracles.py, checked against the production path
-in tests/test_masks.py and tests/test_data_pipeline.py). These tests port
-the behaviours TRL's removed DataCollatorForCompletionOnlyLM tests pinned (templates given as ids,
-multi-turn pairing with an instruction template, the warning when a (truncated) row lacks the template,
-padding-free output) and check both padding sides.
+are labelled by the production path and checked against the oracles (tests/mask_oracles.py) on the way.
+These tests port the behaviours TRL's removed DataCollatorForCompletionOnlyLM tests pinned (templates given
+as ids, multi-turn pairing with an instruction template, a (truncated) row that lacks the template trains
+nothing, padding-free output) and check both padding sides.
 """
 
 from __future__ import annotations
@@ -16,9 +15,9 @@ from transformers import AutoTokenizer
 
 from tuneforge.config import CollatorConfig, PackingConfig
 from tuneforge.data.collators import CausalLMCollator, TokenCounter, build_collator
-from tests.mask_oracles import tokenize_conversations, tokenize_rows, tokenize_text_rows
+from tests.mask_oracles import GENERATION_TEMPLATE, pipeline_rows, tokenize_text_rows
+from tuneforge.data.text_masks import tokenize_texts
 from tuneforge.data.tokenize import IGNORE, assistant_mask_route
-from tuneforge.tokenizer import stop_token_ids
 
 from conftest import shared
 
@@ -30,31 +29,24 @@ MULTI = [
     {"role": "user", "content": "Capital of France?"},
     {"role": "assistant", "content": "Paris."},
 ]
-# ChatML with {% generation %} around each assistant content and its end-of-turn token.
-GENERATION_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
-    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 
 def trained_text(tokenizer, ids, labels) -> str:
     return tokenizer.decode([i for i, l in zip(ids, labels) if l != IGNORE])
 
 
-def stops(tokenizer):
-    return [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer)]
-
-
 def conv(tokenizer, conversations, name="completion_only", max_length=512):
-    return tokenize_conversations({"messages": conversations}, tokenizer, stops(tokenizer), max_length, "keep_start",
-                                  CollatorConfig(name=name))
+    return pipeline_rows(tokenizer, conversations, CollatorConfig(name=name), max_length)
 
 
 def text_rows(tokenizer, texts, max_length=512, truncation_mode="keep_start", spans=None, **collator):
-    batch = {"text": texts} | ({"spans": spans} if spans is not None else {})
-    return tokenize_text_rows(batch, tokenizer, CollatorConfig(**collator), max_length, truncation_mode)
+    """Text rows labelled by production (`text_masks.tokenize_texts`), equal to the oracle's labels."""
+    cfg, spans = CollatorConfig(**collator), spans or [None] * len(texts)
+    out = tokenize_texts(tokenizer, texts, spans, max_length, truncation_mode, cfg)
+    oracle = tokenize_text_rows({"text": texts, "spans": spans}, tokenizer, cfg, max_length, truncation_mode)
+    keys = ("input_ids", "labels", "truncated")
+    assert [out[k] for k in keys] == [oracle[k] for k in keys]
+    return out
 
 
 def collate_rows(out, collate):
@@ -136,11 +128,11 @@ def test_response_template_string(smollm_tokenizer):
     assert trained_text(tok, out["input_ids"][0], out["labels"][0]) == " 2021-03-03<|im_end|>"
 
 
-def test_spans_route_and_tokenize_rows_dispatch(smollm_tokenizer):
+def test_spans_train_the_token_that_overlaps_them(smollm_tokenizer):
     tok = smollm_tokenizer
     text = "Q: capital of France?\nA: Paris<|im_end|>"
     start = text.index("Paris")
-    out = tokenize_rows({"text": [text], "spans": [[[start, len(text)]]]}, tok, CollatorConfig(), [], 512, "keep_start")
+    out = text_rows(tok, [text], spans=[[[start, len(text)]]])
     # The span starts after the space, the BPE token " Paris" before it: that token is trained all the same.
     assert tok.convert_ids_to_tokens(out["input_ids"][0]).count("ĠParis") == 1
     assert trained_text(tok, out["input_ids"][0], out["labels"][0]) == " Paris<|im_end|>"
@@ -182,18 +174,19 @@ def test_sentencepiece_template_matched_in_context():
     for tpl in (template, in_context):
         out = text_rows(tok, texts, response_template=tpl)
         assert trained_text(tok, out["input_ids"][0], out["labels"][0]) == "Hello there<|endoftext|>"
-    with pytest.warns(UserWarning, match="not found in 1 of 1 rows"):
-        naive = text_rows(tok, texts, response_template=alone)
-    assert all(l == IGNORE for l in naive["labels"][0])
+    # Matched alone, the template is not found: the row trains nothing (the pipeline counts it as fully masked).
+    naive = text_rows(tok, texts, response_template=alone)
+    assert naive["n_trained"] == [0] and all(l == IGNORE for l in naive["labels"][0])
 
 
-def test_missing_template_masks_the_row_and_warns_about_truncation(smollm_tokenizer):
+def test_missing_template_masks_the_row(smollm_tokenizer):
     tok = smollm_tokenizer
     long_prompt = "### Question: " + "word " * 200 + "\n### Answer: yes<|im_end|>"
-    with pytest.warns(UserWarning, match=r"not found in 2 of 3 rows \(1 of them truncated.*train.max_length"):
-        out = text_rows(tok, [long_prompt, "no template here", "### Answer: ok"], max_length=64,
-                        response_template="### Answer:")
-    assert out["truncated"] == [True, False, False]
+    out = text_rows(tok, [long_prompt, "no template here", "### Answer: ok"], max_length=64,
+                    response_template="### Answer:")
+    # The template was cut off the long row and is absent from the second: both train nothing, and the pipeline
+    # counts them as fully masked (and drops them).
+    assert out["truncated"] == [True, False, False] and out["n_trained"][:2] == [0, 0]
     assert all(l == IGNORE for l in out["labels"][0]) and all(l == IGNORE for l in out["labels"][1])
     assert trained_text(tok, out["input_ids"][2], out["labels"][2]) == " ok"
     # keep_end keeps the answer of the long row.

@@ -13,7 +13,7 @@ from tuneforge.config import CollatorConfig, ConfigError, DataConfig, FormatConf
 from tuneforge.data.pipeline import prepare
 from tuneforge.data.render import render_conversations
 from tuneforge.data.text_masks import encode, encoding_span_labels, offsets_of, span_labels
-from tests.mask_oracles import labels_from_spans, tokenize_text_rows
+from tests.mask_oracles import TRIMMING_TEMPLATE, labels_from_spans, tokenize_text_rows
 from tuneforge.data.tokenize import IGNORE, assistant_spans
 from tuneforge.tokenizer import stop_token_ids
 
@@ -86,8 +86,7 @@ def test_render_markers_match_prefix_renders(smollm_tokenizer):
 def test_render_falls_back_when_the_template_rewrites_content(smollm_tokenizer):
     """A template that trims content: marker positions cannot be trusted, the exact method answers."""
     tok = copy.deepcopy(smollm_tokenizer)
-    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n"
-                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok.chat_template = TRIMMING_TEMPLATE
     stops = ["<|im_end|>"]
     conv = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  spaced answer  "}]
     (text, spans), = render_conversations(tok, [conv], stops)

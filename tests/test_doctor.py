@@ -15,6 +15,7 @@ from tuneforge.data.pipeline import DataStats, PreparedData
 from tuneforge.data.tokenize import IGNORE
 from tuneforge.tokenizer import TokenizerReport, apply_fixes, load_tokenizer
 from tests.conftest import cli_in_process, shared
+from tests.mask_oracles import pipeline_rows
 
 
 def _ctx(tokenizer, train_rows, eval_rows=None, stats=None, cfg=None, report=None, vocab=None, context=8192):
@@ -33,12 +34,8 @@ def _by_name(checks, name):
 
 
 def _row(tokenizer, messages):
-    """A correctly masked chat row: labels from tuneforge's own span masking."""
-    from tests.mask_oracles import tokenize_conversations
-    from tuneforge.tokenizer import stop_token_ids
-
-    stops = tokenizer.convert_ids_to_tokens(stop_token_ids(tokenizer))
-    out = tokenize_conversations({"messages": [messages]}, tokenizer, stops, 512, "keep_start")
+    """A correctly masked chat row, as the data stage prepares it."""
+    out = pipeline_rows(tokenizer, [messages])
     return {"input_ids": out["input_ids"][0], "labels": out["labels"][0], "messages": messages}
 
 

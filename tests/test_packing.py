@@ -14,14 +14,13 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
 from trl import SFTTrainer
 
-from tests.mask_oracles import tokenize_conversations
+from tests.mask_oracles import pipeline_rows
 from tuneforge.config import (PACKING_ATTENTION, CollatorConfig, ConfigError, ModelConfig, PackingConfig, QuantConfig,
                               TrainConfig)
 from tuneforge.data.collators import build_collator
 from tuneforge.data.packing import (AUTO, CHOICES, FLATTEN, MODES, PAD, ROWS, ContaminationError,
                                     check_no_contamination, pack, probe_rows)
 from tuneforge.data.tokenize import IGNORE
-from tuneforge.tokenizer import stop_token_ids
 
 TOL = 1e-4
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"])
@@ -41,8 +40,7 @@ def conversations(n: int) -> list[list[dict]]:
 
 
 def rows(tokenizer, n: int) -> Dataset:
-    stops = [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer)]
-    out = tokenize_conversations({"messages": conversations(n)}, tokenizer, stops, 512, "keep_start")
+    out = pipeline_rows(tokenizer, conversations(n))
     return Dataset.from_dict({"input_ids": out["input_ids"], "labels": out["labels"]})
 
 

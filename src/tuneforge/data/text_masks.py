@@ -6,8 +6,8 @@ tokenized in context, so a template that tokenizes differently alone than in con
 (DESIGN rule 6). A token is trained when its characters overlap a span; that is worked out per span --
 a few char -> token lookups on the Rust `Encoding`, or bisection over the offsets -- rather than per token,
 because this runs on every row the data stage prepares. `collator.name=lm` trains every token; rows without
-spans are labelled by `tokenize.completion_labels` (`collator.response_template`), or not at all. Labels are
-built on the whole row and cut with it on truncation (a token's label depends on its own characters only).
+spans are labelled by `tokenize.completion_labels` (`collator.response_template`), or not at all. Span labels
+are built on the whole row, then cut with it on truncation (a token's label depends on its own characters).
 The per-token reference implementations these must agree with are in tests/mask_oracles.py.
 """
 
