@@ -68,10 +68,11 @@ def build_collator(cfg: CollatorConfig, packing: PackingConfig, tokenizer: PreTr
     """
     if cfg.name == "padding":
         return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=cfg.pad_to_multiple_of)
+    layout = packing_mode(packing.mode).batch
     return CausalLMCollator(
         pad_token_id=tokenizer.pad_token_id,
-        padding_free=packing_mode(packing.mode).batch == FLATTEN,
-        packed_rows=packing_mode(packing.mode).batch == ROWS,
+        padding_free=layout == FLATTEN,
+        packed_rows=layout == ROWS,
         pad_to_multiple_of=cfg.pad_to_multiple_of,
         padding_side=padding_side,
     )

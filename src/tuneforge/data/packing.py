@@ -77,6 +77,12 @@ MODES: dict[str, PackingMode] = {m.name: m for m in (
 AUTO = "auto"  # decided for the device the job runs on (device_defaults.auto_packing_mode)
 CHOICES = (AUTO, *MODES)
 
+# The docstring's list of modes is generated from the registry, so that it cannot drift from it
+# (python -O strips docstrings: nothing to extend then).
+if __doc__:
+    __doc__ += "\nModes (`packing.mode`):\n\n" + "".join(f"- {m.name}: {m.doc}\n" for m in MODES.values()) + (
+        f"- {AUTO}: one of the above, decided per device (device_defaults.auto_packing_mode)\n")
+
 
 def packing_mode(name: str) -> PackingMode:
     """The registered mode `name` (validation refuses any other before a run starts)."""
