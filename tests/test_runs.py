@@ -188,10 +188,21 @@ def test_nan_guard_skips_bad_updates_and_stops_after_patience():
 # --- reproduce and report ---------------------------------------------------------------------------------
 
 def test_compare_curves_and_version_differences():
-    a = [{"loss": 1.0, "step": 1}, {"loss": 0.5, "step": 2}, {"train_loss": 0.7, "step": 2}]
-    assert reproduce.compare_curves(a, [{"loss": 1.0 + 1e-6, "step": 1}, {"loss": 0.5, "step": 2}], 1e-4)["ok"]
-    bad = reproduce.compare_curves(a, [{"loss": 1.1, "step": 1}], 1e-4)
+    a = [{"loss": 1.0, "grad_norm": 2.0, "step": 1}, {"loss": 0.5, "step": 2},
+         {"train_loss": 0.7, "train_runtime": 3.2, "train_samples_per_second": 9.0, "step": 2}]
+    same = [{"loss": 1.0 + 1e-6, "grad_norm": 2.0, "step": 1}, {"loss": 0.5, "step": 2},
+            {"train_loss": 0.7, "train_runtime": 5.0, "step": 2}]  # timings differ: never compared
+    good = reproduce.compare_curves(a, same, 1e-4)
+    assert good["ok"] and {(r["metric"], r["step"]) for r in good["rows"]} == {
+        ("loss", 1), ("grad_norm", 1), ("loss", 2), ("train_loss", 2)}
+    bad = reproduce.compare_curves(a, [{"loss": 1.1, "grad_norm": 2.0, "step": 1}], 1e-4)
     assert not bad["ok"] and bad["missing_steps"] == [2] and bad["max_rel_diff"] == pytest.approx(0.1)
+    nan = reproduce.compare_curves(a, [dict(h, loss=float("nan")) if "loss" in h else h for h in same], 1e-4)
+    assert not nan["ok"]
+    assert not reproduce.verdict([], 1e-4)["ok"]  # nothing compared is no match
+    weights = {"kind": "weights", "metric": "adapter/x.safetensors", "step": None, "original": 1.0,
+               "reproduced": float("nan"), "rel_diff": float("nan")}
+    assert not reproduce.verdict([weights], 1e-4)["ok"]  # NaN weights fail the `<=`
     now = manifest.environment()
     old = json.loads(json.dumps(now))
     old["packages"]["trl"] = "0.0.1"

@@ -24,6 +24,7 @@ pytestmark = pytest.mark.slow
 
 SECRET = "hf_tuneforgeTESTsecret123"
 ENV_SECRET = "wandbTESTsecret456"
+HF_ENV_SECRET = "hf_tuneforgeENVsecret789"
 
 
 def _args(model: str, *extra: str) -> list[str]:
@@ -49,7 +50,7 @@ def baseline(tmp_path_factory, tiny_model):
     result = subprocess.run([str(Path(sys.executable).with_name("tuneforge")), "train",
                              *_args(tiny_model, f"model.token={SECRET}", f"hydra.run.dir={run_dir}")],
                             cwd=REPO, capture_output=True, text=True, timeout=900,
-                            env={**os.environ, "WANDB_API_KEY": ENV_SECRET})
+                            env={**os.environ, "WANDB_API_KEY": ENV_SECRET, "HF_TOKEN": HF_ENV_SECRET})
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
 
@@ -73,9 +74,15 @@ def test_manifest_contents(baseline, tiny_model):
 
 
 def test_no_secret_in_any_file(baseline):
-    leaked = [str(p) for p in baseline.rglob("*") if p.is_file()
-              and (SECRET.encode() in p.read_bytes() or ENV_SECRET.encode() in p.read_bytes())]
+    """model.token on the command line, HF_TOKEN and WANDB_API_KEY in the environment: in no file of the run."""
+    files = [p for p in baseline.rglob("*") if p.is_file()]
+    leaked = [str(p) for p in files if any(s.encode() in p.read_bytes() for s in (SECRET, ENV_SECRET, HF_ENV_SECRET))]
     assert not leaked
+    names = {p.relative_to(baseline).as_posix() for p in files}
+    for scanned in ("config.yaml", "manifest.json", "train.log", ".hydra/config.yaml", ".hydra/hydra.yaml",
+                    ".hydra/overrides.yaml"):
+        assert scanned in names
+    assert any(p.name.startswith("events.out.tfevents") for p in files)  # TensorBoard's event files too
     assert "REDACTED" in (baseline / "config.yaml").read_text()
     assert "REDACTED" in (baseline / "manifest.json").read_text()
     assert "REDACTED" in (baseline / ".hydra" / "overrides.yaml").read_text()
@@ -86,11 +93,38 @@ def test_reproduce_check_passes_as_is_and_fails_with_another_seed(baseline, tmp_
     assert same.returncode == 0, same.stdout[-3000:] + same.stderr[-3000:]
     assert "reproduce --check: MATCH" in same.stdout
     check = json.loads((tmp_path / "same" / "reproduce.json").read_text())
-    assert check["ok"] and check["max_rel_diff"] <= 1e-4 and len(check["rows"]) == 6
+    assert check["ok"] and check["max_rel_diff"] <= 1e-4 and not check["missing"]
+    compared = {(r["kind"], r["metric"], r["step"]) for r in check["rows"]}
+    assert {("logged", k, s) for k in ("loss", "grad_norm", "learning_rate") for s in range(1, 7)} <= compared
+    assert ("final", "train_loss", None) in compared
+    assert ("weights", "adapter/adapter_model.safetensors", None) in compared
+    assert not any("runtime" in r["metric"] or "per_second" in r["metric"] for r in check["rows"])
     assert json.loads((tmp_path / "same" / "manifest.json").read_text())["reproduced_from"] == str(baseline)
     other = run_cli("reproduce", str(baseline), "--check", "train.seed=7", f"hydra.run.dir={tmp_path / 'other'}")
     assert other.returncode == 1
     assert "MISMATCH" in other.stdout and "stopping" in other.stdout + other.stderr
+
+
+def test_reproduce_check_of_a_run_shorter_than_logging_steps(tiny_model, tmp_path):
+    """max_steps=2 with logging every 5: the log history holds only the final summary. --check still compares
+    the final train loss, the values logged at the last step and the adapter weights, and says so."""
+    run_dir = tmp_path / "short"
+    first = cli_in_process("train", *_args(tiny_model, "train.max_steps=2", "train.logging_steps=5",
+                                           "data.max_samples=16", f"hydra.run.dir={run_dir}"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    same = run_cli("reproduce", str(run_dir), "--check", f"hydra.run.dir={tmp_path / 'again'}")
+    assert same.returncode == 0, same.stdout[-3000:] + same.stderr[-3000:]
+    check = json.loads((tmp_path / "again" / "reproduce.json").read_text())
+    assert check["ok"] and not check["missing"]
+    rows = {(r["kind"], r["metric"]): r for r in check["rows"]}
+    assert rows[("final", "train_loss")]["rel_diff"] <= 1e-4 and rows[("logged", "train_loss")]["step"] == 2
+    weights = rows[("weights", "adapter/adapter_model.safetensors")]
+    assert weights["tensors"] > 0 and weights["max_abs_diff"] <= 1e-6
+    assert not any(r["kind"] == "logged" and r["metric"] == "loss" for r in check["rows"])  # none was logged
+    verdict = [line for line in same.stdout.splitlines() if line.startswith("reproduce --check:")]
+    assert len(verdict) == 1 and "MATCH" in verdict[0] and "MISMATCH" not in verdict[0]
+    assert "final metrics" in verdict[0] and "adapter weights" in verdict[0] and "n/a" not in verdict[0]
+    assert "train_loss" in same.stdout and "adapter/adapter_model.safetensors" in same.stdout  # the table
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(baseline, tiny_model, tmp_path):

@@ -8,7 +8,9 @@ message that names the key and the closest valid one -- before any model is load
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import traceback
 from pathlib import Path
 
 from tuneforge.config import ConfigError
@@ -28,9 +30,11 @@ commands:
   report   table + plots of a sweep: tuneforge report multirun/DATE/TIME [--metric NAME] [--direction minimize]
   keys     every train.*/peft.*/quant.* key with its type, default and origin: tuneforge keys [train] [--task TASK]
   reproduce  re-run a run from its config.yaml into a new run directory:
-           tuneforge reproduce RUN_DIR [overrides] [--check]  (--check: exit 1 unless the losses match)
+           tuneforge reproduce RUN_DIR [overrides] [--check]  (--check: exit 1 unless metrics and weights match)
 
 Hydra flags work as usual: -m/--multirun, --cfg job, hydra.run.dir=DIR, --help.
+A failure you can fix is one line and a documented exit code (README: "When something goes wrong");
+--debug (or HYDRA_FULL_ERROR=1) prints its full traceback too.
 """
 
 # Hydra flags that only print (no pre-validation needed).
@@ -63,6 +67,8 @@ def _train_app(dcfg) -> float | None:
         run_dir.mkdir(parents=True, exist_ok=True)
         manifest.write_failure(run_dir, exc, job=hc.job.num, overrides=redact(list(hc.overrides.task)))
         return None  # the Optuna sweeper records the trial as failed (NaN would crash its bookkeeping)
+    finally:  # a long sweep in one process would otherwise hold one open lock file per finished job
+        runs.release_run_dir(run_dir)
 
 
 def _preview_app(dcfg) -> None:
@@ -87,9 +93,15 @@ def _doctor_app(dcfg) -> None:
         sys.exit(1)
 
 
+def _debug() -> bool:
+    """Full tracebacks asked for: `--debug`, or Hydra's own switch (which `--debug` sets)."""
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
 def _friendly(app):
     """Failures a user can cause, found inside a job (e.g. a taken run directory, a stopped run), exit with
-    their documented code after one clear line (lifecycle.exit_code)."""
+    their documented code after one clear line (lifecycle.exit_code), and no traceback unless asked for
+    (a bug's traceback, exit_code None, is its report: Hydra prints it)."""
 
     def wrapped(dcfg):
         from tuneforge.lifecycle import exit_code
@@ -100,7 +112,7 @@ def _friendly(app):
             code = exit_code(exc)
             if code is None:
                 raise
-            sys.exit(code)
+            sys.exit(code)  # SystemExit passes Hydra's job wrapper untouched: no "Error executing job"
 
     wrapped.__name__ = app.__name__
     return wrapped
@@ -167,10 +179,17 @@ def _precheck(command: str, config_name: str, overrides: list[str], multirun: bo
         from tuneforge.launch import in_launched_process
 
         # A launched rank shares the run directory its launching job resolved (and rank 0 may claim it first).
-        if explicit and not multirun and not in_launched_process():
-            from tuneforge.runs import check_run_dir_free
+        # Only train makes a run directory (doctor and preview run in `.`, whatever it holds).
+        if command == "train" and explicit and not multirun and not in_launched_process():
+            from tuneforge.launch import needs_launch
+            from tuneforge.runs import check_run_dir_free, claim_run_dir
 
-            check_run_dir_free(Path(explicit[-1]), cfg.train.resume_from_checkpoint)
+            if not needs_launch(cfg):
+                # Claimed (locked) before Hydra writes .hydra/ into it: of two commands started at once into one
+                # run directory, the second is refused before it writes anything. The job claims it again.
+                claim_run_dir(Path(explicit[-1]), cfg.train.resume_from_checkpoint)
+            else:  # the launched main rank claims it, in its own process
+                check_run_dir_free(Path(explicit[-1]), cfg.train.resume_from_checkpoint)
     else:
         from omegaconf import OmegaConf
 
@@ -194,6 +213,19 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, args = argv[0], argv[1:]
+    if "--debug" in args:
+        args = [a for a in args if a != "--debug"]
+        os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra's own switch: its job wrapper re-raises too
+    try:
+        return _main(command, args)
+    except KeyboardInterrupt:  # Ctrl-C outside training (which saves a checkpoint and exits 130 itself)
+        if _debug():
+            traceback.print_exc()
+        print(f"tuneforge {command}: interrupted.", file=sys.stderr)
+        return 130
+
+
+def _main(command: str, args: list[str]) -> int:
     from tuneforge.console import silence_library_noise
 
     silence_library_noise()
@@ -227,8 +259,15 @@ def main(argv: list[str] | None = None) -> int:
             _precheck(command, config_name, overrides, multirun)
         _run_hydra(command, config_name, app, args)
     except ConfigError as exc:
+        if _debug():
+            traceback.print_exc()
         print(f"tuneforge {command}: config error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if command == "train":  # the command is over (in-process callers, e.g. tests, run several)
+            from tuneforge.runs import release_run_dir
+
+            release_run_dir()
     return 0
 
 

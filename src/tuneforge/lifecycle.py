@@ -128,14 +128,16 @@ def read_metrics(run_dir: Path) -> dict:
 
 
 def exit_code(exc: BaseException) -> Optional[int]:
-    """The documented exit code of a failure a user can cause, after one log line saying what to do; None for
-    anything else (a bug: its traceback is the report). 2: a config error (bad key, value, data or run
-    directory); a stopped run (SIGTERM/Ctrl-C with a checkpoint saved, or a diverged loss): its own code."""
+    """The documented exit code of a failure a user can cause, after one log line saying what to do (and its
+    traceback when asked for: `--debug` / HYDRA_FULL_ERROR=1); None for anything else (a bug: its traceback is
+    the report). 2: a config or input error (bad key, value, data, model, template or run directory); a
+    stopped run (SIGTERM/Ctrl-C with a checkpoint saved, or a diverged loss): its own code (faults.py)."""
+    trace = exc if os.environ.get("HYDRA_FULL_ERROR") == "1" else None
     if isinstance(exc, ConfigError):
-        log.error("config error: %s", exc)
+        log.error("config error: %s", exc, exc_info=trace)
         return 2
     if isinstance(exc, faults.RunStopped):  # the message says what next (resume, or what to change)
-        log.error("%s", exc)
+        log.error("%s", exc, exc_info=trace)
         return exc.exit_code
     return None
 

@@ -72,32 +72,32 @@ def run(cfg: MergeCommandConfig) -> dict:
         raise ConfigError(f"merge.base={cfg.merge.base!r}: use dequantized (default) or original.")
     run_dir = Path(cfg.run_dir)
     out = Path(cfg.out) if cfg.out else run_dir / f"merged-{cfg.merge.base}"
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"{out} exists and is not empty; choose another out=DIR.")
+    runs.refuse_non_empty(out, "choose another out=DIR")  # before minutes of loading, and again when renaming
     reference, tokenizer, _ = load_trained(run_dir)  # adapter on its training base (4-bit as trained)
     merged = merged_model(run_dir, cfg.merge.base, tokenizer)
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    # Written beside `out` and renamed once checked: a failure leaves no half-written model under its name.
+    with runs.atomic_dir(out) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
 
-    # Verify what was written: reload from disk and compare with the adapter on its training base.
-    from transformers import AutoModelForCausalLM
+        # Verify what was written: reload from disk and compare with the adapter on its training base.
+        from transformers import AutoModelForCausalLM
 
-    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, use_safetensors=True)
-    prompts = CHECK_PROMPTS[: cfg.merge.check_prompts]
-    settings = GenerationSettings(max_new_tokens=cfg.merge.check_max_new_tokens, batch_size=len(prompts))
-    ref_gen = generate(reference, tokenizer, prompts, settings)
-    new_gen = generate(reloaded, tokenizer, prompts, settings)
-    ref_logits, new_logits = _logits(reference, tokenizer, prompts), _logits(reloaded, tokenizer, prompts)
-    report = {
-        "out": str(out),
-        "base": cfg.merge.base,
-        "prompts": len(prompts),
-        "identical_generations": sum(a == b for a, b in zip(ref_gen, new_gen)),
-        "max_abs_logit_diff": float((ref_logits - new_logits).abs().max()),
-        "argmax_disagreement": float((ref_logits.argmax(-1) != new_logits.argmax(-1)).float().mean()),
-    }
-    runs.write_json(out / "merge_check.json", report)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, use_safetensors=True)
+        prompts = CHECK_PROMPTS[: cfg.merge.check_prompts]
+        settings = GenerationSettings(max_new_tokens=cfg.merge.check_max_new_tokens, batch_size=len(prompts))
+        ref_gen = generate(reference, tokenizer, prompts, settings)
+        new_gen = generate(reloaded, tokenizer, prompts, settings)
+        ref_logits, new_logits = _logits(reference, tokenizer, prompts), _logits(reloaded, tokenizer, prompts)
+        report = {
+            "out": str(out),
+            "base": cfg.merge.base,
+            "prompts": len(prompts),
+            "identical_generations": sum(a == b for a, b in zip(ref_gen, new_gen)),
+            "max_abs_logit_diff": float((ref_logits - new_logits).abs().max()),
+            "argmax_disagreement": float((ref_logits.argmax(-1) != new_logits.argmax(-1)).float().mean()),
+        }
+        runs.write_json(tmp / "merge_check.json", report)
     verdict = "identical" if report["identical_generations"] == len(prompts) else "DIFFERENT"
     print(f"Merged ({cfg.merge.base} base) into {out}\n"
           f"Check vs adapter on its training base, {len(prompts)} prompts: greedy generations {verdict} "

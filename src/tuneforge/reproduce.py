@@ -3,8 +3,10 @@
 The saved config (fully resolved) becomes the primary config of a Hydra app, so the new run gets its own
 run directory, log and manifest exactly as `tuneforge train` would. Every difference between the versions
 recorded in RUN_DIR/manifest.json and this environment is printed first. With `--check` the new loss curve
-is compared step by step with the original (relative tolerance `--rtol`, default 1e-4); the run stops at
-the first logged step that differs and the command exits 1.
+is compared with the original: every value both logged at each step, every number of metrics.json (the
+final train loss at least, so a run shorter than train.logging_steps is compared too) and the adapter weights,
+each within the relative tolerance `--rtol` (default 1e-4). The table lists every compared quantity; the run
+stops at the first logged value that differs, and any difference (or a value the reproduction lacks) exits 1.
 """
 
 from __future__ import annotations
@@ -49,9 +51,25 @@ def version_differences(manifest: dict, now: dict) -> list[str]:
     return out
 
 
+# Values that measure the machine, not the run (runtimes, throughputs): never compared.
+def _timing(key: str) -> bool:
+    return "runtime" in key or "per_second" in key or key.endswith("_load_s")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def logged_curve(log_history: list[dict]) -> dict[tuple[str, int], float]:
-    """{(loss|eval_loss, step): value} of a Trainer log history."""
-    return {(k, h["step"]): h[k] for h in log_history for k in ("loss", "eval_loss") if k in h}
+    """{(key, step): value} of every number a Trainer log history holds (loss, grad_norm, learning_rate,
+    eval_loss, mean_token_accuracy, the final train_loss, ...), timings left out."""
+    return {(k, h["step"]): float(v) for h in log_history if "step" in h
+            for k, v in h.items() if k != "step" and _number(v) and not _timing(k)}
+
+
+def final_values(metrics: dict) -> dict[str, float]:
+    """The top-level numbers of metrics.json (train_loss, tokens_seen, train_steps, held-out scores, ...)."""
+    return {k: float(v) for k, v in metrics.items() if _number(v) and not _timing(k)}
 
 
 def rel_diff(a: float, b: float) -> float:
@@ -62,18 +80,67 @@ def rel_diff(a: float, b: float) -> float:
     return abs(a - b) / max(abs(a), 1e-12)
 
 
-def compare_curves(original: list[dict], new: list[dict], rtol: float) -> dict:
-    """Step-by-step comparison; `ok` when every logged value of the original is matched within rtol."""
-    a, b = logged_curve(original), logged_curve(new)
-    rows = [{"metric": k, "step": s, "original": v, "reproduced": b.get((k, s)),
-             "rel_diff": rel_diff(v, b[(k, s)]) if (k, s) in b else None}
-            for (k, s), v in sorted(a.items(), key=lambda kv: (kv[0][1], kv[0][0]))]
+def _row(kind: str, metric: str, step, original: float, reproduced) -> dict:
+    """kind: logged (a log-history value at a step), final (metrics.json) or weights (an adapter file)."""
+    return {"kind": kind, "metric": metric, "step": step, "original": original, "reproduced": reproduced,
+            "rel_diff": None if reproduced is None else rel_diff(original, reproduced)}
+
+
+def verdict(rows: list[dict], rtol: float) -> dict:
+    """`ok` only when something was compared and every value the original has is matched within rtol (a
+    value missing from the reproduction, or NaN, fails: `<=` is False for NaN)."""
     missing = [r for r in rows if r["rel_diff"] is None]
     diffs = [r["rel_diff"] for r in rows if r["rel_diff"] is not None]
-    max_rel = max(diffs) if diffs else None
-    ok = bool(rows) and not missing and max_rel is not None and max_rel <= rtol
-    return {"ok": ok, "rtol": rtol, "max_rel_diff": max_rel, "missing_steps": [r["step"] for r in missing],
-            "rows": rows}
+    max_rel = max(diffs, key=lambda d: math.inf if math.isnan(d) else d) if diffs else None
+    ok = bool(rows) and not missing and all(d <= rtol for d in diffs)
+    return {"ok": ok, "rtol": rtol, "max_rel_diff": max_rel, "compared": len(diffs),
+            "missing": [f"{r['metric']}@{r['step'] if r['step'] is not None else 'final'}" for r in missing],
+            "missing_steps": sorted({r["step"] for r in missing if r["step"] is not None}), "rows": rows}
+
+
+def compare_curves(original: list[dict], new: list[dict], rtol: float) -> dict:
+    """Every value the original logged, step by step, against the reproduction's."""
+    a, b = logged_curve(original), logged_curve(new)
+    by_step = sorted(a.items(), key=lambda kv: (kv[0][1], kv[0][0]))
+    rows = [_row("logged", k, s, v, b.get((k, s))) for (k, s), v in by_step]
+    return verdict(rows, rtol)
+
+
+def compare_weights(original_dir: Path, new_dir: Path) -> list[dict]:
+    """One row per safetensors file of RUN/adapter: the largest |difference| over all its tensors, relative to
+    the largest |weight| of the original (`original`/`reproduced`: the largest |weight| of each)."""
+    from safetensors.torch import load_file
+
+    rows = []
+    for path in sorted((Path(original_dir) / runs.ADAPTER_DIR).glob("*.safetensors")):
+        name = f"{runs.ADAPTER_DIR}/{path.name}"
+        other = Path(new_dir) / runs.ADAPTER_DIR / path.name
+        a = load_file(str(path))
+        scale = max((t.double().abs().max().item() for t in a.values() if t.numel()), default=0.0)
+        if not other.is_file():
+            rows.append(_row("weights", name, None, scale, None))
+            continue
+        b = load_file(str(other))
+        if a.keys() != b.keys() or any(a[k].shape != b[k].shape for k in a):
+            diff = math.inf  # a different adapter layout: nothing to match
+        else:
+            diff = max(((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].numel()), default=0.0)
+        new_scale = max((t.double().abs().max().item() for t in b.values() if t.numel()), default=0.0)
+        rel = 0.0 if diff == 0 else diff / max(scale, 1e-12)  # NaN stays NaN and fails the `<=`
+        rows.append(_row("weights", name, None, scale, new_scale) | {"rel_diff": rel, "max_abs_diff": diff,
+                                                                      "tensors": len(a)})
+    return rows
+
+
+def compare_runs(original_dir: Path, new_dir: Path, new_metrics: dict, rtol: float) -> dict:
+    """What `--check` compares: every value both logs hold at each step (curves), every top-level number of
+    metrics.json (at least the final train loss), and the adapter weights. Short runs that logged no step
+    (max_steps < logging_steps) are still compared on their final values and weights."""
+    original = json.loads((Path(original_dir) / runs.METRICS_FILE).read_text())
+    curves = compare_curves(original.get("log_history", []), new_metrics.get("log_history", []), rtol)["rows"]
+    new_finals = final_values(new_metrics)
+    finals = [_row("final", k, None, v, new_finals.get(k)) for k, v in sorted(final_values(original).items())]
+    return verdict(curves + finals + compare_weights(original_dir, new_dir), rtol)
 
 
 class CurveCheck(TrainerCallback):
@@ -83,13 +150,15 @@ class CurveCheck(TrainerCallback):
         self.expected, self.rtol, self.failed_at = logged_curve(original), rtol, None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        for key in ("loss", "eval_loss"):
-            want = self.expected.get((key, state.global_step))
-            if key in (logs or {}) and want is not None and rel_diff(want, logs[key]) > self.rtol:
-                self.failed_at = state.global_step
+        got = logged_curve([{**(logs or {}), "step": state.global_step}])
+        for (key, step), value in sorted(got.items()):
+            want = self.expected.get((key, step))
+            if want is not None and not rel_diff(want, value) <= self.rtol:
+                self.failed_at = step
                 log.error("reproduce --check: %s at step %d is %.8g, the original logged %.8g (rel diff %.3g > %g); "
-                          "stopping.", key, state.global_step, logs[key], want, rel_diff(want, logs[key]), self.rtol)
+                          "stopping.", key, step, value, want, rel_diff(want, value), self.rtol)
                 control.should_training_stop = True
+                break
         return control
 
 
@@ -139,13 +208,14 @@ def main(args: list[str]) -> int:
 
     from tuneforge.compose import check_override_keys, explain, register_all, split_args, to_validated
     from tuneforge.config import TuneforgeConfig
+    from tuneforge.launch import needs_launch
 
     try:
         run_dir, rest, check, rtol = _parse(args)
         original = runs.read_config(run_dir)  # noqa: F841 (fails clearly when RUN_DIR is not a run)
         flags, overrides, _ = split_args(rest)
         explicit = [o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")]
-        if explicit:  # before Hydra writes .hydra/ into it
+        if explicit:  # refused before anything else; claimed below, before Hydra writes .hydra/ into it
             runs.check_run_dir_free(Path(explicit[-1]))
         for line in version_differences(manifest.read(run_dir), manifest.environment()):
             print(f"tuneforge reproduce: warning: version differs from the run: {line}", file=sys.stderr)
@@ -160,13 +230,16 @@ def main(args: list[str]) -> int:
             GlobalHydra.instance().clear()
             try:
                 with initialize_config_dir(config_dir=tmp, version_base="1.3", job_name="train"):
-                    library_args.check(to_validated(compose(config_name="reproduce", overrides=overrides)))
+                    cfg = to_validated(compose(config_name="reproduce", overrides=overrides))
+                    library_args.check(cfg)
             except ConfigError:
                 raise
             except Exception as exc:
                 raise ConfigError(explain(exc)) from exc
             finally:
                 GlobalHydra.instance().clear()
+            if explicit and not needs_launch(cfg):  # a launched main rank claims it in its own process
+                runs.claim_run_dir(Path(explicit[-1]))
             return _run(tmp, run_dir, rest, history if check else None, rtol)
     except ConfigError as exc:
         print(f"tuneforge reproduce: config error: {exc}", file=sys.stderr)
@@ -198,7 +271,7 @@ def _run(config_dir: str, original_dir: Path, args: list[str], history, rtol: fl
         if history is None:
             log.info("Reproduction of %s saved in %s", original_dir, new_dir)
             return
-        result = compare_curves(history, metrics.get("log_history", []), rtol)
+        result = compare_runs(original_dir, new_dir, metrics, rtol)
         runs.write_json(new_dir / "reproduce.json", {"original": str(original_dir)} | result)
         _print(result, original_dir, new_dir)
         outcome["code"] = 0 if result["ok"] else 1
@@ -211,12 +284,23 @@ def _run(config_dir: str, original_dir: Path, args: list[str], history, rtol: fl
 
 
 def _print(result: dict, original_dir: Path, new_dir: Path) -> None:
-    print(f"{'step':>6} {'metric':<10} {'original':>14} {'reproduced':>14} {'rel diff':>10}")
-    for r in result["rows"]:
+    """The table of every compared quantity, then the verdict and what it rests on."""
+    rows = result["rows"]
+    names = [r["metric"] + (" (max |w|)" if r["kind"] == "weights" else "") for r in rows]
+    width = max([len("compared"), *map(len, names)])
+    print(f"{'step':>6} {'compared':<{width}} {'original':>14} {'reproduced':>14} {'rel diff':>10}")
+    for r, name in zip(rows, names):
         new = "missing" if r["reproduced"] is None else f"{r['reproduced']:.8g}"
         rel = "-" if r["rel_diff"] is None else f"{r['rel_diff']:.2e}"
-        print(f"{r['step']:>6} {r['metric']:<10} {r['original']:>14.8g} {new:>14} {rel:>10}")
-    verdict = "MATCH" if result["ok"] else "MISMATCH"
+        step = "final" if r["step"] is None else r["step"]
+        print(f"{step:>6} {name:<{width}} {r['original']:>14.8g} {new:>14} {rel:>10}")
+    logged = [r for r in rows if r["kind"] == "logged"]
+    weights = [r for r in rows if r["kind"] == "weights" and "max_abs_diff" in r]
+    what = (f"{len(logged)} logged values at {len({r['step'] for r in logged})} step(s), "
+            f"{sum(r['kind'] == 'final' for r in rows)} final metrics, "
+            + (f"adapter weights ({sum(r['tensors'] for r in weights)} tensors, max |diff| "
+               f"{max(r['max_abs_diff'] for r in weights):.3g})" if weights else "no adapter weights"))
     max_rel = "n/a" if result["max_rel_diff"] is None else f"{result['max_rel_diff']:.3g}"
-    print(f"reproduce --check: {verdict} (max relative difference {max_rel}, tolerance {result['rtol']:g}) "
-          f"{original_dir} -> {new_dir}")
+    missing = f"; missing from the reproduction: {', '.join(result['missing'])}" if result["missing"] else ""
+    print(f"reproduce --check: {'MATCH' if result['ok'] else 'MISMATCH'} (compared {what}; max relative difference "
+          f"{max_rel}, tolerance {result['rtol']:g}{missing}) {original_dir} -> {new_dir}")

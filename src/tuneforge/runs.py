@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -58,16 +59,58 @@ def check_writable(path: Path) -> None:
 
 
 def claim_run_dir(run_dir: Path, resume: Any = None) -> Path:
-    check_run_dir_free(run_dir, resume)
+    """Claim a run directory for this process: refused (ConfigError) when it holds another run
+    (check_run_dir_free) or another process is using it. The claim is a lock (flock on RUN/.tuneforge.lock)
+    held until this process ends or `release_run_dir`: two commands started at once into one directory cannot
+    both pass a check-then-create. Claiming a directory this process already holds checks it again."""
+    run_dir = Path(run_dir)
+    check_run_dir_free(run_dir, resume)  # a finished run is refused before anything is written into it
+    _lock(run_dir)
+    check_run_dir_free(run_dir, resume)  # again under the lock: the process that held it may have finished
     if resume_requested(resume):
         (run_dir / FAILED_FILE).unlink(missing_ok=True)  # the resumed run decides anew
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot create the run directory {run_dir}: {exc.strerror}.") from None
     if not os.access(run_dir, os.W_OK):
         raise ConfigError(f"{run_dir} is not writable.")
     return run_dir
+
+
+LOCK_FILE = ".tuneforge.lock"
+_held: dict[Path, int] = {}  # run directory -> the open lock file this process holds
+
+
+def _lock(run_dir: Path) -> None:
+    """The kernel drops an flock when its process ends, however it ends (kill -9 included): a crashed run
+    leaves no stale lock behind, and resuming it needs no cleanup."""
+    import fcntl
+
+    key = run_dir.resolve()
+    if key in _held:
+        return
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the run directory {run_dir}: {exc.strerror}; choose another "
+                          "hydra.run.dir.") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise ConfigError(f"{run_dir} is in use by another tuneforge command (process {holder}); wait for it to "
+                          "finish, or choose another hydra.run.dir.") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())  # who holds it, for the message another process prints
+    _held[key] = fd
+
+
+def release_run_dir(run_dir: Optional[Path] = None) -> None:
+    """Give up this process's claim on `run_dir` (every claim when None); the directory stays as it is."""
+    keys = list(_held) if run_dir is None else [Path(run_dir).resolve()]
+    for key in keys:
+        fd = _held.pop(key, None)
+        if fd is not None:
+            os.close(fd)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -124,17 +167,31 @@ def check_free_space(run_dir: Path, needed: int) -> None:
         )
 
 
+def refuse_non_empty(path: Path, hint: str = "a run never overwrites its outputs") -> None:
+    """An output directory must be missing or empty: never write into (or over) files someone has there."""
+    path = Path(path)
+    if path.exists() and not (path.is_dir() and not any(path.iterdir())):
+        raise ConfigError(f"{path} exists and is not empty; nothing was written into it ({hint}).")
+
+
 @contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary directory beside `final`, renamed to it when the block succeeds: a crash or a full
-    disk never leaves a half-written adapter under the final name."""
+    disk never leaves a half-written adapter under the final name, and an existing non-empty `final` is never
+    written into (an empty one is replaced)."""
     final = Path(final)
-    if final.exists():
-        raise ConfigError(f"{final} already exists; a run never overwrites its outputs.")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    refuse_non_empty(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}-{secrets.token_hex(4)}"
+    tmp.mkdir()  # not mkdtemp: its 0700 would become the final directory's mode, ignoring the umask
     try:
         yield tmp
-        os.replace(tmp, final)
+        try:
+            # rename(2) replaces only a missing or empty directory: one filled meanwhile stays untouched.
+            os.replace(tmp, final)
+        except OSError as exc:
+            raise ConfigError(f"{final} was created by something else meanwhile ({exc.strerror}); nothing was "
+                              "written into it.") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -33,16 +33,36 @@ class TokenizerReport:
 
 def load_tokenizer(name_or_path: str, cfg: TokenizerConfig, revision: str | None = None,
                    trust_remote_code: bool = False) -> tuple[PreTrainedTokenizerBase, TokenizerReport]:
-    tokenizer = AutoTokenizer.from_pretrained(
-        cfg.name_or_path or name_or_path, revision=revision, trust_remote_code=trust_remote_code
-    )
+    source = cfg.name_or_path or name_or_path
+    key = "tokenizer.name_or_path" if cfg.name_or_path else "model.name_or_path"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+    except OSError as exc:  # no such directory, no tokenizer files in it, or a hub id without a network
+        raise ConfigError(f"{key}={source!r}: cannot load a tokenizer from it ({_first_line(exc)}). Give a local "
+                          "model directory or a hub id that is reachable (or already in the Hugging Face cache)."
+                          ) from exc
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise ConfigError(remote_code_refusal(key, source)) from exc
     report = apply_fixes(tokenizer, cfg)
     return tokenizer, report
+
+
+def remote_code_refusal(key: str, source: str) -> str:
+    """The one message for a model or tokenizer that needs its own Python code (transformers' `auto_map`)."""
+    return (f"{key}={source!r} needs its own Python code to load (auto_map in its config), and tuneforge does not "
+            "run a model's code unless told to: read that code, then add model.trust_remote_code=true.")
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
 
 
 def apply_fixes(tokenizer: PreTrainedTokenizerBase, cfg: TokenizerConfig) -> TokenizerReport:
     report = TokenizerReport(original={k: getattr(tokenizer, f"{k}_token") for k in ("pad", "bos", "eos", "unk")})
     _set_chat_template(tokenizer, cfg.chat_template, report)
+    check_template_sandbox(tokenizer)
     if cfg.add_special_tokens:
         if tokenizer.add_tokens(list(cfg.add_special_tokens), special_tokens=True):
             report.added_tokens += list(cfg.add_special_tokens)
@@ -118,7 +138,60 @@ def _set_chat_template(tokenizer: PreTrainedTokenizerBase, how: str, report: Tok
     else:
         template = how
     tokenizer.chat_template = template
+    _TEMPLATE_SOURCES[template] = f"tokenizer.chat_template={how if len(how) < 80 else '(inline template)'}"
     report.fixes.append(f"chat_template set ({how if len(how) < 40 else 'inline template'})")
+
+
+# Where each template set by _set_chat_template came from, by its text: an error found while rendering rows
+# (data/render.py) names the file the user gave, not only "the chat template".
+_TEMPLATE_SOURCES: dict[str, str] = {}
+# Conversations the sandbox probe renders: with and without a system turn, since a template may refuse one.
+_PROBES = ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+           [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"}])
+
+
+def template_source(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Where the tokenizer's chat template came from, for messages."""
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
+    return _TEMPLATE_SOURCES.get(template) or f"the chat template of {getattr(tokenizer, 'name_or_path', '?')}"
+
+
+def sandbox_refused(exc: BaseException) -> bool:
+    """True when Jinja's sandbox stopped a template reaching outside it (`''.__class__.__mro__...`): a
+    SecurityError, or an AttributeError raised by the sandbox's own attribute lookup."""
+    from jinja2.exceptions import SecurityError
+
+    if isinstance(exc, SecurityError):
+        return True
+    tb, last = exc.__traceback__, None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    return isinstance(exc, AttributeError) and last is not None and \
+        Path(last.tb_frame.f_code.co_filename).as_posix().endswith("jinja2/sandbox.py")
+
+
+def sandbox_refusal(tokenizer: PreTrainedTokenizerBase, exc: BaseException) -> ConfigError:
+    return ConfigError(f"{template_source(tokenizer)}: the template tried to reach outside the Jinja sandbox "
+                       f"({_first_line(exc)}); tuneforge renders templates sandboxed and will not use it. A chat "
+                       "template only needs messages, roles and contents: fix the template, or use "
+                       "tokenizer.chat_template=chatml.")
+
+
+def check_template_sandbox(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Render two sample conversations once, so a template that reaches outside the sandbox is refused here,
+    naming where it came from, and not deep inside the data map. Any other error is left to the renders
+    that follow (a template may legitimately refuse a system turn; the doctor reports what it can)."""
+    if not tokenizer.chat_template:
+        return
+    for messages in _PROBES:
+        for generation_prompt in (False, True):
+            try:
+                tokenizer.apply_chat_template(messages[:-1] if generation_prompt else messages, tokenize=False,
+                                              add_generation_prompt=generation_prompt)
+            except Exception as exc:  # noqa: BLE001 (only a sandbox refusal is this check's business)
+                if sandbox_refused(exc):
+                    raise sandbox_refusal(tokenizer, exc) from exc
 
 
 def reset_call_state(tokenizer: PreTrainedTokenizerBase) -> None:

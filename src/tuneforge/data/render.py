@@ -32,6 +32,19 @@ def render_conversations(tokenizer: PreTrainedTokenizerBase, conversations: list
     `tokenize.assistant_mask_route`) takes the template's own {% generation %} mask instead."""
     if not conversations:
         return []
+    try:
+        return _render_conversations(tokenizer, conversations, stop_strings, route)
+    except Exception as exc:
+        # A template can reach outside the sandbox on some rows only (the probe at load time renders two
+        # sample conversations): refuse it as a config error naming the template, not as a crash in the map.
+        from tuneforge.tokenizer import sandbox_refusal, sandbox_refused
+
+        if sandbox_refused(exc):
+            raise sandbox_refusal(tokenizer, exc) from exc
+        raise
+
+
+def _render_conversations(tokenizer, conversations, stop_strings, route):
     if route == "generation":
         return [_guarded(conversation_spans, tokenizer, c, stop_strings, route) for c in conversations]
     if content_opaque(_template(tokenizer)):

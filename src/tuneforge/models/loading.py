@@ -8,11 +8,13 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from tuneforge.config import ModelConfig, QuantConfig
+from tuneforge.config import ConfigError, ModelConfig, QuantConfig
 from tuneforge.library_args import compute_dtype, quantization_config
 from tuneforge.models import embedded
 
@@ -26,25 +28,62 @@ def resolve_path(cfg: ModelConfig) -> str:
     return cfg.name_or_path
 
 
+# Weight files that are pickles: loading one can run any code it carries.
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def check_weights_safe(path: str) -> None:
+    """A local model directory must hold safetensors weights: one with only pickle checkpoints
+    (pytorch_model.bin, ...) is refused before anything reads it (transformers is asked for safetensors only,
+    and would fail later, after the data stage, with a traceback)."""
+    local = Path(path)
+    if not local.is_dir() or any(local.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in local.glob(pattern)
+                     if p.name != "training_args.bin")
+    if pickles:
+        raise ConfigError(
+            f"model.name_or_path={path!r} holds its weights only as a pickle ({', '.join(pickles[:3])}), and "
+            "tuneforge loads safetensors only (unpickling can run code). Convert it once where you trust it: "
+            "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR), then use NEW_DIR.")
+
+
+@contextmanager
+def _refusals(path: str):
+    """transformers' refusal of a model that needs its own code, as the one-line config error."""
+    from tuneforge.tokenizer import remote_code_refusal
+
+    try:
+        yield
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise ConfigError(remote_code_refusal("model.name_or_path", path)) from exc
+
+
 def load_config(path: str, cfg: ModelConfig):
     """The model's config only (no weights): what the doctor and dry runs need."""
-    return AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    check_weights_safe(path)
+    with _refusals(path):
+        return AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
 
 
 def load_model(path: str, cfg: ModelConfig, quant: QuantConfig) -> PreTrainedModel:
     bnb = quantization_config(quant)
     dtype = compute_dtype(cfg.dtype) if bnb is None else compute_dtype(quant.bnb_4bit_compute_dtype)
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        revision=cfg.revision,
-        trust_remote_code=cfg.trust_remote_code,
-        dtype=dtype,
-        quantization_config=bnb,
-        attn_implementation=cfg.attn_implementation,
-        use_safetensors=True,  # never unpickle weights (a .bin checkpoint can run code)
-        device_map=_device_map(bnb),
-    )
+    check_weights_safe(path)
+    with _refusals(path):
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+            dtype=dtype,
+            quantization_config=bnb,
+            attn_implementation=cfg.attn_implementation,
+            use_safetensors=True,  # never unpickle weights (a .bin checkpoint can run code)
+            device_map=_device_map(bnb),
+        )
     kind = f", 4-bit {quant.bnb_4bit_quant_type}" if quant.load_in_4bit else ", 8-bit" if quant.load_in_8bit else ""
     log.info("Loaded %s (%s%s) in %.1f s", path, dtype, kind, time.perf_counter() - start)
     if bnb is not None:
