@@ -65,7 +65,24 @@ def test_every_shipped_option_composes(group, tmp_path):
             overrides.append("quant=none")
         if (group, option) == ("collator", "padding"):
             overrides.append("task=classification")  # the padding collator builds no LM labels
+        if (group, option) in (("format", "preference"), ("format", "unpaired")):
+            overrides.append(f"task={'dpo' if option == 'preference' else 'kto'}")  # preference rows, preference tasks
         load_config(overrides)
+
+
+def test_preference_tasks_refuse_what_they_cannot_do():
+    """task=dpo needs preference rows, no packing, LoRA; task=orpo (experimental in TRL) is refused; DPO keys are
+    train.* keys for task=dpo and foreign to task=sft."""
+    cfg = load_config(["recipe=dpo-demo", "train.beta=0.2", "train.loss_type=[sigmoid,sft]"])
+    assert (cfg.task, cfg.train.beta, cfg.train.loss_type) == ("dpo", 0.2, ["sigmoid", "sft"])
+    for overrides, message in [(["task=dpo"], "format.strategy=preference"),
+                               (["recipe=dpo-demo", "packing=bfd"], "pack nothing"),
+                               (["recipe=dpo-demo", "peft=none", "quant=none"], "needs LoRA"),
+                               (["task=orpo"], "trl.experimental"),
+                               (["train.beta=0.3"], "DPOConfig"),
+                               (["format=preference"], "task=dpo")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(overrides)
 
 
 def test_missing_local_data_file_fails_in_validation_with_its_path(tmp_path, monkeypatch):

@@ -314,7 +314,7 @@ def test_unknown_and_wrong_keys_suggest_the_real_ones(override, expected):
 
 def test_a_key_of_another_task_is_refused():
     load_config(["train.loss_type=dft"])  # an SFTConfig field: fine for task=sft
-    with pytest.raises(ConfigError, match=r"train.loss_type is a SFTConfig key, but task=classification "
+    with pytest.raises(ConfigError, match=r"train.loss_type is a DPOConfig/KTOConfig/SFTConfig key, but task=classification "
                                           r"trains with TrainingArguments"):
         load_config(["recipe=classify-demo", "train.loss_type=dft"])
     assert load_config(["recipe=classify-demo", "train.max_length=64"]).train.max_length == 64  # read by every task

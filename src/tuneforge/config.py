@@ -19,6 +19,10 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from tuneforge import schema
 
 
+# The preference tasks (tuneforge/preference.py) and the row form (format.strategy) each trains on.
+PREFERENCE_FORMATS = {"dpo": "preference", "kto": "unpaired"}
+
+
 class ConfigError(ValueError):
     """A config problem a person can fix: names the key and what to do."""
 
@@ -38,6 +42,9 @@ class ModelConfig:
     # Hub token for gated/private models. Prefer the HF_TOKEN environment variable; a value set here is used
     # for this process only and is redacted from every file tuneforge writes.
     token: Optional[str] = None
+    # task=dpo|kto: an SFT run directory (or its adapter/ directory) to start from: its adapter trains on, with
+    # its tokenizer and chat template; the reference model is that SFT policy. None: a fresh adapter on the base.
+    adapter: Optional[str] = None
 
 
 @dataclass
@@ -56,7 +63,8 @@ class TokenizerConfig:
 
 @dataclass
 class FormatConfig:
-    # instruction | conversational | alpaca | text | template
+    # instruction | conversational | alpaca | text | template | preference (task=dpo: prompt/chosen/rejected)
+    # | unpaired (task=kto: prompt/completion/label)
     strategy: str = "instruction"
     prompt_column: str = "prompt"
     completion_column: str = "completion"
@@ -77,7 +85,12 @@ class FormatConfig:
     # text/template/classic alpaca: append the tokenizer's EOS when the text does not end with it (trained).
     append_eos: bool = True
     # task=classification: the label column (class names or integer ids); the text comes from text_column.
+    # task=kto (format.strategy=unpaired): true for a desirable completion, false for an undesirable one.
     label_column: str = "label"
+    # format.strategy=preference: the preferred and the dispreferred answer (text, or conversations that start
+    # with the prompt's turns when the row has no prompt column).
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
 
 
 @dataclass
@@ -258,7 +271,7 @@ class TuneforgeConfig:
     preview: PreviewConfig = field(default_factory=PreviewConfig)
     doctor: DoctorConfig = field(default_factory=DoctorConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
-    # sft (causal LM) | classification
+    # sft (causal LM) | classification | dpo | kto (preference tuning, tuneforge/preference.py)
     task: str = "sft"
     # Your own transformers TrainerCallback classes, as module:Class (tuneforge/callbacks.py).
     callbacks: list[str] = field(default_factory=list)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -16,11 +17,13 @@ from typing import Any, Callable
 from rich.console import Console
 from rich.table import Table
 
-from tuneforge.config import TuneforgeConfig
+from tuneforge.config import PREFERENCE_FORMATS, ConfigError, TuneforgeConfig
 from tuneforge.data.pipeline import PreparedData
 from tuneforge.data.tokenize import IGNORE
 from tuneforge.models.loading import resize_rows
 from tuneforge.tokenizer import TokenizerReport, stop_token_ids
+
+log = logging.getLogger(__name__)
 
 OK, FIXED, WARNING, ERROR = "ok", "fixed", "warning", "error"
 # Rows inspected by the per-row checks (the counts from the data stage cover every row).
@@ -225,13 +228,65 @@ def padding_sides(ctx: Context) -> list[Check]:
                   f"training pads {ctx.tokenizer.padding_side}; the inference helper pads left")]
 
 
+def preference_rows(ctx: Context) -> list[Check]:
+    """task=dpo|kto: what the preference data stage dropped (data/preference.py lists the reasons) and cut."""
+    st = ctx.data.stats["train"]
+    bad = sum(st.bad_rows.values())
+    reasons = "; ".join(f"{n}x {r}" for r, n in st.bad_rows.items())
+    action = (f"{bad} of {st.rows_in} rows {'refused' if ctx.cfg.data.on_bad_row == 'error' else 'dropped'}: {reasons}"
+              f" (first rows: {st.bad_row_examples})" if bad else f"{st.rows_kept} of {st.rows_in} rows usable")
+    out = [Check("preference rows", WARNING if bad else OK, "chosen == rejected, an empty side, an answer that repeats "
+                 "the prompt or is cut whole teaches nothing, or the wrong thing", action)]
+    out.append(Check("answers truncated", WARNING if st.truncated else OK, "a cut answer loses its end-of-turn token: "
+                     "the model is not taught to stop after it",
+                     f"{st.truncated} of {st.rows_kept} rows have an answer cut at train.max_length="
+                     f"{ctx.cfg.train.max_length}: raise it" if st.truncated else "no answer cut"))
+    return out
+
+
+def preference_eos(ctx: Context) -> list[Check]:
+    """Every uncut answer ends with EOS or the end-of-turn token (DESIGN rule 2)."""
+    stops = set(stop_token_ids(ctx.tokenizer))
+    rows = ctx.data.train.select(range(min(SAMPLE, len(ctx.data.train))))
+    answers = [c for c in ("chosen_ids", "rejected_ids", "completion_ids") if c in rows.column_names]
+    room = ctx.cfg.train.max_length
+    missing = sum(1 for row in rows for c in answers
+                  if len(row["prompt_ids"]) + len(row[c]) < room and (not row[c] or row[c][-1] not in stops))
+    total = len(rows) * len(answers)
+    return [Check("EOS trained", ERROR if missing else OK, "an answer without its end token teaches the model not to "
+                  "stop", f"{missing} of {total} sampled answers lack EOS / end-of-turn: check the chat template"
+                  if missing else f"all {total} sampled answers end with EOS / end-of-turn")]
+
+
 CHECKS: list[Callable[[Context], list[Check]]] = [
     special_tokens, eos_trained, chat_template, response_templates, masking_and_lengths, vocabulary, padding_sides,
+]
+# task=dpo|kto rows hold prompt and answer ids, not labels.
+PREFERENCE_CHECKS: list[Callable[[Context], list[Check]]] = [
+    special_tokens, preference_eos, preference_rows, vocabulary, padding_sides,
 ]
 
 
 def run_checks(ctx: Context) -> list[Check]:
-    return [check for fn in CHECKS for check in fn(ctx)]
+    checks = PREFERENCE_CHECKS if ctx.cfg.task in PREFERENCE_FORMATS else CHECKS
+    return [check for fn in checks for check in fn(ctx)]
+
+
+def before_training(cfg: TuneforgeConfig, tokenizer, tok_report, model_path: str, data: PreparedData,
+                    run_dir: Path | None) -> None:
+    """The doctor's checks on what training will use; errors stop the run before weights load. `run_dir`: where
+    doctor.json goes (None: not the main process)."""
+    from tuneforge.models.loading import load_config
+
+    checks = run_checks(Context(cfg, tokenizer, tok_report, load_config(model_path, cfg.model), data))
+    if run_dir is not None:
+        write_json(checks, run_dir / "doctor.json")
+    if has_errors(checks):
+        print_table(checks)
+        raise ConfigError("the doctor found errors (table above); fix them or set doctor.enabled=false to override.")
+    for c in checks:
+        if c.status in (WARNING, FIXED):
+            log.info("doctor: %s %s: %s", c.name, c.status, c.action)
 
 
 def has_errors(checks: list[Check]) -> bool:
@@ -264,7 +319,12 @@ def run(cfg: TuneforgeConfig) -> list[Check]:
 
     path = resolve_path(cfg.model)
     tokenizer, report = load_tokenizer(path, cfg.tokenizer, cfg.model.revision, cfg.model.trust_remote_code)
-    data = prepare(cfg.data, cfg.format, cfg.train, tokenizer, cfg.collator)
+    if cfg.task in PREFERENCE_FORMATS:
+        from tuneforge.data.preference import prepare_preferences
+
+        data = prepare_preferences(cfg.data, cfg.format, cfg.train, tokenizer)
+    else:
+        data = prepare(cfg.data, cfg.format, cfg.train, tokenizer, cfg.collator)
     checks = run_checks(Context(cfg, tokenizer, report, load_config(path, cfg.model), data))
     print_table(checks)
     if cfg.doctor.json_path:

@@ -1,5 +1,5 @@
-"""Evaluation: generation metrics on held-out prompts (through the shared inference helper), eval loss
-and perplexity, and the `tuneforge eval` command."""
+"""Evaluation: generation metrics on held-out prompts (through the shared inference helper), held-out
+preference accuracy, eval loss and perplexity, and the `tuneforge eval` command."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from rich.table import Table
 
 from tuneforge.data.formats import split_for_generation
 from tuneforge.data.tokenize import IGNORE
-from tuneforge.inference import GenerationSettings, Rendered, eval_mode, generate
+from tuneforge.inference import GenerationSettings, Rendered, answer_logprobs, eval_mode, generate
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,18 @@ def evaluate_generations(model, tokenizer, pairs: list[tuple[Any, str]], setting
     n = max(len(rows), 1)
     scores = {name: sum(r[name] for r in rows) / n for name in METRICS}
     return GenerationEval(scores=scores, predictions=rows)
+
+
+def preference_scores(model, tokenizer, rows, batch_size: int) -> dict[str, float]:
+    """Held-out preference accuracy: the share of (prompt, chosen, rejected) rows where the model gives the chosen
+    answer the higher log-probability (a NaN counts as wrong), and the mean log-probability margin."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    chosen = answer_logprobs(model, rows["prompt_ids"], rows["chosen_ids"], pad, batch_size)
+    rejected = answer_logprobs(model, rows["prompt_ids"], rows["rejected_ids"], pad, batch_size)
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    n = max(len(margins), 1)
+    return {"preference_accuracy": sum(1.0 for m in margins if m > 0) / n,
+            "logp_margin": sum(margins) / n if margins else float("nan")}
 
 
 def adapter_off(model):

@@ -122,3 +122,25 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
             completions = out[:, input_ids.shape[1]:]
             outputs.extend(tokenizer.batch_decode(completions, skip_special_tokens=True))
     return [o.strip() for o in outputs]
+
+
+@torch.inference_mode()
+def answer_logprobs(model: PreTrainedModel, prompts: Sequence[list[int]], answers: Sequence[list[int]],
+                    pad_id: int, batch_size: int = 8) -> list[float]:
+    """Sum of log p(answer token | prompt, earlier answer tokens) per (prompt ids, answer ids) pair, in eval mode:
+    how likely the model finds an answer, the quantity DPO's rewards compare. Rows are padded on the left, as
+    for generation, so every answer ends at the last position."""
+    out: list[float] = []
+    device = _device(model)
+    with eval_mode(model):
+        for start in range(0, len(prompts), batch_size):
+            rows = [list(p) + list(a) for p, a in zip(prompts[start:start + batch_size], answers[start:start + batch_size])]
+            input_ids, mask = left_pad(rows, pad_id)
+            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+            logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            targets = input_ids[:, 1:].to(device)
+            token_logps = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            for row, answer in enumerate(answers[start:start + batch_size]):
+                n = len(answer)
+                out.append(float(token_logps[row, token_logps.shape[1] - n:].sum()) if n else 0.0)
+    return out

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tuneforge import schema
-from tuneforge.config import ConfigError, closest
+from tuneforge.config import PREFERENCE_FORMATS, ConfigError, closest
 
 
 def library_class(target: str) -> type:
@@ -122,6 +122,13 @@ def trainer_decisions(cfg, run_dir: Path) -> dict[str, Any]:
         # NaN/inf must show in the logs (faults.StopOnNaN stops on it), not be averaged away.
         "logging_nan_inf_filter": False,
     }
+    if cfg.task in PREFERENCE_FORMATS:
+        decided.update({
+            "include_num_input_tokens_seen": "non_padding",
+            # The data stage built exactly the id columns the trainer reads (data/preference.py).
+            "remove_unused_columns": False,
+            "pad_to_multiple_of": cfg.collator.pad_to_multiple_of,
+        })
     if cfg.task == "sft":
         decided.update({
             "include_num_input_tokens_seen": "non_padding",

@@ -38,7 +38,8 @@ from tuneforge.redaction import command_line, use_token
 log = logging.getLogger(__name__)
 
 # Each task's module and class; where to add a task (ARCHITECTURE.md).
-TASKS = {"sft": "tuneforge.train:SFT", "classification": "tuneforge.classify:Classification"}
+TASKS = {"sft": "tuneforge.train:SFT", "classification": "tuneforge.classify:Classification",
+         "dpo": "tuneforge.preference:Preference", "kto": "tuneforge.preference:Preference"}
 
 
 def task_class(name: str):

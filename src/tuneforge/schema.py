@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 # Bump when the cached description's format changes.
-SPEC_VERSION = 2
+SPEC_VERSION = 3
 # The distributions whose code defines the described classes (SFTConfig inherits TrainingArguments, ...).
 _DISTRIBUTIONS = ("trl", "transformers", "peft", "accelerate")
 
@@ -251,8 +251,11 @@ class Section:
             defaults = {json.dumps(s["default"], sort_keys=True) for s in specs}
             kinds = {(s["kind"], s["optional"]) for s in specs}
             kind, optional = first["kind"], first["optional"]
-            if len(kinds) > 1:
-                kind, optional = "any", True
+            choices = entry["choices"]
+            if len(kinds) > 1 or any(s["choices"] != choices for s in specs):
+                # One name, different meanings (SFTConfig's loss_type is "nll"|"dft", DPOConfig's a list of
+                # losses): the task's class checks the value when it is built.
+                kind, optional, choices = "any", True, None
             # Classes that disagree on a default (SFTConfig's learning rate is not TrainingArguments'): null
             # here means "the task's own library default".
             unset_none = len(defaults) > 1 or not all(s["representable"] for s in specs)
@@ -267,7 +270,7 @@ class Section:
                 default, unset_none = d.value, False
                 annotation = d.annotation if d.annotation is not None else _annotation(kind, optional or d.value is None)
             out[name] = {"annotation": annotation, "default": default, "unset_none": unset_none,
-                         "choices": entry["choices"], "help": entry["help"],
+                         "choices": choices, "help": entry["help"],
                          "origin": [t.partition(":")[2] for t in entry["specs"]],
                          "tuneforge_default": self.defaults[name].why if name in self.defaults else None}
         for name, own in self.own.items():
@@ -310,7 +313,8 @@ _CPU_PRECISION = ("auto: bf16 on CUDA devices that support it, fp32 elsewhere. T
 
 TRAIN = Section(
     name="train",
-    classes={"sft": "trl:SFTConfig", "classification": "transformers:TrainingArguments"},
+    classes={"sft": "trl:SFTConfig", "classification": "transformers:TrainingArguments", "dpo": "trl:DPOConfig",
+             "kto": "trl:KTOConfig"},
     own={
         "nan_patience": Own(int, 1, "stop after this many optimizer steps in a row whose gradient (or logged "
                             "loss) is NaN/inf; such steps are skipped, so the last checkpoint stays the last good "

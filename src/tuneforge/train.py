@@ -9,8 +9,8 @@ from pathlib import Path
 
 from trl import SFTTrainer
 
-from tuneforge import launch, runs
-from tuneforge.config import ConfigError, TuneforgeConfig
+from tuneforge import doctor, launch, runs
+from tuneforge.config import TuneforgeConfig
 from tuneforge.data.collators import TokenCounter, build_collator
 from tuneforge.data.packing import check_no_contamination, pack, packing_mode, probe_rows
 from tuneforge.data.pipeline import PreparedData, prepare
@@ -50,8 +50,8 @@ class SFT:
     def check(self) -> None:
         cfg = self.cfg
         if cfg.doctor.enabled:
-            _doctor(cfg, self.tokenizer, self.tok_report, self.model_path, self.data,
-                    self.run_dir if self.main else None)
+            doctor.before_training(cfg, self.tokenizer, self.tok_report, self.model_path, self.data,
+                                   self.run_dir if self.main else None)
         self.train_rows, self.packing_stats = pack(self.data.train, cfg.packing, cfg.train.max_length)
         self.held_out = generation_pairs(self.data.eval, cfg.eval.num_samples) if cfg.eval.before_after else []
 
@@ -116,22 +116,6 @@ class SFT:
         runs.write_predictions(self.run_dir / "predictions.jsonl", after.predictions)
         print_comparison({"before": before.scores, "after": after.scores},
                          f"Held-out generation ({len(self.held_out)} prompts, same base weights)")
-
-
-def _doctor(cfg, tokenizer, tok_report, model_path, data, run_dir) -> None:
-    """The doctor's checks on what training will use; errors stop the run before weights load."""
-    from tuneforge import doctor
-    from tuneforge.models.loading import load_config
-
-    checks = doctor.run_checks(doctor.Context(cfg, tokenizer, tok_report, load_config(model_path, cfg.model), data))
-    if run_dir is not None:  # None: not the main process
-        doctor.write_json(checks, run_dir / "doctor.json")
-    if doctor.has_errors(checks):
-        doctor.print_table(checks)
-        raise ConfigError("the doctor found errors (table above); fix them or set doctor.enabled=false to override.")
-    for c in checks:
-        if c.status in (doctor.WARNING, doctor.FIXED):
-            log.info("doctor: %s %s: %s", c.name, c.status, c.action)
 
 
 def _metrics(result, trainer, data: PreparedData, tok_report, tokenizer, before, after) -> dict:

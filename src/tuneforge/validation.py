@@ -11,6 +11,7 @@ from typing import Any
 from tuneforge import schema
 from tuneforge.config import (
     PACKING_ATTENTION,
+    PREFERENCE_FORMATS,
     RESUME_LATEST,
     RESUME_OFF,
     SHARDED_LAUNCHERS,
@@ -29,11 +30,11 @@ from tuneforge.library_args import is_quantized, refuse_foreign_keys
 # Legal values for tuneforge's enum-like string keys: checked here so a typo names the key and the closest value.
 # The library keys' legal values come from the libraries (their enums, Literals and `choices`, schema.py).
 CHOICES: dict[str, tuple[str, ...]] = {
-    "task": ("sft", "classification"),
+    "task": ("sft", "classification", "dpo", "kto", "orpo"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "model.attn_implementation": ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"),
     "data.on_bad_row": ("drop", "error"),
-    "format.strategy": ("instruction", "conversational", "alpaca", "text", "template"),
+    "format.strategy": ("instruction", "conversational", "alpaca", "text", "template", "preference", "unpaired"),
     "format.alpaca_style": ("auto", "chat", "classic"),
     "preview.split": ("train", "eval"),
     "collator.name": ("completion_only", "assistant_only", "lm", "padding"),
@@ -77,6 +78,7 @@ def validate(cfg: TuneforgeConfig) -> TuneforgeConfig:
             raise ConfigError(
                 f"{key}={value!r} is not valid; choose one of {', '.join(allowed)}.{closest(value, allowed)}"
             )
+    validate_preference_task(cfg)  # first: task=orpo has no trainer config to check keys against
     validate_library_keys(cfg)
     from tuneforge.callbacks import check_paths
 
@@ -165,6 +167,39 @@ def validate(cfg: TuneforgeConfig) -> TuneforgeConfig:
     validate_data(cfg.data, cfg.format)
     validate_launcher(cfg)
     return cfg
+
+
+def validate_preference_task(cfg: TuneforgeConfig) -> None:
+    """task=dpo|kto: their rows, and what TRL's preference trainers (1.16) do not do."""
+    if cfg.task == "orpo":
+        raise ConfigError(
+            "task=orpo: the installed TRL keeps ORPOTrainer under trl.experimental (an unstable API, with its own "
+            "tokenization), so tuneforge does not run it. Use task=dpo (its train.loss_type covers many "
+            "reference-based losses) or task=kto.")
+    needed = PREFERENCE_FORMATS.get(cfg.task)
+    strategy = cfg.format.strategy
+    if needed and strategy != needed:
+        raise ConfigError(f"task={cfg.task} trains on format.strategy={needed} rows (conf/format/{needed}.yaml); this "
+                          f"config has format.strategy={strategy}: set format={needed}.")
+    if not needed and strategy in PREFERENCE_FORMATS.values():
+        task = next(t for t, f in PREFERENCE_FORMATS.items() if f == strategy)
+        raise ConfigError(f"format.strategy={strategy} rows train with task={task}, not task={cfg.task}.")
+    if cfg.model.adapter and not needed:
+        raise ConfigError(f"model.adapter (an SFT run to start from) is for task=dpo|kto, not task={cfg.task}.")
+    if not needed:
+        return
+    if cfg.packing.mode not in (AUTO, "none"):
+        raise ConfigError(f"packing.mode={cfg.packing.mode} with task={cfg.task}: TRL's preference trainers pack "
+                          "nothing (their padding_free is disabled in TRL 1.16); use packing=none.")
+    if cfg.collator.name != "completion_only":
+        raise ConfigError(f"collator={cfg.collator.name} with task={cfg.task}: the preference trainers build their "
+                          "own batches (the answers train, the prompt does not); leave collator=completion_only.")
+    if cfg.peft.method == "none":
+        raise ConfigError(f"task={cfg.task} with peft.method=none: the reference model is the base with the adapter "
+                          "switched off, so preference tuning here needs LoRA (peft=lora).")
+    if cfg.train.truncation_mode != "keep_start":
+        raise ConfigError(f"train.truncation_mode={cfg.train.truncation_mode} with task={cfg.task}: the preference "
+                          "data keeps the prompt and cuts the answers' ends (keep_start, TRL's only mode).")
 
 
 def validate_library_keys(cfg: TuneforgeConfig) -> None:

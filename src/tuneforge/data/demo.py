@@ -48,6 +48,33 @@ def generate_dates(rows: int, seed: int = 42) -> list[dict[str, str]]:
     return out
 
 
+def _wrong_rewrites(d: dt.date, written: str) -> list[str]:
+    """Plausible answers that are not the ISO date alone: what the untrained model writes (the ISO date and then
+    more text, a "Date:" label, the input echoed) and other field orders."""
+    iso = d.isoformat()
+    wrong = [
+        f"{iso}\n\nThe original date is {written}.",
+        f"Date: {iso}",
+        f"Date: {written}",
+        f"{d.day:02d}-{d.month:02d}-{d.year}",
+        f"{d.month:02d}/{d.day:02d}/{d.year}",
+        f"{d.year}-{d.day:02d}-{d.month:02d}",
+    ]
+    return [w for w in wrong if w != iso]
+
+
+def generate_date_preferences(rows: int, seed: int = 42) -> list[dict[str, str]]:
+    """The dates as preference pairs (task=dpo): chosen = the ISO date, rejected = a plausible wrong rewrite.
+    The prompts are generate_dates' with the same seed, so SFT and DPO demos share their held-out prompts."""
+    rng = random.Random(seed + 1)
+    out = []
+    for row in generate_dates(rows, seed):
+        d, written = dt.date.fromisoformat(row["completion"]), row["prompt"].rsplit("Date: ", 1)[1]
+        out.append({"prompt": row["prompt"], "chosen": row["completion"],
+                    "rejected": rng.choice(_wrong_rewrites(d, written))})
+    return out
+
+
 from tuneforge.data.topics import generate_topics  # noqa: E402  (registry below)
 
-BUILTIN = {"dates": generate_dates, "topics": generate_topics}
+BUILTIN = {"dates": generate_dates, "date_preferences": generate_date_preferences, "topics": generate_topics}

@@ -56,7 +56,8 @@ class FormatContext:
 Row = dict[str, Any]  # {"messages": [...]} or {"text": str, "spans": [[start, end], ...]}
 
 
-def _text(row: dict, column: str) -> str:
+def text_field(row: dict, column: str) -> str:
+    """The row's non-empty text in `column`, else BadRow naming it."""
     value = row.get(column)
     if value is None:
         raise BadRow(f"{column} is null")
@@ -99,8 +100,8 @@ def instruction(row: dict, cfg: FormatConfig, ctx: FormatContext) -> Row:
         return conversational({"messages": list(prompt) + list(completion or [])},
                               FormatConfig(messages_column="messages", system_prompt=cfg.system_prompt), ctx)
     return {"messages": _system(cfg) + [
-        {"role": "user", "content": _text(row, cfg.prompt_column)},
-        {"role": "assistant", "content": _text(row, cfg.completion_column)},
+        {"role": "user", "content": text_field(row, cfg.prompt_column)},
+        {"role": "assistant", "content": text_field(row, cfg.completion_column)},
     ]}
 
 
@@ -128,7 +129,7 @@ def conversational(row: dict, cfg: FormatConfig, ctx: FormatContext) -> Row:
 
 
 def alpaca(row: dict, cfg: FormatConfig, ctx: FormatContext) -> Row:
-    instr, output = _text(row, cfg.instruction_column), _text(row, cfg.output_column)
+    instr, output = text_field(row, cfg.instruction_column), text_field(row, cfg.output_column)
     extra = row.get(cfg.input_column)
     if extra is not None and not isinstance(extra, str):
         raise BadRow(f"{cfg.input_column} is {type(extra).__name__}, not text")
@@ -153,7 +154,7 @@ def renders_chat(cfg: FormatConfig, ctx: FormatContext) -> bool:
 def text(row: dict, cfg: FormatConfig, ctx: FormatContext) -> Row:
     """Bring-your-own formatted text. With format.response_template, what follows its first occurrence is
     trained; without, spans stay empty and the collator's response_template locates the completion."""
-    value = _text(row, cfg.text_column)
+    value = text_field(row, cfg.text_column)
     if not cfg.response_template:
         return _with_eos(value, [], ctx, cfg)
     at = value.find(cfg.response_template)
@@ -177,7 +178,7 @@ def template(row: dict, cfg: FormatConfig, ctx: FormatContext) -> Row:
         value = row.get(name)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = str(value)
-        values[name] = _text({name: value}, name)
+        values[name] = text_field({name: value}, name)
     cut = cfg.template.index(cfg.response_template) + len(cfg.response_template)
     try:
         prompt = cfg.template[:cut].format(eos_token=ctx.eos_token, **values)
@@ -210,6 +211,10 @@ def required_roles(cfg: FormatConfig) -> list[tuple[str, str]]:
         "alpaca": [("instruction", cfg.instruction_column), ("output", cfg.output_column)],
         "text": [("text", cfg.text_column)],
         "template": [(f, f) for f in template_fields(cfg.template or "")],
+        # The prompt is optional: without it, chosen and rejected conversations share it (their common prefix).
+        "preference": [("chosen", cfg.chosen_column), ("rejected", cfg.rejected_column)],
+        "unpaired": [("prompt", cfg.prompt_column), ("completion", cfg.completion_column),
+                     ("label", cfg.label_column)],
     }[cfg.strategy]
 
 
@@ -219,7 +224,8 @@ def required_columns(cfg: FormatConfig) -> list[str]:
 
 def used_columns(cfg: FormatConfig) -> list[str]:
     """Every column the strategy reads (required + optional): the rest are dropped before formatting."""
-    return required_columns(cfg) + ([cfg.input_column] if cfg.strategy == "alpaca" else [])
+    optional = {"alpaca": [cfg.input_column], "preference": [cfg.prompt_column]}.get(cfg.strategy, [])
+    return required_columns(cfg) + optional
 
 
 def check_columns(cfg: FormatConfig, have: list[str], where: str, renames: Optional[dict[str, str]] = None) -> None:

@@ -112,7 +112,7 @@ def prepare(data_cfg: DataConfig, format_cfg: FormatConfig, train_cfg: TrainConf
     with _no_cyclic_gc():
         splits, stats = _build(data_cfg, sources, train_cfg, tokenizer, collator, key or generate_random_fingerprint())
     for split, st in stats.items():
-        _report(split, st)
+        report(split, st)
     path = None
     if key:
         path = str(cache.save(data_cfg, key, splits, {k: v.as_dict() for k, v in stats.items()}))
@@ -170,7 +170,7 @@ def _build(cfg: DataConfig, sources: list[MixSourceConfig], train_cfg: TrainConf
         if len(parts) > 1 and cfg.shuffle:  # interleave sources (eval too: scoring reads its first rows)
             merged = merged.shuffle(seed=cfg.seed)
         if split == "train" and len(merged) == 0:
-            raise ConfigError(_empty_message(st))
+            raise ConfigError(empty_message(st))
         keep = TRAIN_COLUMNS if split == "train" else TRAIN_COLUMNS + _generation_columns(merged)
         out[split] = merged.select_columns(keep)
         stats[split] = st
@@ -302,7 +302,7 @@ def _generation_columns(ds: Dataset) -> list[str]:
     return ["messages"] + (["text", "spans"] if has_text else [])
 
 
-def _empty_message(st: DataStats) -> str:
+def empty_message(st: DataStats) -> str:
     why = []
     if st.bad_rows:
         why.append(f"{sum(st.bad_rows.values())} malformed ({'; '.join(f'{n}x {r}' for r, n in st.bad_rows.items())})")
@@ -313,7 +313,7 @@ def _empty_message(st: DataStats) -> str:
             "Check data.path/data.split, data.columns and the format settings (`tuneforge preview` shows rows).")
 
 
-def _report(split: str, st: DataStats) -> None:
+def report(split: str, st: DataStats) -> None:
     log.info("%s: %d rows in, %d kept, %d tokens (%d trained), %d truncated, %d fully masked",
              split, st.rows_in, st.rows_kept, st.tokens, st.trained_tokens, st.truncated, st.fully_masked)
     if st.bad_rows:

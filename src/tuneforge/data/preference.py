@@ -1,0 +1,241 @@
+"""The preference data stage (task=dpo, task=kto): rows -> prompt ids + the ids of each answer, checked,
+counted and cached like the SFT stage (pipeline.py), with the same chat-template rendering (render.py).
+
+Row forms (`format.strategy`):
+  preference  prompt / chosen / rejected. Each answer is text or a conversation; without a prompt column the
+              chosen and rejected conversations carry it (their common prefix: TRL's implicit prompt).
+  unpaired    prompt / completion / label (KTO: true = desirable).
+
+Every answer is rendered in its conversation by the chat template, so an answer is what training sees after
+the same generation prompt inference sends (DESIGN rule 5); the prompt is cut off by token position (rule 4)
+and the answer ends with its end-of-turn token, trained (rule 2). tuneforge gives TRL these ids and TRL does not
+tokenize again (see preference.py).
+
+Bad rows (counted, reported, dropped or refused by data.on_bad_row): a missing or empty side, chosen == rejected,
+an unknown chat role, an answer that starts by repeating the prompt, a prompt that alone fills train.max_length
+(truncation would cut the whole answer), a prompt the template renders differently for generation.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+from datasets import Dataset, DatasetDict, Features, List, Value, concatenate_datasets
+from transformers import PreTrainedTokenizerBase
+
+from tuneforge.config import ConfigError, DataConfig, FormatConfig, TrainConfig
+from tuneforge.data import cache
+from tuneforge.data.formats import BadRow, check_columns, conversational, text_field, used_columns
+from tuneforge.data.mix import mix_counts
+from tuneforge.data.pipeline import DataStats, PreparedData, empty_message, report
+from tuneforge.data.render import render_conversations
+from tuneforge.data.sources import ROW, data_sources, load_source
+from tuneforge.data.text_masks import encode
+from tuneforge.tokenizer import content_hash, stop_token_ids
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("preference", "unpaired")
+# What each task's trainer reads (TRL's DataCollatorForPreference / DataCollatorForUnpairedPreference).
+PAIRED = ["prompt_ids", "chosen_ids", "rejected_ids"]
+UNPAIRED = ["prompt_ids", "completion_ids", "label"]
+_IDS = List(Value("int64"))
+_MESSAGES = List({"role": Value("string"), "content": Value("string")})
+# The held-out split also keeps what generation scoring needs (evaluate.generation_pairs): the prompt with the
+# preferred answer, as messages or as text + the answer's span.
+_GENERATION = {"messages": _MESSAGES, "text": Value("string"), "spans": List(List(Value("int64")))}
+
+
+def answer_columns(fmt: FormatConfig) -> list[str]:
+    return ["chosen", "rejected"] if fmt.strategy == "preference" else ["completion"]
+
+
+def prepare_preferences(data_cfg: DataConfig, format_cfg: FormatConfig, train_cfg: TrainConfig,
+                        tokenizer: PreTrainedTokenizerBase) -> PreparedData:
+    """Train/eval preference rows as token ids, with their statistics; reused from the cache when the data,
+    the configs and the tokenizer content are unchanged."""
+    sources = data_sources(data_cfg, format_cfg)
+    key = (cache.cache_key(data_cfg, sources, train_cfg.max_length, train_cfg.truncation_mode,
+                           content_hash(tokenizer), {"stage": "preference"}) if data_cfg.cache else None)
+    if key and (hit := cache.load(data_cfg, key)):
+        splits, stats = hit
+        return PreparedData(train=splits["train"], eval=splits["eval"],
+                            stats={k: DataStats(**v) for k, v in stats.items()},
+                            cache_path=str(cache.data_cache_dir(data_cfg) / key), cache_hit=True)
+    raws = [load_source(src, data_cfg) for src in sources]
+    weights = [s.weight for s in sources] if sources[0].weight is not None else None
+    counts = mix_counts([len(r["train"]) for r in raws], weights, data_cfg.max_samples)
+    stops = [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer)]
+    out, stats = {}, {}
+    for split in ("train", "eval"):
+        st, parts = DataStats(), []
+        for i, (src, raw) in enumerate(zip(sources, raws)):
+            ds = raw[split].select(range(counts[i])) if split == "train" else raw[split]
+            where = f"{split} split of {src.path!r}"
+            check_columns(src.format, [c for c in ds.column_names if c != ROW], where, src.columns or None)
+            rows = ds.select_columns([c for c in ds.column_names if c in used_columns(src.format) or c == ROW])
+            label = f"mix[{i}] {src.path}" if len(sources) > 1 else ""
+            parts.append(_process(rows.to_list(), src.format, tokenizer, stops, train_cfg, data_cfg.on_bad_row,
+                                  where, st, label, keep_generation=split == "eval"))
+        merged = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+        if len(parts) > 1 and data_cfg.shuffle:
+            merged = merged.shuffle(seed=data_cfg.seed)
+        if split == "train" and len(merged) == 0:
+            raise ConfigError(empty_message(st))
+        out[split], stats[split] = merged, st
+        report(split, st)
+    splits = DatasetDict(out)
+    path = None
+    if key:
+        path = str(cache.save(data_cfg, key, splits, {k: v.as_dict() for k, v in stats.items()}))
+        splits = cache.load(data_cfg, key)[0]
+    return PreparedData(train=splits["train"], eval=splits["eval"], stats=stats, cache_path=path)
+
+
+def _features(fmt: FormatConfig, keep_generation: bool) -> Features:
+    columns = {c: _IDS for c in (PAIRED if fmt.strategy == "preference" else UNPAIRED)}
+    if fmt.strategy == "unpaired":
+        columns["label"] = Value("bool")
+    return Features(columns | (_GENERATION if keep_generation else {}))
+
+
+def _process(rows: list[dict], fmt: FormatConfig, tokenizer, stops: list[str], train_cfg: TrainConfig,
+             on_bad_row: str, where: str, st: DataStats, label: str, keep_generation: bool) -> Dataset:
+    chat = bool(tokenizer.chat_template)
+    built: list[Optional[dict]] = []
+    for row in rows:
+        try:
+            built.append(_row(row, fmt, tokenizer, stops, chat, train_cfg))
+        except BadRow as exc:
+            if on_bad_row == "error":
+                raise ConfigError(f"{where}: row {row[ROW]} is malformed: {exc} (data.on_bad_row=error; "
+                                  "data.on_bad_row=drop skips and counts such rows).") from None
+            reason = f"{label}: {exc}" if label else str(exc)
+            st.bad_rows[reason] = st.bad_rows.get(reason, 0) + 1
+            if len(st.bad_row_examples) < 5:
+                st.bad_row_examples.append(row[ROW])
+            built.append(None)
+    kept = [b for b in built if b is not None]
+    st.rows_in += len(rows)
+    st.rows_kept += len(kept)
+    st.truncated += sum(b.pop("truncated") for b in kept)
+    answers = [c for c in (PAIRED if fmt.strategy == "preference" else UNPAIRED) if c.endswith("_ids")][1:]
+    st.trained_tokens += sum(len(b[c]) for b in kept for c in answers)
+    st.tokens += sum(len(b["prompt_ids"]) * len(answers) for b in kept) + sum(len(b[c]) for b in kept for c in answers)
+    if label:
+        st.sources[label] = st.sources.get(label, 0) + len(kept)
+    features = _features(fmt, keep_generation)
+    columns = {name: [b.get(name) for b in kept] for name in features}
+    return Dataset.from_dict(columns, features=features)
+
+
+def _row(row: dict, fmt: FormatConfig, tokenizer, stops: list[str], chat: bool, train_cfg: TrainConfig) -> dict:
+    prompt, answers = _parse(row, fmt, chat)
+    if fmt.strategy == "preference" and answers["chosen"] == answers["rejected"]:
+        raise BadRow("chosen and rejected are the same answer")
+    said = prompt[-1]["content"] if chat else prompt
+    for name, answer in answers.items():
+        if len(said.strip()) > 20 and answer.strip().startswith(said.strip()):
+            raise BadRow(f"{name} starts by repeating the prompt (is the prompt inside the answer column?)")
+    prompt_text, completions = _render(prompt, answers, fmt, tokenizer, stops, chat)
+    ids = encode(tokenizer, [prompt_text] + [prompt_text + c for c in completions.values()])[0]
+    prompt_ids, max_length = ids[0], train_cfg.max_length
+    if len(prompt_ids) >= max_length:
+        raise BadRow(f"the prompt alone is {len(prompt_ids)} tokens, train.max_length={max_length}: truncation "
+                     "would cut every answer token")
+    out: dict[str, Any] = {"prompt_ids": prompt_ids, "truncated": False}
+    for (name, _), full in zip(completions.items(), ids[1:]):
+        if full[:len(prompt_ids)] != prompt_ids:  # a token spanning the boundary: no clean cut by position
+            raise BadRow(f"the prompt's last token merges with the {name} answer's first; end the prompt on a "
+                         "token boundary (a chat template does)")
+        answer_ids = full[len(prompt_ids):]
+        room = max_length - len(prompt_ids)
+        if len(answer_ids) > room:  # keep_start, as TRL's collator would cut it
+            answer_ids, out["truncated"] = answer_ids[:room], True
+        out["chosen_ids" if name == "chosen" else "rejected_ids" if name == "rejected" else "completion_ids"] = answer_ids
+    if fmt.strategy == "unpaired":
+        out["label"] = _label(row, fmt)
+    preferred = answers["chosen" if fmt.strategy == "preference" else "completion"]
+    if chat:
+        out["messages"] = prompt + [{"role": "assistant", "content": preferred}]
+    else:
+        answer = next(iter(completions.values()))
+        out["text"], out["spans"] = prompt_text + answer, [[len(prompt_text), len(prompt_text) + len(answer)]]
+    return out
+
+
+def _label(row: dict, fmt: FormatConfig) -> bool:
+    value = row.get(fmt.label_column)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise BadRow(f"{fmt.label_column} is {value!r}, not true/false (desirable or not)")
+
+
+def _parse(row: dict, fmt: FormatConfig, chat: bool) -> tuple[Any, dict[str, str]]:
+    """(prompt, {answer name: answer text}): the prompt as messages (chat) or text."""
+    names = answer_columns(fmt)
+    columns = {"chosen": fmt.chosen_column, "rejected": fmt.rejected_column, "completion": fmt.completion_column}
+    raw = {n: row.get(columns[n]) for n in names}
+    prompt = row.get(fmt.prompt_column)
+    if all(isinstance(v, list) for v in raw.values()):  # conversations
+        if not chat:
+            raise BadRow("conversations need a chat template (tokenizer.chat_template=chatml)")
+        convs = {n: [dict(m) for m in v] for n, v in raw.items()}
+        if prompt is None:  # implicit prompt: the turns the answers share
+            prompt = _common_prefix(list(convs.values()))
+            convs = {n: c[len(prompt):] for n, c in convs.items()}
+        for n, c in convs.items():
+            if len(c) != 1 or (c[0].get("role") or c[0].get("from")) not in ("assistant", "gpt"):
+                raise BadRow(f"{columns[n]} must end in exactly one assistant turn after the prompt")
+        raw = {n: c[0].get("content") if c[0].get("content") is not None else c[0].get("value")
+               for n, c in convs.items()}
+    answers = {n: text_field({columns[n]: v}, columns[n]) for n, v in raw.items()}
+    if prompt is None:
+        raise BadRow(f"{fmt.prompt_column} is missing (text answers need a prompt column)")
+    if not chat:
+        if not isinstance(prompt, str):
+            raise BadRow("conversations need a chat template (tokenizer.chat_template=chatml)")
+        return text_field({fmt.prompt_column: prompt}, fmt.prompt_column), answers
+    turns = [{"role": "user", "content": text_field({fmt.prompt_column: prompt}, fmt.prompt_column)}] \
+        if isinstance(prompt, str) else [dict(m) for m in prompt]
+    # The SFT strategy's checks (roles, empty turns) and its system-prompt rule, on the prompt + an answer.
+    messages = conversational({"messages": turns + [{"role": "assistant", "content": answers[names[0]]}]},
+                              FormatConfig(messages_column="messages", system_prompt=fmt.system_prompt),
+                              None)["messages"]
+    return messages[:-1], answers
+
+
+def _common_prefix(convs: list[list[dict]]) -> list[dict]:
+    n = 0
+    while all(len(c) > n for c in convs) and all(c[n] == convs[0][n] for c in convs):
+        n += 1
+    return convs[0][:n]
+
+
+def _render(prompt: Any, answers: dict[str, str], fmt: FormatConfig, tokenizer, stops: list[str],
+            chat: bool) -> tuple[str, dict[str, str]]:
+    """(prompt text, {name: answer text through its end-of-turn token}) as training will tokenize them."""
+    if not chat:
+        eos = tokenizer.eos_token or ""
+        return prompt, {n: a if not fmt.append_eos or a.endswith(eos) else a + eos for n, a in answers.items()}
+    convs = [prompt + [{"role": "assistant", "content": a}] for a in answers.values()]
+    rendered = render_conversations(tokenizer, convs, stops)
+    completions, prompt_text = {}, None
+    for name, result in zip(answers, rendered):
+        if isinstance(result, Exception):
+            raise BadRow(str(result))
+        text, spans = result
+        start, end = spans[-1]
+        if prompt_text is None:
+            prompt_text = text[:start]
+        completions[name] = text[start:end]
+    # What inference sends (inference.prompt_ids): the same prompt with the generation prompt.
+    if tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) != prompt_text:
+        raise BadRow("the chat template renders this prompt differently for generation than before its answer: "
+                     "training would not see what inference sends")
+    return prompt_text, completions
