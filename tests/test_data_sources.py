@@ -15,8 +15,8 @@ from tuneforge.data.sources import ROW, data_sources, load_source
 ROWS = [{"prompt": f"question {i}", "completion": f"answer {i}"} for i in range(10)]
 
 
-def _src(path, **kw) -> MixSourceConfig:
-    return MixSourceConfig(path=str(path), format=FormatConfig(), **kw)
+def _src(path, fmt=None, **kw) -> MixSourceConfig:
+    return MixSourceConfig(path=str(path), format=fmt or FormatConfig(), **kw)
 
 
 def _cfg(**kw) -> DataConfig:
@@ -46,7 +46,7 @@ def test_each_file_type_loads_the_same_rows(tmp_path, suffix):
 
 
 def test_txt_gives_a_text_column(tmp_path):
-    ds = load_source(_src(_write(tmp_path / "rows.txt")), _cfg())["train"]
+    ds = load_source(_src(_write(tmp_path / "rows.txt"), FormatConfig(strategy="text")), _cfg())["train"]
     assert ds["text"] == [r["prompt"] for r in ROWS]
 
 
@@ -103,7 +103,7 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "a", "completion": "b"}\n\n{"prompt": "c", "completion": "d"\n')
     with pytest.raises(ConfigError, match=r"bad\.jsonl:3: malformed JSON line"):
-        load_source(_src(path), _cfg())
+        load_source(_src(path), _cfg(on_bad_row="error"))
 
 
 def test_malformed_jsonl_row_after_a_good_one_names_file_and_line(tmp_path):
@@ -111,7 +111,7 @@ def test_malformed_jsonl_row_after_a_good_one_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "a", "completion": "b"}\n{"prompt":\n{"prompt": "c"}\n')
     with pytest.raises(ConfigError, match=r"bad\.jsonl:2: malformed JSON line"):
-        load_source(_src(path), _cfg())
+        load_source(_src(path), _cfg(on_bad_row="error"))
 
 
 def test_malformed_json_array_names_file_and_line(tmp_path):

@@ -78,7 +78,8 @@ class Classification:
         self.path = resolve_path(cfg.model)
         self.tokenizer, self.tok_report = load_tokenizer(self.path, cfg.tokenizer, cfg.model.revision,
                                                          cfg.model.trust_remote_code)
-        splits = load_source(data_sources(cfg.data, cfg.format)[0], cfg.data)
+        # format.* strategies do not apply: classification reads format.text_column / label_column.
+        splits = load_source(data_sources(cfg.data, cfg.format)[0], cfg.data, check_format=False)
         if len(splits["eval"]) == 0:
             raise ConfigError("task=classification needs held-out rows: set data.eval_fraction > 0 or "
                               "data.eval_split.")

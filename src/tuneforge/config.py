@@ -138,7 +138,8 @@ class DataConfig:
     # Rows per `datasets.map` batch: larger batches keep the tokenizer busier (fewer pauses between batches);
     # lower it for very long rows (memory).
     map_batch_size: int = 2000
-    # drop | error: what to do with malformed rows (always counted and reported).
+    # drop | error: what to do with malformed rows and malformed JSON lines of local files (always counted and
+    # reported; error refuses with the row, or FILE:LINE).
     on_bad_row: str = "drop"
     # Reuse tokenized data keyed by the data content, the format and the tokenizer content.
     cache: bool = True

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tuneforge.config import PREFERENCE_FORMATS, ConfigError, TuneforgeConfig
-from tuneforge.data.pipeline import PreparedData
+from tuneforge.data.pipeline import DataStats, PreparedData
 from tuneforge.data.tokenize import IGNORE
 from tuneforge.models.loading import resize_rows
 from tuneforge.tokenizer import TokenizerReport, stop_token_ids
@@ -228,13 +228,28 @@ def padding_sides(ctx: Context) -> list[Check]:
                   f"training pads {ctx.tokenizer.padding_side}; the inference helper pads left")]
 
 
+def _dropped(st: DataStats, on_bad_row: str) -> str:
+    """How many rows were dropped as malformed, why, and where the first are (row indices, FILE:LINE)."""
+    reasons = "; ".join(f"{n}x {r}" for r, n in st.bad_rows.items())
+    where = st.bad_positions()
+    return (f"{sum(st.bad_rows.values())} of {st.rows_in} rows {'refused' if on_bad_row == 'error' else 'dropped'}: "
+            f"{reasons}" + (f" ({where})" if where else ""))
+
+
+def malformed_rows(ctx: Context) -> list[Check]:
+    """data.on_bad_row=drop: what the data stage left out (data/pipeline.py counts it), so no row is lost
+    unnoticed."""
+    st = ctx.data.stats["train"]
+    bad = sum(st.bad_rows.values())
+    return [Check("malformed rows", WARNING if bad else OK, "dropped rows are data you meant to train on",
+                  _dropped(st, ctx.cfg.data.on_bad_row) if bad else f"none of {st.rows_in} rows malformed")]
+
+
 def preference_rows(ctx: Context) -> list[Check]:
     """task=dpo|kto: what the preference data stage dropped (data/preference.py lists the reasons) and cut."""
     st = ctx.data.stats["train"]
     bad = sum(st.bad_rows.values())
-    reasons = "; ".join(f"{n}x {r}" for r, n in st.bad_rows.items())
-    action = (f"{bad} of {st.rows_in} rows {'refused' if ctx.cfg.data.on_bad_row == 'error' else 'dropped'}: {reasons}"
-              f" (first rows: {st.bad_row_examples})" if bad else f"{st.rows_kept} of {st.rows_in} rows usable")
+    action = _dropped(st, ctx.cfg.data.on_bad_row) if bad else f"{st.rows_kept} of {st.rows_in} rows usable"
     out = [Check("preference rows", WARNING if bad else OK, "chosen == rejected, an empty side, an answer that repeats "
                  "the prompt or is cut whole teaches nothing, or the wrong thing", action)]
     out.append(Check("answers truncated", WARNING if st.truncated else OK, "a cut answer loses its end-of-turn token: "
@@ -259,7 +274,8 @@ def preference_eos(ctx: Context) -> list[Check]:
 
 
 CHECKS: list[Callable[[Context], list[Check]]] = [
-    special_tokens, eos_trained, chat_template, response_templates, masking_and_lengths, vocabulary, padding_sides,
+    special_tokens, eos_trained, chat_template, response_templates, malformed_rows, masking_and_lengths, vocabulary,
+    padding_sides,
 ]
 # task=dpo|kto rows hold prompt and answer ids, not labels.
 PREFERENCE_CHECKS: list[Callable[[Context], list[Check]]] = [

@@ -28,14 +28,13 @@ from tuneforge.data import cache
 from tuneforge.data.formats import (
     BadRow,
     FormatContext,
-    check_columns,
     formatter,
     renders_chat,
     used_columns,
 )
 from tuneforge.data.mix import mix_counts
 from tuneforge.data.render import render_conversations
-from tuneforge.data.sources import ROW, data_sources, load_source
+from tuneforge.data.sources import ROW, SKIPPED_EXAMPLES, SkippedLines, data_sources, load_source
 from tuneforge.data.text_masks import build_labels, encode_async
 from tuneforge.data.tokenize import assistant_mask_route
 from tuneforge.tokenizer import content_hash, reset_call_state, stop_token_ids
@@ -66,6 +65,8 @@ class DataStats:
     rows_kept: int = 0
     bad_rows: dict[str, int] = field(default_factory=dict)
     bad_row_examples: list[int] = field(default_factory=list)
+    # FILE:LINE of the first malformed JSON lines left out of local files (they never became rows).
+    bad_line_examples: list[str] = field(default_factory=list)
     truncated: int = 0
     fully_masked: int = 0
     tokens: int = 0
@@ -75,6 +76,12 @@ class DataStats:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def bad_positions(self) -> str:
+        """Where the first malformed rows are: row indices, and FILE:LINE of JSON lines left out of the files."""
+        return "; ".join(([f"first malformed row indices: {self.bad_row_examples}"] if self.bad_row_examples else [])
+                         + ([f"first malformed lines: {', '.join(self.bad_line_examples)}"]
+                            if self.bad_line_examples else []))
 
     @property
     def rows_dropped(self) -> int:
@@ -150,7 +157,8 @@ def format_context(tokenizer: PreTrainedTokenizerBase) -> FormatContext:
 
 def _build(cfg: DataConfig, sources: list[MixSourceConfig], train_cfg: TrainConfig,
            tokenizer: PreTrainedTokenizerBase, collator: CollatorConfig, key: str) -> tuple[DatasetDict, dict[str, DataStats]]:
-    raws = [load_source(src, cfg) for src in sources]
+    skipped: list[dict[str, SkippedLines]] = [{} for _ in sources]
+    raws = [load_source(src, cfg, skipped=sk) for src, sk in zip(sources, skipped)]
     tok = _tokenizer_kwargs(tokenizer, collator)
     weights = [s.weight for s in sources] if sources[0].weight is not None else None
     counts = mix_counts([len(r["train"]) for r in raws], weights, cfg.max_samples)
@@ -159,12 +167,12 @@ def _build(cfg: DataConfig, sources: list[MixSourceConfig], train_cfg: TrainConf
         st, parts = DataStats(), []
         for i, (src, raw) in enumerate(zip(sources, raws)):
             ds = raw[split].select(range(counts[i])) if split == "train" else raw[split]
-            where = f"{split} split of {src.path!r}"
-            check_columns(src.format, [c for c in ds.column_names if c != ROW], where, src.columns or None)
+            where = f"{split} split of {src.path!r}"  # load_source checked the format's columns
+            label = f"mix[{i}] {src.path}" if len(sources) > 1 else ""
+            count_skipped(skipped[i].get(split), st, label)
             ds = ds.select_columns([c for c in ds.column_names if c in used_columns(src.format) or c == ROW])
             done = _process(ds, src.format, cfg, train_cfg, tok, where,
                             fingerprint=_fingerprint(key, split, i), keep_generation=split == "eval")
-            label = f"mix[{i}] {src.path}" if len(sources) > 1 else ""
             parts.append(_account(done, st, label))
         merged = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
         if len(parts) > 1 and cfg.shuffle:  # interleave sources (eval too: scoring reads its first rows)
@@ -296,6 +304,18 @@ def _account(done: Dataset, st: DataStats, label: str) -> Dataset:
     return Dataset(InMemoryTable(kept), info=done.info, fingerprint=f"{done._fingerprint}-kept")
 
 
+def count_skipped(skipped: Optional[SkippedLines], st: DataStats, label: str) -> None:
+    """Malformed JSON lines the source left out (data.on_bad_row=drop) count as read and dropped rows, with
+    the reason per file and their FILE:LINE positions, so the report and metrics.json account for them."""
+    if not skipped:
+        return
+    for file, count in skipped.counts.items():
+        reason = f"{label}: {file}: malformed JSON line" if label else f"{file}: malformed JSON line"
+        st.bad_rows[reason] = st.bad_rows.get(reason, 0) + count
+        st.rows_in += count
+    st.bad_line_examples += skipped.first[: max(0, SKIPPED_EXAMPLES - len(st.bad_line_examples))]
+
+
 def _generation_columns(ds: Dataset) -> list[str]:
     """messages always (train.py reads them); text + spans only when plain-text rows are present."""
     has_text = len(ds) > 0 and ds.data.column("text").null_count < len(ds.data)
@@ -317,5 +337,5 @@ def report(split: str, st: DataStats) -> None:
     log.info("%s: %d rows in, %d kept, %d tokens (%d trained), %d truncated, %d fully masked",
              split, st.rows_in, st.rows_kept, st.tokens, st.trained_tokens, st.truncated, st.fully_masked)
     if st.bad_rows:
-        log.warning("%s: dropped %d malformed rows (%s); first row indices: %s", split, sum(st.bad_rows.values()),
-                    "; ".join(f"{n}x {why}" for why, n in st.bad_rows.items()), st.bad_row_examples)
+        log.warning("%s: dropped %d malformed rows (%s); %s", split, sum(st.bad_rows.values()),
+                    "; ".join(f"{n}x {why}" for why, n in st.bad_rows.items()), st.bad_positions())

@@ -126,8 +126,8 @@ def stats_lines(st: DataStats, ls: LengthStats, split: str) -> list[str]:
     ]
     for reason, count in st.bad_rows.items():
         lines.append(f"  dropped {count} x {reason}")
-    if st.bad_row_examples:
-        lines.append(f"  first malformed row indices: {st.bad_row_examples}")
+    if st.bad_positions():
+        lines.append(f"  {st.bad_positions()}")
     for source, count in st.sources.items():
         lines.append(f"  from {source}: {count} rows")
     lines += [
