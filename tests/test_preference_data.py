@@ -52,3 +52,15 @@ def test_bad_rows_are_counted_with_reasons_or_refused(tmp_path, smollm_tokenizer
         assert expected in reasons
     with pytest.raises(ConfigError, match=r"row \d+ is malformed: chosen and rejected are the same answer"):
         _prepare(tmp_path, rows[:2], smollm_tokenizer, "data.on_bad_row=error")
+
+
+def test_malformed_json_lines_are_dropped_and_counted_with_their_position(tmp_path, smollm_tokenizer):
+    good = [{"prompt": f"Capital number {i}?", "chosen": "Paris", "rejected": "Lyon"} for i in range(3)]
+    path = tmp_path / "pairs.jsonl"
+    lines = [json.dumps(r) for r in good]
+    path.write_text("\n".join(lines[:2] + ['{"prompt": "broken", "chosen": '] + lines[2:]) + "\n")
+    cfg = load_config(["recipe=dpo-demo", "data=local", f"data.path={path}", "data.eval_fraction=0",
+                       "data.cache=false"])
+    st = prepare_preferences(cfg.data, cfg.format, cfg.train, smollm_tokenizer).stats["train"]
+    assert (st.rows_in, st.rows_kept) == (4, 3)
+    assert st.bad_rows == {f"{path}: malformed JSON line": 1} and st.bad_line_examples == [f"{path}:3"]

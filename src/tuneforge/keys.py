@@ -7,7 +7,7 @@ import sys
 
 from tuneforge import schema
 
-USAGE = "usage: tuneforge keys [train|peft|quant] [--task sft|classification]"
+USAGE = "usage: tuneforge keys [train|peft|quant] [--task sft|classification|dpo|kto]"
 
 
 def _type_name(annotation) -> str:

@@ -211,8 +211,19 @@ def save_adapter(trainer, tokenizer, run_dir: Path, initial_adapter: Optional[st
         # Trainer.save_model adds training_args.bin, a pickle (reading it runs code): the run's config.yaml
         # already holds every setting, so the adapter stays safetensors + JSON only.
         (tmp / "training_args.bin").unlink(missing_ok=True)
+        _drop_frozen_adapters(trainer.model, tmp)
         tokenizer.save_pretrained(str(tmp))
     return True
+
+
+def _drop_frozen_adapters(model, adapter_dir: Path) -> None:
+    """The run's adapter is the one it trained. PEFT saves every adapter a model holds, the others in subfolders
+    named after them: TRL's frozen "ref" copy of a pretrained adapter (DPO from an SFT run) is the SFT run's
+    adapter again, not part of this run's."""
+    model = getattr(model, "module", model)
+    for name in getattr(model, "peft_config", {}):
+        if name != model.active_adapter and (adapter_dir / name).is_dir():
+            shutil.rmtree(adapter_dir / name)
 
 
 def read_config(run_dir: Path):

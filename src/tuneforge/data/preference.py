@@ -26,9 +26,9 @@ from transformers import PreTrainedTokenizerBase
 
 from tuneforge.config import ConfigError, DataConfig, FormatConfig, TrainConfig
 from tuneforge.data import cache
-from tuneforge.data.formats import BadRow, check_columns, conversational, text_field, used_columns
+from tuneforge.data.formats import BadRow, conversational, text_field, used_columns
 from tuneforge.data.mix import mix_counts
-from tuneforge.data.pipeline import DataStats, PreparedData, empty_message, report
+from tuneforge.data.pipeline import DataStats, PreparedData, count_skipped, empty_message, report
 from tuneforge.data.render import render_conversations
 from tuneforge.data.sources import ROW, data_sources, load_source
 from tuneforge.data.text_masks import encode
@@ -63,7 +63,8 @@ def prepare_preferences(data_cfg: DataConfig, format_cfg: FormatConfig, train_cf
         return PreparedData(train=splits["train"], eval=splits["eval"],
                             stats={k: DataStats(**v) for k, v in stats.items()},
                             cache_path=str(cache.data_cache_dir(data_cfg) / key), cache_hit=True)
-    raws = [load_source(src, data_cfg) for src in sources]
+    skipped: list[dict] = [{} for _ in sources]  # malformed JSON lines dropped per source and split
+    raws = [load_source(src, data_cfg, skipped=sk) for src, sk in zip(sources, skipped)]
     weights = [s.weight for s in sources] if sources[0].weight is not None else None
     counts = mix_counts([len(r["train"]) for r in raws], weights, data_cfg.max_samples)
     stops = [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer)]
@@ -72,10 +73,10 @@ def prepare_preferences(data_cfg: DataConfig, format_cfg: FormatConfig, train_cf
         st, parts = DataStats(), []
         for i, (src, raw) in enumerate(zip(sources, raws)):
             ds = raw[split].select(range(counts[i])) if split == "train" else raw[split]
-            where = f"{split} split of {src.path!r}"
-            check_columns(src.format, [c for c in ds.column_names if c != ROW], where, src.columns or None)
+            where = f"{split} split of {src.path!r}"  # load_source checked the format's columns
             rows = ds.select_columns([c for c in ds.column_names if c in used_columns(src.format) or c == ROW])
             label = f"mix[{i}] {src.path}" if len(sources) > 1 else ""
+            count_skipped(skipped[i].get(split), st, label)
             parts.append(_process(rows.to_list(), src.format, tokenizer, stops, train_cfg, data_cfg.on_bad_row,
                                   where, st, label, keep_generation=split == "eval"))
         merged = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
