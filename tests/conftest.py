@@ -92,6 +92,14 @@ def tiny_model(tmp_path_factory, smollm_dir) -> str:
     return str(out)
 
 
+def logged_losses(run_dir: Path) -> dict[int, float]:
+    """{step: training loss} of every logged step in a finished run's metrics.json."""
+    import json
+
+    history = json.loads((Path(run_dir) / "metrics.json").read_text())["log_history"]
+    return {h["step"]: h["loss"] for h in history if "loss" in h}
+
+
 def cli_in_process(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """`tuneforge ARGS` through the same entry point as the console script (tuneforge.cli.main), in this process:
     a fresh process costs about 6 s of imports, and the fresh-process start, a reload in a new process and the

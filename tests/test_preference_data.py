@@ -64,3 +64,13 @@ def test_malformed_json_lines_are_dropped_and_counted_with_their_position(tmp_pa
     st = prepare_preferences(cfg.data, cfg.format, cfg.train, smollm_tokenizer).stats["train"]
     assert (st.rows_in, st.rows_kept) == (4, 3)
     assert st.bad_rows == {f"{path}: malformed JSON line": 1} and st.bad_line_examples == [f"{path}:3"]
+
+
+def test_preview_of_a_preference_task_points_at_the_doctor_in_one_line(tmp_path):
+    from tests.conftest import cli_in_process
+
+    result = cli_in_process("preview", "recipe=dpo-demo", f"preview.output_dir={tmp_path / 'preview'}")
+    out = result.stdout + result.stderr
+    assert result.returncode == 2 and "Traceback" not in out
+    assert len([line for line in out.splitlines() if "for task=dpo run `tuneforge doctor`" in line]) == 1
+    assert not (tmp_path / "preview").exists()  # refused before anything was written

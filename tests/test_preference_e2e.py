@@ -18,7 +18,7 @@ from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import set_seed
 
-from tests.conftest import REPO, cli_in_process, run_cli
+from tests.conftest import REPO, cli_in_process, logged_losses, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -28,10 +28,6 @@ def _args(model: str, run_dir: Path, *extra: str) -> list[str]:
             "train.logging_steps=1", "data.builtin_rows=80", "eval.num_samples=6", "eval.max_new_tokens=8",
             f"hydra.run.dir={run_dir}", *extra]
 
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    history = json.loads((run_dir / "metrics.json").read_text())["log_history"]
-    return {h["step"]: h["loss"] for h in history if "loss" in h}
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +146,7 @@ def test_sigkill_then_resume_equals_the_uninterrupted_dpo_run(dpo_run, tiny_mode
     assert (run_dir / "checkpoint-2" / "trainer_state.json").is_file() and not (run_dir / "adapter").exists()
     resumed = run_cli(*args, "train.resume_from_checkpoint=auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = _losses(baseline), _losses(run_dir)
+    a, b = logged_losses(baseline), logged_losses(run_dir)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     assert max(abs(a[s] - b[s]) / abs(a[s]) for s in a) <= 1e-4, (a, b)
     wa = load_file(str(baseline / "adapter" / "adapter_model.safetensors"))

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, cli_in_process, run_cli
+from tests.conftest import REPO, cli_in_process, logged_losses, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -38,10 +38,6 @@ def _hooked(*args: str) -> subprocess.CompletedProcess:
     `callbacks=[tests.fault_hooks:...]`."""
     return run_cli(*args, env_extra={"PYTHONPATH": str(REPO)})
 
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    history = json.loads((run_dir / "metrics.json").read_text())["log_history"]
-    return {h["step"]: h["loss"] for h in history if "loss" in h}
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +151,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(baseline, tiny_model, t
     ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (baseline, run_dir))
     assert abs(ma["train_loss"] - mb["train_loss"]) <= 1e-4 * ma["train_loss"]  # over the whole run
     assert ma["tokens_seen"] == mb["tokens_seen"] and mb["train_steps"] == 6
-    a, b = _losses(baseline), _losses(run_dir)
+    a, b = logged_losses(baseline), logged_losses(run_dir)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
     rel = {s: abs(a[s] - b[s]) / abs(a[s]) for s in a}
     assert max(rel.values()) <= 1e-4, rel

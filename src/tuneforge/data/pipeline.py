@@ -151,34 +151,61 @@ def _check_chat_template(fmt: FormatConfig, tokenizer: PreTrainedTokenizerBase) 
         )
 
 
+@dataclass
+class LoadedSources:
+    """Every source of a data config loaded once (data/sources.py) with the mix's train counts: what the SFT and
+    the preference data stages walk split by split, so both count, cap and merge sources alike."""
+
+    cfg: DataConfig
+    sources: list[MixSourceConfig]
+    raws: list[DatasetDict]
+    skipped: list[dict[str, SkippedLines]]  # malformed JSON lines left out, per source and split
+    counts: list[int]  # train rows taken from each source
+
+    @classmethod
+    def load(cls, cfg: DataConfig, sources: list[MixSourceConfig]) -> "LoadedSources":
+        skipped: list[dict[str, SkippedLines]] = [{} for _ in sources]
+        raws = [load_source(src, cfg, skipped=sk) for src, sk in zip(sources, skipped)]
+        weights = [s.weight for s in sources] if sources[0].weight is not None else None
+        counts = mix_counts([len(r["train"]) for r in raws], weights, cfg.max_samples)
+        return cls(cfg, sources, raws, skipped, counts)
+
+    def rows(self, split: str, st: DataStats):
+        """(index, source, rows with the columns its format uses, where, label) per source of `split`; the lines
+        each source left out count in `st`. load_source checked the format's columns."""
+        for i, (src, raw) in enumerate(zip(self.sources, self.raws)):
+            ds = raw[split].select(range(self.counts[i])) if split == "train" else raw[split]
+            label = f"mix[{i}] {src.path}" if len(self.sources) > 1 else ""
+            _count_skipped(self.skipped[i].get(split), st, label)
+            ds = ds.select_columns([c for c in ds.column_names if c in used_columns(src.format) or c == ROW])
+            yield i, src, ds, f"{split} split of {src.path!r}", label
+
+    def merge(self, parts: list[Dataset], split: str, st: DataStats) -> Dataset:
+        """One split from its sources' processed parts; an empty train split is refused with the reasons."""
+        merged = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+        if len(parts) > 1 and self.cfg.shuffle:  # interleave sources (eval too: scoring reads its first rows)
+            merged = merged.shuffle(seed=self.cfg.seed)
+        if split == "train" and len(merged) == 0:
+            raise ConfigError(empty_message(st))
+        return merged
+
+
 def format_context(tokenizer: PreTrainedTokenizerBase) -> FormatContext:
     return FormatContext(eos_token=tokenizer.eos_token or "", has_chat_template=bool(tokenizer.chat_template))
 
 
 def _build(cfg: DataConfig, sources: list[MixSourceConfig], train_cfg: TrainConfig,
            tokenizer: PreTrainedTokenizerBase, collator: CollatorConfig, key: str) -> tuple[DatasetDict, dict[str, DataStats]]:
-    skipped: list[dict[str, SkippedLines]] = [{} for _ in sources]
-    raws = [load_source(src, cfg, skipped=sk) for src, sk in zip(sources, skipped)]
+    loaded = LoadedSources.load(cfg, sources)
     tok = _tokenizer_kwargs(tokenizer, collator)
-    weights = [s.weight for s in sources] if sources[0].weight is not None else None
-    counts = mix_counts([len(r["train"]) for r in raws], weights, cfg.max_samples)
     out, stats = {}, {}
     for split in ("train", "eval"):
         st, parts = DataStats(), []
-        for i, (src, raw) in enumerate(zip(sources, raws)):
-            ds = raw[split].select(range(counts[i])) if split == "train" else raw[split]
-            where = f"{split} split of {src.path!r}"  # load_source checked the format's columns
-            label = f"mix[{i}] {src.path}" if len(sources) > 1 else ""
-            count_skipped(skipped[i].get(split), st, label)
-            ds = ds.select_columns([c for c in ds.column_names if c in used_columns(src.format) or c == ROW])
+        for i, src, ds, where, label in loaded.rows(split, st):
             done = _process(ds, src.format, cfg, train_cfg, tok, where,
                             fingerprint=_fingerprint(key, split, i), keep_generation=split == "eval")
             parts.append(_account(done, st, label))
-        merged = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-        if len(parts) > 1 and cfg.shuffle:  # interleave sources (eval too: scoring reads its first rows)
-            merged = merged.shuffle(seed=cfg.seed)
-        if split == "train" and len(merged) == 0:
-            raise ConfigError(empty_message(st))
+        merged = loaded.merge(parts, split, st)
         keep = TRAIN_COLUMNS if split == "train" else TRAIN_COLUMNS + _generation_columns(merged)
         out[split] = merged.select_columns(keep)
         stats[split] = st
@@ -304,7 +331,7 @@ def _account(done: Dataset, st: DataStats, label: str) -> Dataset:
     return Dataset(InMemoryTable(kept), info=done.info, fingerprint=f"{done._fingerprint}-kept")
 
 
-def count_skipped(skipped: Optional[SkippedLines], st: DataStats, label: str) -> None:
+def _count_skipped(skipped: Optional[SkippedLines], st: DataStats, label: str) -> None:
     """Malformed JSON lines the source left out (data.on_bad_row=drop) count as read and dropped rows, with
     the reason per file and their FILE:LINE positions, so the report and metrics.json account for them."""
     if not skipped:

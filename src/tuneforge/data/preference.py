@@ -21,16 +21,15 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
-from datasets import Dataset, DatasetDict, Features, List, Value, concatenate_datasets
+from datasets import Dataset, DatasetDict, Features, List, Value
 from transformers import PreTrainedTokenizerBase
 
 from tuneforge.config import ConfigError, DataConfig, FormatConfig, TrainConfig
 from tuneforge.data import cache
-from tuneforge.data.formats import BadRow, conversational, text_field, used_columns
-from tuneforge.data.mix import mix_counts
-from tuneforge.data.pipeline import DataStats, PreparedData, count_skipped, empty_message, report
+from tuneforge.data.formats import BadRow, conversational, text_field
+from tuneforge.data.pipeline import DataStats, LoadedSources, PreparedData, report
 from tuneforge.data.render import render_conversations
-from tuneforge.data.sources import ROW, data_sources, load_source
+from tuneforge.data.sources import ROW, data_sources
 from tuneforge.data.text_masks import encode
 from tuneforge.tokenizer import content_hash, stop_token_ids
 
@@ -63,27 +62,15 @@ def prepare_preferences(data_cfg: DataConfig, format_cfg: FormatConfig, train_cf
         return PreparedData(train=splits["train"], eval=splits["eval"],
                             stats={k: DataStats(**v) for k, v in stats.items()},
                             cache_path=str(cache.data_cache_dir(data_cfg) / key), cache_hit=True)
-    skipped: list[dict] = [{} for _ in sources]  # malformed JSON lines dropped per source and split
-    raws = [load_source(src, data_cfg, skipped=sk) for src, sk in zip(sources, skipped)]
-    weights = [s.weight for s in sources] if sources[0].weight is not None else None
-    counts = mix_counts([len(r["train"]) for r in raws], weights, data_cfg.max_samples)
+    loaded = LoadedSources.load(data_cfg, sources)
     stops = [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer)]
     out, stats = {}, {}
     for split in ("train", "eval"):
         st, parts = DataStats(), []
-        for i, (src, raw) in enumerate(zip(sources, raws)):
-            ds = raw[split].select(range(counts[i])) if split == "train" else raw[split]
-            where = f"{split} split of {src.path!r}"  # load_source checked the format's columns
-            rows = ds.select_columns([c for c in ds.column_names if c in used_columns(src.format) or c == ROW])
-            label = f"mix[{i}] {src.path}" if len(sources) > 1 else ""
-            count_skipped(skipped[i].get(split), st, label)
+        for _, src, rows, where, label in loaded.rows(split, st):
             parts.append(_process(rows.to_list(), src.format, tokenizer, stops, train_cfg, data_cfg.on_bad_row,
                                   where, st, label, keep_generation=split == "eval"))
-        merged = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-        if len(parts) > 1 and data_cfg.shuffle:
-            merged = merged.shuffle(seed=data_cfg.seed)
-        if split == "train" and len(merged) == 0:
-            raise ConfigError(empty_message(st))
+        merged = loaded.merge(parts, split, st)
         out[split], stats[split] = merged, st
         report(split, st)
     splits = DatasetDict(out)
