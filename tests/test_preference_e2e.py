@@ -32,9 +32,10 @@ def _args(model: str, run_dir: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def dpo_run(tmp_path_factory, tiny_model):
-    """The demo recipe as the README runs it (4-bit base, LoRA, sigmoid + NLL loss), four steps on the tiny model."""
+    """The demo recipe as the README runs it (4-bit base, LoRA, sigmoid + NLL loss), four steps on the tiny model,
+    through the CLI entry point in this process (a fresh-process start is test_train_e2e's)."""
     run_dir = tmp_path_factory.mktemp("dpo") / "run"
-    result = run_cli(*_args(tiny_model, run_dir))
+    result = cli_in_process(*_args(tiny_model, run_dir))
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir, result
 
@@ -114,7 +115,7 @@ def test_sft_start_keeps_a_frozen_copy_of_the_sft_adapter_as_reference(tiny_mode
     from tuneforge import runs
 
     sft = tmp_path / "sft"
-    trained = run_cli("train", f"model.name_or_path={tiny_model}", "quant=none", "train.max_steps=2",
+    trained = cli_in_process("train", f"model.name_or_path={tiny_model}", "quant=none", "train.max_steps=2",
                       "train.learning_rate=1e-2", "data.max_samples=16", "eval.before_after=false",
                       f"hydra.run.dir={sft}")
     assert trained.returncode == 0, trained.stderr[-3000:]
@@ -144,7 +145,7 @@ def test_sigkill_then_resume_equals_the_uninterrupted_dpo_run(dpo_run, tiny_mode
     killed = run_cli(*args, "callbacks=[tests.fault_hooks:KillAfterCheckpoint2]", env_extra=env)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert (run_dir / "checkpoint-2" / "trainer_state.json").is_file() and not (run_dir / "adapter").exists()
-    resumed = run_cli(*args, "train.resume_from_checkpoint=auto")
+    resumed = cli_in_process(*args, "train.resume_from_checkpoint=auto")  # only the kill needs its own process
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = logged_losses(baseline), logged_losses(run_dir)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
