@@ -207,11 +207,11 @@ def run(cfg: TuneforgeConfig) -> Path:
     """Tokenizer + prepared data (cached like `train`), then `show`: no model weights are loaded."""
     from tuneforge.config import PREFERENCE_FORMATS, ConfigError
     from tuneforge.models.loading import resolve_path
+    from tuneforge.tokenizer import load_tokenizer
 
     if cfg.task in PREFERENCE_FORMATS:  # its rows are prompt + answer ids, not input_ids + labels
         raise ConfigError(f"tuneforge preview shows SFT rows; for task={cfg.task} run `tuneforge doctor` with the same "
                           "arguments: it prepares the preference rows and reports the bad, cut and usable ones.")
-    from tuneforge.tokenizer import load_tokenizer
 
     tokenizer, _ = load_tokenizer(resolve_path(cfg.model), cfg.tokenizer, cfg.model.revision,
                                   cfg.model.trust_remote_code)
