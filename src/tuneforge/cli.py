@@ -13,7 +13,12 @@ import sys
 import traceback
 from pathlib import Path
 
-from tuneforge.config import ConfigError
+from tuneforge.console import silence_library_noise
+
+# Before tuneforge.config: on a cold schema cache (a new machine, new library versions) loading it imports
+# PEFT, which imports bitsandbytes, whose import-time log line the filters must already catch.
+silence_library_noise()
+from tuneforge.config import ConfigError  # noqa: E402
 
 log = logging.getLogger("tuneforge")
 
@@ -226,9 +231,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(command: str, args: list[str]) -> int:
-    from tuneforge.console import silence_library_noise
-
-    silence_library_noise()
     if command in PLAIN_COMMANDS:
         return PLAIN_COMMANDS[command](args)
     if command not in COMMANDS:
