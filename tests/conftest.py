@@ -100,18 +100,19 @@ def logged_losses(run_dir: Path) -> dict[int, float]:
     return {h["step"]: h["loss"] for h in history if "loss" in h}
 
 
-def cli_in_process(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def cli_in_process(*args: str, cwd: Path | None = None, input: str | None = None) -> subprocess.CompletedProcess:
     """`tuneforge ARGS` through the same entry point as the console script (tuneforge.cli.main), in this process:
     a fresh process costs about 6 s of imports, and the fresh-process start, a reload in a new process and the
-    kill/signal paths have their own run_cli tests. Returns what run_cli returns."""
+    kill/signal paths have their own run_cli tests. `input`: its standard input. Returns what run_cli returns."""
     import contextlib
     import io
 
     from tuneforge.cli import main
 
     out, err = io.StringIO(), io.StringIO()
-    previous = Path.cwd()
+    previous, stdin = Path.cwd(), sys.stdin
     os.chdir(cwd or REPO)
+    sys.stdin = io.StringIO(input or "")
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
@@ -120,4 +121,5 @@ def cli_in_process(*args: str, cwd: Path | None = None) -> subprocess.CompletedP
                 code = exc.code if isinstance(exc.code, int) else 1
     finally:
         os.chdir(previous)
+        sys.stdin = stdin
     return subprocess.CompletedProcess(["tuneforge", *args], code, out.getvalue(), err.getvalue())

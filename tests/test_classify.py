@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tuneforge.classify import classification_metrics, label_names
-from tests.conftest import run_cli, shared
+from tests.conftest import cli_in_process, shared
 
 
 def test_label_names_and_metrics_on_a_tiny_set():
@@ -26,7 +26,7 @@ def test_label_names_and_metrics_on_a_tiny_set():
 def test_sst2_fine_tune_beats_majority_baseline(tmp_path):
     tsv = shared("sst2_dev.tsv")
     run_dir = tmp_path / "run"
-    result = run_cli(
+    result = cli_in_process(
         "train", "recipe=classify-demo", f"data.path={tsv}", "data.split='train[:400]'", "data.eval_fraction=0.25",
         "format.text_column=content", "train.num_train_epochs=3", "train.max_length=48", f"hydra.run.dir={run_dir}",
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, cli_in_process, run_cli
+from tests.conftest import REPO, cli_in_process
 from tuneforge.compose import compose_config, load_config
 from tuneforge.config import ConfigError
 from tuneforge.launch import accelerate_config, launch_command
@@ -143,10 +143,11 @@ def test_two_process_cpu_ddp_run(tmp_path, tiny_model):
     different data shards, identical LoRA weights, one run directory."""
     outputs = tmp_path / "outputs"
     start = time.perf_counter()
-    result = run_cli("train", "launcher=ddp", "launcher.num_processes=2", "launcher.record_ranks=true",
-                     f"model.name_or_path={tiny_model}", "train.max_steps=3", "train.learning_rate=3e-3",
-                     "train.per_device_train_batch_size=4", "train.logging_steps=1", "data.max_samples=48",
-                     "eval.before_after=false", f"hydra.run.dir={outputs}/run", timeout=900)
+    # The launching command in this process; the ranks are the fresh processes that `accelerate launch` starts.
+    result = cli_in_process("train", "launcher=ddp", "launcher.num_processes=2", "launcher.record_ranks=true",
+                            f"model.name_or_path={tiny_model}", "train.max_steps=3", "train.learning_rate=3e-3",
+                            "train.per_device_train_batch_size=4", "train.logging_steps=1", "data.max_samples=48",
+                            "eval.before_after=false", f"hydra.run.dir={outputs}/run")
     wall = time.perf_counter() - start
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert [p.name for p in outputs.iterdir()] == ["run"]  # exactly one run directory

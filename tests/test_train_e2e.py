@@ -97,8 +97,8 @@ def test_sample_generations_during_training(trained_run):
 def test_interactive_chat_streams_each_answer(trained_run):
     run_dir, _ = trained_run
     date_prompt = "Rewrite this date in ISO 8601 format (YYYY-MM-DD). Answer with the date only. Date: "  # one line
-    result = run_cli("infer", f"run_dir={run_dir}", "chat=true", "max_new_tokens=12",
-                     input=f"{date_prompt}July 4th, 1976\n{date_prompt}the 3rd of March 2021\n\n")
+    result = cli_in_process("infer", f"run_dir={run_dir}", "chat=true", "max_new_tokens=12",
+                            input=f"{date_prompt}July 4th, 1976\n{date_prompt}the 3rd of March 2021\n\n")
     assert result.returncode == 0, result.stderr[-3000:]
     # Two turns, each streamed after its own "model>" marker.
     turns = result.stdout.split("model> ")[1:]
