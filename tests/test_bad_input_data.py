@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import cli_in_process
 from tuneforge.config import ConfigError, DataConfig, FormatConfig, MixSourceConfig, TrainConfig
 from tuneforge.data import sources
 from tuneforge.data.pipeline import DataStats, prepare
@@ -220,7 +220,7 @@ def test_one_row_csv_with_wrong_columns_gets_the_column_message_first(tmp_path):
 def test_cli_refuses_a_binary_file_with_one_line_and_exit_2(tmp_path):
     path = tmp_path / "bin.jsonl"
     path.write_bytes(random.Random(1).randbytes(2000))
-    proc = run_cli("preview", "data=local", f"data.path={path}", timeout=300)
+    proc = cli_in_process("preview", "data=local", f"data.path={path}")
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if str(path) in line]
     assert len(lines) == 1 and "is not UTF-8 text" in lines[0], proc.stderr[-3000:]

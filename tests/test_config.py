@@ -6,7 +6,7 @@ import pytest
 
 from tuneforge.compose import group_options, load_config
 from tuneforge.config import ConfigError
-from tests.conftest import run_cli
+from tests.conftest import cli_in_process, run_cli
 
 
 def test_defaults_compose_to_the_demo():
@@ -108,15 +108,15 @@ def test_cli_rejects_bad_key_fast_with_exit_2(tmp_path):
 
 
 def test_cli_cfg_job_prints_the_composed_config():
-    result = run_cli("train", "--cfg", "job", "train.max_steps=7")
+    result = cli_in_process("train", "--cfg", "job", "train.max_steps=7")
     assert result.returncode == 0, result.stderr
     assert "max_steps: 7" in result.stdout and "name_or_path: embedded:smollm2-135m-instruct" in result.stdout
 
 
 def test_cli_works_from_any_directory_and_multirun_dry_run(tmp_path):
     """-m multirun composes one job per grid point; dry_run loads nothing."""
-    result = run_cli("train", "-m", "train.learning_rate=1e-4,2e-4", "dry_run=true",
-                     f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    result = cli_in_process("train", "-m", "train.learning_rate=1e-4,2e-4", "dry_run=true",
+                            f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("effective_batch_size: 8") == 2
     assert "learning_rate: 0.0001" in result.stdout and "learning_rate: 0.0002" in result.stdout

@@ -13,7 +13,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.conftest import run_cli
+from tests.conftest import cli_in_process
 from tuneforge import checkpoints, manifest, redaction, report, reproduce, runs
 from tuneforge.objective import objective
 from tuneforge.compose import load_config
@@ -253,7 +253,7 @@ def test_report_command_on_a_non_sweep_directory(tmp_path, capsys):
 
 
 def test_optuna_sweeper_config_composes_with_a_direction(tmp_path):
-    result = run_cli("train", "hydra/sweeper=optuna", "hydra.sweeper.direction=maximize", "hydra.sweeper.n_trials=2",
-                     "--cfg", "hydra", cwd=tmp_path)
+    result = cli_in_process("train", "hydra/sweeper=optuna", "hydra.sweeper.direction=maximize",
+                            "hydra.sweeper.n_trials=2", "--cfg", "hydra", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "direction: maximize" in result.stdout and "OptunaSweeper" in result.stdout
