@@ -25,6 +25,9 @@ LIBRARY_LOGS = [
     # bitsandbytes, imported on a CPU with AVX512-BF16, tries to fetch an inference kernel from the hub;
     # tuneforge never uses that kernel (models/loading.keep_cpu_4bit_trainable keeps the trainable layout).
     ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),
+    # matplotlib's first use on a machine builds its font cache and says so at INFO, which a run's log level
+    # shows (loss.png needs matplotlib).
+    ("matplotlib.font_manager", "generated new fontManager"),
 ]
 
 
