@@ -28,6 +28,8 @@ LIBRARY_LOGS = [
     # matplotlib's first use on a machine builds its font cache and says so at INFO, which a run's log level
     # shows (loss.png needs matplotlib).
     ("matplotlib.font_manager", "generated new fontManager"),
+    # transformers' dequantize() on every `tuneforge merge` (merge.base=dequantized), which says so itself.
+    ("transformers.integrations.bitsandbytes", "The modules are dequantized in"),
 ]
 
 
