@@ -107,6 +107,24 @@ def test_cli_rejects_bad_key_fast_with_exit_2(tmp_path):
     assert not (tmp_path / "run").exists()  # failed before Hydra made a run directory
 
 
+FREE_TEXTS = [
+    "Rewrite this date in ISO 8601 format (YYYY-MM-DD). Answer with the date only.\nDate: July 4th, 1976",
+    "What's the \"date\"?", "a,b=c [1, 2] {k: v}", "  padded  ", "", "${oc.env:HOME} costs $5 {x}", "\\${x}",
+    "ends with a backslash \\", "a backslash before a quote \\'", "'", "\\\\'", "tab\there",
+]
+
+
+@pytest.mark.parametrize("text", FREE_TEXTS)
+def test_a_prompt_reaches_infer_exactly_as_typed(text):
+    """`tuneforge infer prompt=...` takes a person's text, not Hydra syntax: the CLI quotes it (parentheses and
+    commas in the README's own example failed as a grammar error)."""
+    from tuneforge.compose import compose_config, quote_free_text
+
+    args = quote_free_text(["run_dir=/some/run", f"prompt={text}"])
+    assert compose_config(args, config_name="infer").prompt == text
+    assert quote_free_text(["prompt='already (quoted)'"]) == ["prompt='already (quoted)'"]  # the Hydra way
+
+
 def test_cli_cfg_job_prints_the_composed_config():
     result = cli_in_process("train", "--cfg", "job", "train.max_steps=7")
     assert result.returncode == 0, result.stderr

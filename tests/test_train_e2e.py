@@ -96,6 +96,21 @@ def test_sample_generations_during_training(trained_run):
     assert "step 2 samples:" in (run_dir / "train.log").read_text()
 
 
+def test_infer_with_the_readme_prompt_as_typed(trained_run, tmp_path):
+    """The README's command: a prompt with parentheses, a comma and a newline, unquoted for Hydra; the answer is
+    the one the same prompt gets from a prompts file."""
+    run_dir, _ = trained_run
+    prompt = "Rewrite this date in ISO 8601 format (YYYY-MM-DD). Answer with the date only.\nDate: July 4th, 1976"
+    result = cli_in_process("infer", f"run_dir={run_dir}", f"prompt={prompt}", "max_new_tokens=12")
+    assert result.returncode == 0, result.stderr[-3000:]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": prompt}) + "\n")
+    cli_in_process("infer", f"run_dir={run_dir}", f"prompts_file={prompts}", f"output_file={tmp_path / 'a.jsonl'}",
+                   "max_new_tokens=12")
+    expected = json.loads((tmp_path / "a.jsonl").read_text())["completion"]
+    assert expected and result.stdout.strip().splitlines()[-1] == expected
+
+
 def test_interactive_chat_streams_each_answer(trained_run):
     run_dir, _ = trained_run
     date_prompt = "Rewrite this date in ISO 8601 format (YYYY-MM-DD). Answer with the date only. Date: "  # one line

@@ -253,6 +253,10 @@ def _main(command: str, args: list[str]) -> int:
         from tuneforge.data.preview import cli_args
 
         args = cli_args(args)
+    if command == "infer":
+        from tuneforge.compose import quote_free_text
+
+        args = quote_free_text(args)
     from tuneforge.compose import split_args
 
     flags, overrides, multirun = split_args(args)

@@ -247,6 +247,29 @@ def split_args(args: list[str]) -> tuple[list[str], list[str], bool]:
     return flags, overrides, any(f in ("-m", "--multirun") for f in flags)
 
 
+# Keys whose values are a person's text (a prompt), never Hydra syntax.
+FREE_TEXT_KEYS = ("prompt",)
+
+
+def hydra_quoted(text: str) -> str:
+    """`text` as one single-quoted Hydra value that parses back to exactly `text`: quotes and `${` (which OmegaConf
+    would resolve) escaped, and the backslashes before them or at the end doubled (Hydra's and OmegaConf's rule)."""
+    escaped = {"'": "\\'", "${": "\\${", "": ""}
+    return "'" + re.sub(r"(\\*)('|\$\{|\Z)", lambda m: m.group(1) * 2 + escaped[m.group(2)], text) + "'"
+
+
+def quote_free_text(args: list[str]) -> list[str]:
+    """`prompt=Rewrite this date (YYYY-MM-DD): July 4th, 1976` as Hydra would need it typed: quoted. Without
+    this, parentheses, commas, spaces or quotes in a prompt failed as a Hydra grammar error. A value the user
+    already quoted the Hydra way is left as it is."""
+    out = []
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
+        out.append(f"{key}={hydra_quoted(value)}" if eq and key in FREE_TEXT_KEYS and not quoted else arg)
+    return out
+
+
 def hydra_args(args: list[str], config_name: str = "config") -> list[str]:
     """The command line for Hydra itself with its mapping overrides merged the way compose_config merges them
     (`peft.rank_pattern={q_proj: 8}`), so a run composes exactly what was checked."""
