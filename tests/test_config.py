@@ -122,7 +122,12 @@ def test_a_prompt_reaches_infer_exactly_as_typed(text):
 
     args = quote_free_text(["run_dir=/some/run", f"prompt={text}"])
     assert compose_config(args, config_name="infer").prompt == text
-    assert quote_free_text(["prompt='already (quoted)'"]) == ["prompt='already (quoted)'"]  # the Hydra way
+
+
+def test_a_prompt_quoted_the_hydra_way_is_left_alone():
+    from tuneforge.compose import quote_free_text
+
+    assert quote_free_text(["prompt='already (quoted)'"]) == ["prompt='already (quoted)'"]
 
 
 def test_cli_cfg_job_prints_the_composed_config():

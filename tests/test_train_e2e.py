@@ -105,8 +105,9 @@ def test_infer_with_the_readme_prompt_as_typed(trained_run, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": prompt}) + "\n")
-    cli_in_process("infer", f"run_dir={run_dir}", f"prompts_file={prompts}", f"output_file={tmp_path / 'a.jsonl'}",
-                   "max_new_tokens=12")
+    from_file = cli_in_process("infer", f"run_dir={run_dir}", f"prompts_file={prompts}",
+                               f"output_file={tmp_path / 'a.jsonl'}", "max_new_tokens=12")
+    assert from_file.returncode == 0, from_file.stderr[-3000:]
     expected = json.loads((tmp_path / "a.jsonl").read_text())["completion"]
     assert expected and result.stdout.strip().splitlines()[-1] == expected
 

@@ -251,7 +251,7 @@ def split_args(args: list[str]) -> tuple[list[str], list[str], bool]:
 FREE_TEXT_KEYS = ("prompt",)
 
 
-def hydra_quoted(text: str) -> str:
+def _hydra_quoted(text: str) -> str:
     """`text` as one single-quoted Hydra value that parses back to exactly `text`: quotes and `${` (which OmegaConf
     would resolve) escaped, and the backslashes before them or at the end doubled (Hydra's and OmegaConf's rule)."""
     escaped = {"'": "\\'", "${": "\\${", "": ""}
@@ -266,7 +266,7 @@ def quote_free_text(args: list[str]) -> list[str]:
     for arg in args:
         key, eq, value = arg.partition("=")
         quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
-        out.append(f"{key}={hydra_quoted(value)}" if eq and key in FREE_TEXT_KEYS and not quoted else arg)
+        out.append(f"{key}={_hydra_quoted(value)}" if eq and key in FREE_TEXT_KEYS and not quoted else arg)
     return out
 
 
