@@ -35,8 +35,8 @@ def rows() -> list[dict]:
     from gpu_train import SHAPES
     from transformers import LlamaConfig
 
-    from tuneforge.compose import load_config
-    from tuneforge.estimate import estimate_memory
+    from tuneforge.config.compose import load_config
+    from tuneforge.models.estimate import estimate_memory
 
     out = []
     for label, shape, micro, gc, liger, upcast, measured, source in MEASURED:

@@ -8,7 +8,7 @@ and the same seeded synthetic token data, and trains with TRL's `SFTTrainer`:
 
   a       plain TRL: SFTConfig defaults (batch 8, gradient checkpointing, padding), QLoRA NF4, sdpa.
   b       tuneforge's defaults: bfd packing into rows of max_length (position ids restart per sequence,
-          no attention mask), the run's SFTConfig from `tuneforge.library_args.trainer_arguments`, QLoRA NF4, sdpa.
+          no attention mask), the run's SFTConfig from `tuneforge.config.library_args.trainer_arguments`, QLoRA NF4, sdpa.
   b_flex  b with flex_attention (block-sparse document masking instead of sdpa's dense masked square).
   c       b + Liger layer kernels (RMSNorm, RoPE, SwiGLU) + no activation checkpointing.
   c_gc    b + Liger, activation checkpointing kept (the memory-lean variant); c_gc4 with 4 rows per batch.
@@ -262,11 +262,18 @@ def run_worker(spec: dict) -> dict:
     from trl import SFTConfig, SFTTrainer
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from tuneforge.config import (CollatorConfig, ModelConfig, PackingConfig, PeftConfig, QuantConfig, TrainConfig,
-                                  TuneforgeConfig)
+    from tuneforge.config.library_args import lora_config, trainer_arguments
+    from tuneforge.config.schemas import (
+        CollatorConfig,
+        ModelConfig,
+        PackingConfig,
+        PeftConfig,
+        QuantConfig,
+        TrainConfig,
+        TuneforgeConfig,
+    )
     from tuneforge.data.collators import build_collator
     from tuneforge.data.packing import pack
-    from tuneforge.library_args import lora_config, trainer_arguments
     from tuneforge.models.adapters import adapter_dtypes_kept, add_lora, enable_checkpointing, prepare_base
     from tuneforge.models.loading import load_model
 
@@ -411,9 +418,9 @@ def git_commit() -> str | None:
 
 # What a worker imports. The driver imports them first: on a bare GPU image a missing package then fails in
 # seconds, not once per arm after the random weights were written and loaded.
-WORKER_MODULES = ("bitsandbytes", "datasets", "peft", "transformers", "trl", "tuneforge.config",
+WORKER_MODULES = ("bitsandbytes", "datasets", "peft", "transformers", "trl", "tuneforge.config.schemas",
                   "tuneforge.data.collators", "tuneforge.data.packing", "tuneforge.models.adapters",
-                  "tuneforge.models.loading", "tuneforge.train")
+                  "tuneforge.models.loading", "tuneforge.tasks.sft")
 
 
 def missing_modules(arm_names: list[str], modules: tuple[str, ...] = WORKER_MODULES) -> list[str]:

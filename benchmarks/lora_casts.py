@@ -47,7 +47,7 @@ def step_cast_bytes(shape: dict, layers: int, tokens: int, keep_dtype: bool) -> 
     from peft import get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tuneforge.config import PeftConfig
+    from tuneforge.config.schemas import PeftConfig
     from tuneforge.models.adapters import add_lora, lora_config
 
     torch.manual_seed(0)

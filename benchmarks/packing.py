@@ -35,7 +35,7 @@ MODES = ("none", "bfd", "padding_free")
 
 
 def prepared_rows(path: Path, rows: int, max_length: int, tokenizer):
-    from tuneforge.config import CollatorConfig, DataConfig, FormatConfig, TrainConfig
+    from tuneforge.config.schemas import CollatorConfig, DataConfig, FormatConfig, TrainConfig
     from tuneforge.data.pipeline import prepare
 
     data_cfg = DataConfig(path=str(path), eval_fraction=0.0, max_samples=rows, seed=0)
@@ -89,12 +89,19 @@ def main() -> None:
     import transformers
     import trl
 
-    from tuneforge.config import CollatorConfig, ModelConfig, PackingConfig, PeftConfig, QuantConfig, TokenizerConfig
+    from tuneforge.config.schemas import (
+        CollatorConfig,
+        ModelConfig,
+        PackingConfig,
+        PeftConfig,
+        QuantConfig,
+        TokenizerConfig,
+    )
     from tuneforge.data.collators import TokenCounter, build_collator
     from tuneforge.data.packing import check_no_contamination, pack, probe_rows
     from tuneforge.models.adapters import add_lora, prepare_base
     from tuneforge.models.loading import fit_embeddings, load_model, resolve_path
-    from tuneforge.tokenizer import load_tokenizer
+    from tuneforge.models.tokenizer import load_tokenizer
 
     torch.manual_seed(0)
     model_cfg = ModelConfig(dtype="float32")

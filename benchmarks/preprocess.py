@@ -68,13 +68,13 @@ def arm_naive(tokenizer, path):
 
 
 def data_config(path, cache_dir):
-    from tuneforge.config import DataConfig
+    from tuneforge.config.schemas import DataConfig
 
     return DataConfig(path=str(path), eval_fraction=0.0, shuffle=False, cache_dir=str(cache_dir))
 
 
 def arm_tuneforge(tokenizer, path, cache_dir):
-    from tuneforge.config import FormatConfig, TrainConfig
+    from tuneforge.config.schemas import FormatConfig, TrainConfig
     from tuneforge.data.pipeline import prepare
 
     data = prepare(data_config(path, cache_dir), FormatConfig(strategy="alpaca"), TrainConfig(max_length=MAX_LENGTH),
@@ -119,9 +119,9 @@ def main(argv=None) -> int:
     from datasets import disable_progress_bars
     from transformers.utils import logging as hf_logging
 
-    from tuneforge.config import TokenizerConfig
+    from tuneforge.config.schemas import TokenizerConfig
     from tuneforge.models.embedded import resolve
-    from tuneforge.tokenizer import load_tokenizer
+    from tuneforge.models.tokenizer import load_tokenizer
 
     disable_progress_bars()
     hf_logging.set_verbosity_error()

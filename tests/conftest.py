@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tuneforge.console import LIBRARY_WARNINGS, silence_library_noise
+from tuneforge.runs.console import LIBRARY_WARNINGS, silence_library_noise
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -49,8 +49,8 @@ def smollm_dir() -> str:
 
 @pytest.fixture(scope="session")
 def smollm_tokenizer(smollm_dir):
-    from tuneforge.config import TokenizerConfig
-    from tuneforge.tokenizer import load_tokenizer
+    from tuneforge.config.schemas import TokenizerConfig
+    from tuneforge.models.tokenizer import load_tokenizer
 
     tokenizer, _ = load_tokenizer(smollm_dir, TokenizerConfig())
     return tokenizer
@@ -59,7 +59,7 @@ def smollm_tokenizer(smollm_dir):
 @pytest.fixture(scope="session")
 def smollm_fp32(smollm_dir):
     """The embedded model unquantized in fp32, in eval mode (shared: tests must not train it)."""
-    from tuneforge.config import ModelConfig, QuantConfig
+    from tuneforge.config.schemas import ModelConfig, QuantConfig
     from tuneforge.models.loading import load_model
 
     model = load_model(smollm_dir, ModelConfig(dtype="float32"), QuantConfig(load_in_4bit=False))
@@ -111,6 +111,11 @@ def cli_in_process(*args: str, cwd: Path | None = None, input: str | None = None
 
     out, err = io.StringIO(), io.StringIO()
     previous, stdin = Path.cwd(), sys.stdin
+    # absl's log handler (rouge-score imports absl) keeps the sys.stderr of its import, and closes it when Hydra
+    # reconfigures logging unless it is the sys.stderr of that moment: under pytest that is pytest's own capture
+    # file, closed here by the redirect below. The real stderr is never closed.
+    if "absl.logging" in sys.modules:
+        sys.modules["absl.logging"].get_absl_handler().python_handler.stream = sys.__stderr__
     os.chdir(cwd or REPO)
     sys.stdin = io.StringIO(input or "")
     try:

@@ -18,9 +18,10 @@ from typing import Optional, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-from tuneforge.config import CollatorConfig, FormatConfig
-from tuneforge.data.pipeline import _tokenizer_kwargs, process_batch
+from tuneforge.config.schemas import CollatorConfig, FormatConfig
+from tuneforge.data.pipeline import tokenizer_kwargs, process_batch
 from tuneforge.data.sources import ROW
+from tuneforge.data.text_masks import build_labels, encode
 from tuneforge.data.tokenize import IGNORE, assistant_mask_route, completion_labels, conversation_spans
 
 # Chat templates the tests use besides the shipped ones, each for a route of the fast path.
@@ -113,7 +114,7 @@ def pipeline_rows(tokenizer: PreTrainedTokenizerBase, conversations: list[list[d
     as the data stage prepares them -- its map function, with its stop strings and mask route: format, one-pass
     render, `build_labels` -- after checking them row for row against the oracle on the formatted messages."""
     collator = collator or CollatorConfig()
-    kwargs = _tokenizer_kwargs(tokenizer, collator)
+    kwargs = tokenizer_kwargs(tokenizer, collator)
     out = process_batch({ROW: list(range(len(conversations))), "messages": conversations},
                         fmt=FormatConfig(strategy="conversational", system_prompt=system_prompt), max_length=max_length,
                         truncation_mode=truncation_mode, on_bad_row="error", where="tests", keep_generation=True,
@@ -126,3 +127,10 @@ def pipeline_rows(tokenizer: PreTrainedTokenizerBase, conversations: list[list[d
                 raise AssertionError(f"row {i}: the production {key} differ from the oracle's\n"
                                      f"  production: {out[key][i]}\n  oracle:     {oracle[key][i]}")
     return {k: out[k] for k in ("input_ids", "labels", "truncated", "n_trained")}
+
+
+def tokenize_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str], spans: list[Optional[list[list[int]]]],
+                   max_length: int, truncation_mode: str, collator: CollatorConfig) -> dict[str, list]:
+    """Text rows labelled by the production path (`text_masks.encode` -> `text_masks.build_labels`, as the data
+    stage runs them), for tests that compare it with an oracle."""
+    return build_labels(texts, spans, encode(tokenizer, texts), max_length, truncation_mode, collator)

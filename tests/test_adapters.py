@@ -9,7 +9,7 @@ from peft import get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tests.conftest import REPO
-from tuneforge.config import PeftConfig
+from tuneforge.config.schemas import PeftConfig
 from tuneforge.models.adapters import add_lora, lora_config
 
 sys.path.insert(0, str(REPO / "benchmarks"))

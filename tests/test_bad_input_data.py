@@ -10,12 +10,13 @@ from types import SimpleNamespace
 import pytest
 
 from tests.conftest import cli_in_process
-from tuneforge.config import ConfigError, DataConfig, FormatConfig, MixSourceConfig, TrainConfig
+from tuneforge.config.errors import ConfigError
+from tuneforge.config.schemas import DataConfig, FormatConfig, MixSourceConfig, TrainConfig
 from tuneforge.data import sources
 from tuneforge.data.pipeline import DataStats, prepare
 from tuneforge.data.sources import load_source
 from tuneforge.data.tokenize import IGNORE
-from tuneforge.doctor import malformed_rows
+from tuneforge.tasks.doctor import malformed_rows
 
 TRAIN = TrainConfig(max_length=256)
 GOOD = [{"prompt": f"What is {i} plus {i}?", "completion": str(2 * i)} for i in range(4)]

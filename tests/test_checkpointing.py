@@ -7,8 +7,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tuneforge.compose import load_config
-from tuneforge.config import ConfigError, PeftConfig, QuantConfig, TrainConfig
+from tuneforge.config.compose import load_config
+from tuneforge.config.errors import ConfigError
+from tuneforge.config.schemas import PeftConfig, QuantConfig, TrainConfig
 from tuneforge.models.adapters import add_lora, enable_checkpointing, prepare_base
 
 

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from tuneforge.classify import classification_metrics, label_names
 from tests.conftest import cli_in_process, shared
+from tuneforge.tasks.classification import classification_metrics, label_names
 
 
 def test_label_names_and_metrics_on_a_tiny_set():

@@ -7,9 +7,10 @@ import dataclasses
 
 import pytest
 
-from tuneforge.compose import group_options, load_config
-from tuneforge.config import ConfigError, TuneforgeConfig
-from tuneforge.validation import validate_collator_packing
+from tuneforge.config.compose import group_options, load_config
+from tuneforge.config.errors import ConfigError
+from tuneforge.config.schemas import TuneforgeConfig
+from tuneforge.config.validation import validate_collator_packing
 
 
 def test_shipped_collators_and_packings_compose():

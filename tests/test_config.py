@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tuneforge.compose import group_options, load_config
-from tuneforge.config import ConfigError
 from tests.conftest import cli_in_process, run_cli
+from tuneforge.config.compose import group_options, load_config
+from tuneforge.config.errors import ConfigError
 
 
 def test_defaults_compose_to_the_demo():
@@ -118,14 +118,15 @@ FREE_TEXTS = [
 def test_a_prompt_reaches_infer_exactly_as_typed(text):
     """`tuneforge infer prompt=...` takes a person's text, not Hydra syntax: the CLI quotes it (parentheses and
     commas in the README's own example failed as a grammar error)."""
-    from tuneforge.compose import compose_config, quote_free_text
+    from tuneforge.commands import infer  # noqa: F401  (registers the infer command's config schema)
+    from tuneforge.config.compose import compose_config, quote_free_text
 
     args = quote_free_text(["run_dir=/some/run", f"prompt={text}"])
     assert compose_config(args, config_name="infer").prompt == text
 
 
 def test_a_prompt_quoted_the_hydra_way_is_left_alone():
-    from tuneforge.compose import quote_free_text
+    from tuneforge.config.compose import quote_free_text
 
     assert quote_free_text(["prompt='already (quoted)'"]) == ["prompt='already (quoted)'"]
 

@@ -5,15 +5,10 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from tuneforge.compose import load_config
-from tuneforge.config import (
-    ConfigError,
-    DataConfig,
-    FormatConfig,
-    MixSourceConfig,
-    TuneforgeConfig,
-)
-from tuneforge.validation import validate
+from tuneforge.config.compose import load_config
+from tuneforge.config.errors import ConfigError
+from tuneforge.config.schemas import DataConfig, FormatConfig, MixSourceConfig, TuneforgeConfig
+from tuneforge.config.validation import validate
 
 
 def test_mix_config_composes_with_a_format_per_source():

@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tuneforge.config import ConfigError, FormatConfig
-from tuneforge.data.formats import (
-    ALPACA_PROMPT_NO_INPUT,
-    BadRow,
-    FormatContext,
-    check_columns,
-    formatter,
-)
+from tuneforge.config.errors import ConfigError
+from tuneforge.config.schemas import FormatConfig
+from tuneforge.data.formats import ALPACA_PROMPT_NO_INPUT, BadRow, FormatContext, check_columns, formatter
 
 CHAT = FormatContext(eos_token="</s>", has_chat_template=True)
 PLAIN = FormatContext(eos_token="</s>", has_chat_template=False)

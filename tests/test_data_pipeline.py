@@ -7,15 +7,16 @@ import json
 import logging
 
 import pytest
-
 from conftest import shared
-from tuneforge.config import CollatorConfig, ConfigError, DataConfig, FormatConfig, MixSourceConfig, TrainConfig
+
+from tests.mask_oracles import TRIMMING_TEMPLATE, labels_from_spans, tokenize_text_rows
+from tuneforge.config.errors import ConfigError
+from tuneforge.config.schemas import CollatorConfig, DataConfig, FormatConfig, MixSourceConfig, TrainConfig
 from tuneforge.data.pipeline import prepare
 from tuneforge.data.render import render_conversations
 from tuneforge.data.text_masks import encode, encoding_span_labels, offsets_of, span_labels
-from tests.mask_oracles import TRIMMING_TEMPLATE, labels_from_spans, tokenize_text_rows
 from tuneforge.data.tokenize import IGNORE, assistant_spans
-from tuneforge.tokenizer import stop_token_ids
+from tuneforge.models.tokenizer import stop_token_ids
 
 TRAIN = TrainConfig(max_length=256)
 
@@ -241,8 +242,8 @@ def test_num_proc_gives_the_same_rows(smollm_tokenizer, tmp_path):
 def test_alpaca_classic_with_a_tokenizer_without_chat_template(tmp_path):
     from transformers import AutoTokenizer
 
-    from tuneforge.config import TokenizerConfig
-    from tuneforge.tokenizer import apply_fixes
+    from tuneforge.config.schemas import TokenizerConfig
+    from tuneforge.models.tokenizer import apply_fixes
 
     tok = AutoTokenizer.from_pretrained(str(shared("tokenizers/opt-125m")))
     apply_fixes(tok, TokenizerConfig())
@@ -270,7 +271,7 @@ def test_max_samples_caps_training_rows(smollm_tokenizer, tmp_path):
 def test_fast_labels_equal_the_reference_tokenizer_stage_on_alpaca(smollm_tokenizer):
     """Render (one pass) + bisection/char lookups == prefix renders + the oracle tokenize_text_rows, row for row."""
     from tuneforge.data.formats import FormatContext, formatter
-    from tuneforge.data.text_masks import tokenize_texts
+    from mask_oracles import tokenize_texts
 
     tok = smollm_tokenizer
     rows = [r for r in json.loads(shared("alpaca_5000.json").read_text())[:400] if r["output"].strip()]

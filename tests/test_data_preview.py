@@ -5,12 +5,12 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+from conftest import cli_in_process
 from rich.console import Console
 
-from conftest import cli_in_process
-from tuneforge.config import DataConfig, TuneforgeConfig
+from tuneforge.commands.preview import CLOSE, OPEN, cli_args, output_dir, padding_waste, percentile, segments, show
+from tuneforge.config.schemas import DataConfig, TuneforgeConfig
 from tuneforge.data.pipeline import prepare
-from tuneforge.data.preview import CLOSE, OPEN, cli_args, output_dir, padding_waste, percentile, segments, show
 
 
 def test_padding_waste_and_percentile():

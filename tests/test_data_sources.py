@@ -7,7 +7,8 @@ import json
 import pandas as pd
 import pytest
 
-from tuneforge.config import ConfigError, DataConfig, FormatConfig, MixSourceConfig
+from tuneforge.config.errors import ConfigError
+from tuneforge.config.schemas import DataConfig, FormatConfig, MixSourceConfig
 from tuneforge.data import sources
 from tuneforge.data.mix import mix_counts
 from tuneforge.data.sources import ROW, data_sources, load_source

@@ -6,10 +6,11 @@ import dataclasses
 
 import pytest
 
-from tuneforge import device_defaults
-from tuneforge.compose import compose_config, load_config
-from tuneforge.config import ConfigError, TrainConfig, TuneforgeConfig
-from tuneforge.library_args import trainer_arguments
+from tuneforge.config import device
+from tuneforge.config.compose import compose_config, load_config
+from tuneforge.config.errors import ConfigError
+from tuneforge.config.library_args import trainer_arguments
+from tuneforge.config.schemas import TrainConfig, TuneforgeConfig
 
 
 def sft_config(train: TrainConfig, run_dir):
@@ -23,29 +24,29 @@ def test_shipped_default_is_auto_and_resolves_to_no_packing_on_this_cpu():
 
 
 def test_cuda_gets_bfd_packing_and_liger_when_installed(monkeypatch):
-    monkeypatch.setattr(device_defaults, "liger_installed", lambda: True)
+    monkeypatch.setattr(device, "liger_installed", lambda: True)
     raw = dataclasses.replace(load_config([]), packing=dataclasses.replace(load_config([]).packing, mode="auto"))
     raw = dataclasses.replace(raw, train=dataclasses.replace(raw.train, use_liger_kernel=None))
-    cuda = device_defaults.resolve(raw, cuda=True)
+    cuda = device.resolve(raw, cuda=True)
     assert cuda.packing.mode == "bfd" and cuda.train.use_liger_kernel is True
-    cpu = device_defaults.resolve(raw, cuda=False)
+    cpu = device.resolve(raw, cuda=False)
     assert cpu.packing.mode == "none" and cpu.train.use_liger_kernel is False
     # Without the package, auto stays off even on CUDA (nothing to import).
-    monkeypatch.setattr(device_defaults, "liger_installed", lambda: False)
-    assert device_defaults.resolve(raw, cuda=True).train.use_liger_kernel is False
+    monkeypatch.setattr(device, "liger_installed", lambda: False)
+    assert device.resolve(raw, cuda=True).train.use_liger_kernel is False
 
 
 @pytest.mark.parametrize("overrides", [["recipe=classify-demo"], ["collator=padding", "task=classification"]])
 def test_auto_never_packs_where_packing_is_not_allowed(overrides):
     cfg = load_config(overrides)
     raw = dataclasses.replace(cfg, packing=dataclasses.replace(cfg.packing, mode="auto"))
-    assert device_defaults.resolve(raw, cuda=True).packing.mode == "none"
+    assert device.resolve(raw, cuda=True).packing.mode == "none"
 
 
 def test_explicit_choices_are_kept_on_any_device():
     cfg = load_config(["packing=bfd", "train.use_liger_kernel=false"])
-    assert device_defaults.resolve(cfg, cuda=True).packing.mode == "bfd"
-    assert device_defaults.resolve(cfg, cuda=True).train.use_liger_kernel is False
+    assert device.resolve(cfg, cuda=True).packing.mode == "bfd"
+    assert device.resolve(cfg, cuda=True).train.use_liger_kernel is False
     assert load_config(["packing=none"]).packing.mode == "none"
 
 

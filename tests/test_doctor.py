@@ -9,13 +9,13 @@ from datasets import Dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from tuneforge import doctor
-from tuneforge.config import CollatorConfig, PeftConfig, TokenizerConfig, TuneforgeConfig
-from tuneforge.data.pipeline import DataStats, PreparedData
-from tuneforge.data.tokenize import IGNORE
-from tuneforge.tokenizer import TokenizerReport, apply_fixes, load_tokenizer
 from tests.conftest import cli_in_process, shared
 from tests.mask_oracles import pipeline_rows
+from tuneforge.config.schemas import CollatorConfig, PeftConfig, TokenizerConfig, TuneforgeConfig
+from tuneforge.data.pipeline import DataStats, PreparedData
+from tuneforge.data.tokenize import IGNORE
+from tuneforge.models.tokenizer import TokenizerReport, apply_fixes, load_tokenizer
+from tuneforge.tasks import doctor
 
 
 def _ctx(tokenizer, train_rows, eval_rows=None, stats=None, cfg=None, report=None, vocab=None, context=8192):

@@ -28,7 +28,7 @@ def test_missing_package_names_the_install_command(monkeypatch):
 
 
 def test_cache_location_env_and_config_key(monkeypatch, tmp_path):
-    from tuneforge.paths import cache_dir
+    from tuneforge.config.paths import cache_dir
 
     monkeypatch.setenv("TUNEFORGE_CACHE", str(tmp_path / "env"))
     assert cache_dir() == tmp_path / "env"
@@ -83,7 +83,7 @@ def test_cached_model_loads_fast_and_keeps_tokenizer(smollm_dir):
 
 def test_local_directory_as_model_path(smollm_dir):
     """Any hub id or local directory works as model.name_or_path; a local one is used as is."""
-    from tuneforge.config import ModelConfig
+    from tuneforge.config.schemas import ModelConfig
     from tuneforge.models.loading import load_config, resolve_path
 
     cfg = ModelConfig(name_or_path=smollm_dir)

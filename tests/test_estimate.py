@@ -7,10 +7,16 @@ import sys
 import pytest
 
 from tests.conftest import REPO
-from tuneforge.compose import load_config
-from tuneforge import estimate
-from tuneforge.estimate import (CUDA_CONTEXT_GIB, SHAPE_TABLE, estimate_memory, fit_advice, largest_micro_batch,
-                                table_config)
+from tuneforge.config.compose import load_config
+from tuneforge.models import estimate
+from tuneforge.models.estimate import (
+    CUDA_CONTEXT_GIB,
+    SHAPE_TABLE,
+    estimate_memory,
+    fit_advice,
+    largest_micro_batch,
+    table_config,
+)
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 
@@ -153,9 +159,9 @@ def test_layer_activation_term_matches_what_autograd_saves(tiny_llamas, upcast, 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tuneforge.config import PeftConfig, QuantConfig
+    from tuneforge.config.library_args import quantization_config
+    from tuneforge.config.schemas import PeftConfig, QuantConfig
     from tuneforge.models.adapters import add_lora, prepare_base
-    from tuneforge.library_args import quantization_config
 
     monkeypatch.setattr(torch.nn.Dropout, "forward",
                         lambda self, x: torch.native_dropout(x, self.p, self.training)[0] if self.training else x)

@@ -129,9 +129,10 @@ def test_debug_flag_adds_the_traceback_and_keeps_the_exit_code(escaping_template
 def test_a_template_escaping_on_some_rows_only_is_refused_while_rendering(tmp_path):
     """The load-time probe renders two sample conversations; a template that escapes only on other content is
     refused by the row renders, naming the template file all the same."""
-    from tuneforge.config import ConfigError, TokenizerConfig
+    from tuneforge.config.errors import ConfigError
+    from tuneforge.config.schemas import TokenizerConfig
     from tuneforge.data.render import render_conversations
-    from tuneforge.tokenizer import load_tokenizer
+    from tuneforge.models.tokenizer import load_tokenizer
 
     path = tmp_path / "sometimes.jinja"
     path.write_text("{% for m in messages %}{% if m['content'] == 'boom' %}" + ESCAPE + "{% endif %}"
@@ -217,14 +218,14 @@ def test_second_train_into_a_run_dir_in_use_is_refused_and_changes_nothing(held_
 _RACER = """
 import sys, time
 from pathlib import Path
-from tuneforge import runs
-from tuneforge.config import ConfigError
+from tuneforge.runs import rundir
+from tuneforge.config.errors import ConfigError
 barrier = Path(sys.argv[2])
 (barrier / f"ready-{sys.argv[3]}").touch()
 while not (barrier / "go").exists():
     time.sleep(0.001)
 try:
-    runs.claim_run_dir(Path(sys.argv[1]))
+    rundir.claim_run_dir(Path(sys.argv[1]))
     print("claimed", flush=True)
 except ConfigError as exc:
     print(exc, flush=True)
@@ -257,22 +258,22 @@ def test_claiming_a_run_dir_is_atomic_across_processes(tmp_path):
 
 def test_a_killed_claim_leaves_no_stale_lock(tmp_path):
     """The lock goes with its process, however it ends: after kill -9 the directory can be claimed (resume)."""
-    from tuneforge import runs
-    from tuneforge.config import ConfigError
+    from tuneforge.config.errors import ConfigError
+    from tuneforge.runs import rundir
 
     run_dir = tmp_path / "run"
-    hold = ("import sys; from pathlib import Path; from tuneforge import runs; "
-            f"runs.claim_run_dir(Path({str(run_dir)!r})); print('held', flush=True); sys.stdin.read()")
+    hold = ("import sys; from pathlib import Path; from tuneforge.runs import rundir; "
+            f"rundir.claim_run_dir(Path({str(run_dir)!r})); print('held', flush=True); sys.stdin.read()")
     holder = subprocess.Popen([sys.executable, "-c", hold], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(ConfigError, match=f"in use by another tuneforge command \\(process {holder.pid}\\)"):
-            runs.claim_run_dir(run_dir)
+            rundir.claim_run_dir(run_dir)
     finally:
         holder.kill()
         holder.wait()
-    runs.claim_run_dir(run_dir)
-    runs.release_run_dir(run_dir)
+    rundir.claim_run_dir(run_dir)
+    rundir.release_run_dir(run_dir)
 
 
 @pytest.mark.slow

@@ -6,8 +6,8 @@ import copy
 
 import torch
 
-from tuneforge.inference import GenerationSettings, generate, left_pad, prompt_ids
-from tuneforge.tokenizer import stop_token_ids
+from tuneforge.eval.inference import GenerationSettings, generate, left_pad, prompt_ids
+from tuneforge.models.tokenizer import stop_token_ids
 
 
 def test_left_truncation_keeps_generation_prompt(smollm_tokenizer):
@@ -95,8 +95,8 @@ def test_generation_stops_at_end_of_turn_and_at_eos(smollm_fp32, smollm_tokenize
 def test_chat_sends_the_whole_conversation_each_turn(smollm_fp32, smollm_tokenizer, monkeypatch, capsys):
     """`infer chat=true`: every turn is generated from the conversation so far, answers included, and led by the
     run's system prompt (here an empty one) as its training rows were."""
-    from tuneforge import infer
-    from tuneforge.config import FormatConfig
+    from tuneforge.commands import infer
+    from tuneforge.config.schemas import FormatConfig
     from tuneforge.data.formats import with_system_prompt
 
     seen = []
@@ -107,9 +107,9 @@ def test_chat_sends_the_whole_conversation_each_turn(smollm_fp32, smollm_tokeniz
 
     lines = iter(["What is 2+2?", "And 3+3?", ""])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
-    monkeypatch.setattr(infer, "generate", spy)
+    monkeypatch.setattr("tuneforge.eval.inference.generate", spy)  # what infer.chat generates with
     as_trained = lambda messages: with_system_prompt(messages, FormatConfig(system_prompt=""))  # noqa: E731
-    answers = infer._chat(smollm_fp32, smollm_tokenizer, GenerationSettings(max_new_tokens=8), as_trained)
+    answers = infer.chat(smollm_fp32, smollm_tokenizer, GenerationSettings(max_new_tokens=8), as_trained)
     assert len(answers) == 2 and all(answers)
     assert seen[0] == [{"role": "system", "content": ""}, {"role": "user", "content": "What is 2+2?"}]
     assert seen[1] == [{"role": "system", "content": ""}, {"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": answers[0]},

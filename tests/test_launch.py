@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, cli_in_process
-from tuneforge.compose import compose_config, load_config
-from tuneforge.config import ConfigError
-from tuneforge.launch import accelerate_config, launch_command
+from tuneforge.config.compose import compose_config, load_config
+from tuneforge.config.errors import ConfigError
+from tuneforge.runs.launch import accelerate_config, launch_command
 
 LAUNCHERS = ("ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3")
 
@@ -68,7 +68,7 @@ def test_multi_node_settings_pass_through(tmp_path):
 
 
 def test_multi_node_needs_the_main_address_except_on_slurm(monkeypatch):
-    from tuneforge.launch import resolve_machines
+    from tuneforge.runs.launch import resolve_machines
 
     cfg = load_config(["launcher=ddp", "launcher.num_processes=4", "launcher.num_machines=2"])  # composes
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
@@ -176,13 +176,13 @@ def test_sharded_qlora_skips_the_fp32_upcast(monkeypatch):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tuneforge.config import PeftConfig, QuantConfig, TrainConfig
+    from tuneforge.config.schemas import PeftConfig, QuantConfig, TrainConfig
     from tuneforge.models import adapters, loading
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     assert loading.sharded_training()
     if torch.cuda.is_available():
-        assert loading._device_map(None) is None
+        assert loading.device_map_for(None) is None
     monkeypatch.setattr(adapters, "prepare_model_for_kbit_training",
                         lambda *a, **k: pytest.fail("upcast under sharding"))
     model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -194,4 +194,4 @@ def test_sharded_qlora_skips_the_fp32_upcast(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert not loading.sharded_training()
     if torch.cuda.is_available() and torch.cuda.device_count() > 1:
-        assert loading._device_map(None) == {"": 1}
+        assert loading.device_map_for(None) == {"": 1}

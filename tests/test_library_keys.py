@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tuneforge import library_args, schema
-from tuneforge.compose import load_config
-from tuneforge.config import ConfigError
+from tuneforge.config import library_args, library_keys
+from tuneforge.config.compose import load_config
+from tuneforge.config.errors import ConfigError
 
 RUN = Path("/nonexistent/run")
 
@@ -149,7 +149,7 @@ def _value(key: str, spec: dict):
     if key in VALUES:
         return VALUES[key]
     section, name = key.split(".", 1)
-    default = schema.SECTIONS[section].keys()[name]["default"]
+    default = library_keys.SECTIONS[section].keys()[name]["default"]
     kind = spec["kind"]
     if spec["choices"]:
         return next(str(c) for c in spec["choices"] if str(c) != str(default))
@@ -204,9 +204,9 @@ def _build(cfg):
 def _walk(task: str = "sft") -> list[str]:
     keys = []
     for section, target in _sections(task).items():
-        for name in schema.library_fields(target):
+        for name in library_keys.library_fields(target):
             key = f"{section}.{name}"
-            if name in schema.SECTIONS[section].owned or key in NOT_WALKED:
+            if name in library_keys.SECTIONS[section].owned or key in NOT_WALKED:
                 continue
             keys.append(key)
     return keys
@@ -225,7 +225,7 @@ def _expected(key: str, value, obj_value):
 def _check(keys: list[str], task: str) -> list[str]:
     """Set every key in `keys` (with its companions) in one composition, build, and compare; the failures."""
     extra = ["task=classification", "collator=padding"] if task == "classification" else []
-    values = {key: _value(key, schema.library_fields(_sections(task)[key.split(".")[0]])[key.split(".", 1)[1]])
+    values = {key: _value(key, library_keys.library_fields(_sections(task)[key.split(".")[0]])[key.split(".", 1)[1]])
               for key in keys}
     companions = [_override(k, v) for key in keys for k, v in NEEDS.get(key, {}).items()]
     cfg = load_config([*extra, *companions, *(_override(k, v) for k, v in values.items())])
@@ -281,17 +281,17 @@ def test_walk_covers_every_field_but_the_documented_ones():
     """Every field of the three classes is walked, owned (refused below) or listed in NOT_WALKED with a reason;
     each NOT_WALKED key is still a key of ours."""
     for section, target in _sections().items():
-        fields = set(schema.library_fields(target))
-        owned = set(schema.SECTIONS[section].owned)
+        fields = set(library_keys.library_fields(target))
+        owned = set(library_keys.SECTIONS[section].owned)
         walked = {k.split(".", 1)[1] for k in _walk() if k.startswith(section + ".")}
         skipped = {k.split(".", 1)[1] for k in NOT_WALKED if k.startswith(section + ".")}
         assert fields == walked | owned | skipped, (section, fields - walked - owned - skipped)
-        assert skipped <= set(schema.SECTIONS[section].keys())
+        assert skipped <= set(library_keys.SECTIONS[section].keys())
 
 
 @pytest.mark.parametrize("section", ["train", "peft", "quant"])
 def test_owned_and_renamed_library_keys_name_their_replacement(section):
-    sec = schema.SECTIONS[section]
+    sec = library_keys.SECTIONS[section]
     for name, replacement in {**sec.owned, **sec.renamed}.items():
         with pytest.raises(ConfigError) as exc:
             load_config([f"{section}.{name}=1"])
@@ -350,7 +350,7 @@ def test_hydra_style_mappings_and_lists():
 def test_gradient_checkpointing_keys_reach_the_model():
     """tuneforge applies checkpointing itself (before LoRA wraps the model): the user's kwargs are merged into
     that call; transformers 5.25's activation_checkpointing names the same switch; reentrant is refused."""
-    from tuneforge.library_args import checkpointing_kwargs
+    from tuneforge.config.library_args import checkpointing_kwargs
 
     cfg = load_config(["train.gradient_checkpointing=true", "train.gradient_checkpointing_kwargs={preserve_rng_state: false}"])
     assert checkpointing_kwargs(cfg.train) == {"use_reentrant": False, "preserve_rng_state": False}
@@ -362,12 +362,12 @@ def test_gradient_checkpointing_keys_reach_the_model():
 
 
 def test_tuneforge_defaults_that_differ_from_the_library_are_listed_with_a_reason():
-    """The one place: schema.TRAIN/PEFT/QUANT.defaults. Each differs from the library's default and says why;
+    """The one place: library_keys.TRAIN/PEFT/QUANT.defaults. Each differs from the library's default and says why;
     the composed config carries them."""
-    for section in schema.SECTIONS.values():
+    for section in library_keys.SECTIONS.values():
         library = {}
         for target in dict.fromkeys(section.classes.values()):
-            library.update(schema.library_fields(target))
+            library.update(library_keys.library_fields(target))
         for name, d in section.defaults.items():
             assert name in library and d.why, (section.name, name)
     cfg = load_config(["recipe=sweep-demo"])  # a recipe that leaves these alone
@@ -377,20 +377,20 @@ def test_tuneforge_defaults_that_differ_from_the_library_are_listed_with_a_reaso
 
 
 def test_callbacks_key_takes_trainer_callback_classes():
-    from tuneforge import callbacks
+    from tuneforge.config import user_code
 
     with pytest.raises(ConfigError, match="is not module:Class"):
         load_config(["callbacks=[not a path]"])
-    (hook,) = callbacks.load(["transformers:PrinterCallback"])
+    (hook,) = user_code.load(["transformers:PrinterCallback"])
     assert type(hook).__name__ == "PrinterCallback"
     with pytest.raises(ConfigError, match="cannot import nowhere.at_all:Hook"):
-        callbacks.load(["nowhere.at_all:Hook"])
+        user_code.load(["nowhere.at_all:Hook"])
     with pytest.raises(ConfigError, match="is not a transformers TrainerCallback class"):
-        callbacks.load(["collections:OrderedDict"])
+        user_code.load(["collections:OrderedDict"])
 
 
 def test_keys_command_lists_types_defaults_and_replacements(capsys):
-    from tuneforge import keys
+    from tuneforge.commands import keys
 
     assert keys.main(["train"]) == 0
     out = capsys.readouterr().out
@@ -416,13 +416,14 @@ class Watch(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, Watch())
 import tuneforge.cli
+from tuneforge.config.schemas import TuneforgeConfig  # what every command reads first: derived here, cold
 print(seen)
 """
 
 
 def test_a_cold_schema_cache_imports_the_libraries_behind_the_noise_filters(tmp_path):
-    """On a new machine the schemas are derived while the CLI imports tuneforge.config, which imports PEFT and
-    so bitsandbytes; on a CPU with AVX512-BF16 that import logs a kernel-download failure (seen in `make demo`
+    """On a new machine the schemas are derived when the CLI first reads a config, which imports PEFT and so
+    bitsandbytes; on a CPU with AVX512-BF16 that import logs a kernel-download failure (seen in `make demo`
     from a fresh clone). Observed by the import itself, so the check does not depend on the processor."""
     env = {**os.environ, "TUNEFORGE_CACHE": str(tmp_path)}
     result = subprocess.run([sys.executable, "-c", WATCH_BITSANDBYTES], capture_output=True, text=True, env=env,

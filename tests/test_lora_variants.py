@@ -45,8 +45,8 @@ VARIANTS = {
 RELOAD = """
 import json, sys
 from pathlib import Path
-from tuneforge.inference import GenerationSettings, generate
-from tuneforge.merge import merged_model
+from tuneforge.eval.inference import GenerationSettings, generate
+from tuneforge.models.merging import merged_model
 from tuneforge.models.trained import load_trained
 out = {}
 for run in sys.argv[1:]:
@@ -118,8 +118,8 @@ def test_variant_reloads_and_merges_to_the_trained_model(name, variant_runs, rel
     *([(["peft.init_lora_weights=loftq"], "on a CUDA or XPU device")] if not GPU else []),
 ])
 def test_variants_that_cannot_round_trip_are_refused_before_loading(overrides, reason):
-    from tuneforge.compose import load_config
-    from tuneforge.config import ConfigError
+    from tuneforge.config.compose import load_config
+    from tuneforge.config.errors import ConfigError
 
     with pytest.raises(ConfigError, match=reason):
         load_config(overrides)

@@ -9,11 +9,11 @@ from transformers import AutoTokenizer
 
 from tests.conftest import shared
 from tests.mask_oracles import GENERATION_TEMPLATE, TRIMMING_TEMPLATE, pipeline_rows
-from tuneforge.config import CollatorConfig, DataConfig, FormatConfig, TokenizerConfig, TrainConfig
+from tuneforge.config.schemas import CollatorConfig, DataConfig, FormatConfig, TokenizerConfig, TrainConfig
 from tuneforge.data.pipeline import prepare
 from tuneforge.data.render import content_opaque
 from tuneforge.data.tokenize import IGNORE, assistant_mask_route
-from tuneforge.tokenizer import apply_fixes
+from tuneforge.models.tokenizer import apply_fixes
 
 
 def _trained_text(tokenizer, ids, labels):

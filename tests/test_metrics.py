@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tuneforge.evaluate import chrf, exact_match, normalize, normalized_exact_match, rouge_l
+from tuneforge.eval.metrics import chrf, exact_match, normalize, normalized_exact_match, rouge_l
 
 
 def test_exact_and_normalized_match():

@@ -24,7 +24,7 @@ def test_wheel_ships_configs_and_recipes_and_composes_outside_the_checkout(tmp_p
                    check=True, capture_output=True, text=True)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    code = ("import tuneforge.paths as p, tuneforge.cli as c; print(p.conf_dir()); print(p.recipes_dir()); "
+    code = ("import tuneforge.config.paths as p, tuneforge.cli as c; print(p.conf_dir()); print(p.recipes_dir()); "
             "c.main(['train', '--cfg', 'job', 'recipe=demo'])")
     env = {**os.environ, "PYTHONPATH": str(site)}
     out = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True)

@@ -15,11 +15,18 @@ from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
 from trl import SFTTrainer
 
 from tests.mask_oracles import pipeline_rows
-from tuneforge.config import (PACKING_ATTENTION, CollatorConfig, ConfigError, ModelConfig, PackingConfig, QuantConfig,
-                              TrainConfig)
+from tuneforge.config.errors import ConfigError
+from tuneforge.config.schemas import (
+    PACKING_ATTENTION,
+    CollatorConfig,
+    ModelConfig,
+    PackingConfig,
+    QuantConfig,
+    TrainConfig,
+)
 from tuneforge.data.collators import build_collator
-from tuneforge.data.packing import (AUTO, CHOICES, FLATTEN, MODES, PAD, ROWS, ContaminationError,
-                                    check_no_contamination, pack, probe_rows)
+from tuneforge.config.packing_modes import AUTO, CHOICES, FLATTEN, MODES, PAD, ROWS
+from tuneforge.data.packing import ContaminationError, check_no_contamination, pack, probe_rows
 from tuneforge.data.tokenize import IGNORE
 
 TOL = 1e-4
@@ -130,11 +137,11 @@ def test_every_registered_mode_packs_and_collates_as_it_declares(name, smollm_to
 
 
 def test_validation_choices_are_the_registry_and_an_unknown_mode_is_refused():
-    from tuneforge.compose import load_config
-    from tuneforge.validation import CHOICES as VALIDATED
+    from tuneforge.config.compose import load_config
+    from tuneforge.config.validation import CHOICES as VALIDATED
 
     assert VALIDATED["packing.mode"] == CHOICES == (AUTO, *MODES)
-    from tuneforge.paths import conf_dir
+    from tuneforge.config.paths import conf_dir
 
     assert {p.stem for p in (conf_dir() / "packing").glob("*.yaml")} == set(CHOICES)  # `packing=NAME` for each
     with pytest.raises(ConfigError, match="packing.mode"):
@@ -316,24 +323,25 @@ def test_attention_implementations_honour_packed_position_ids(smollm_dir, smollm
 def test_flex_attention_with_packing_is_refused_on_a_cpu_before_weights_load(mode):
     """Whether flex_attention isolates packed sequences on a CPU depends on the processor (NaN on an AMD EPYC,
     clean on an Intel Xeon): refused on a CPU whatever the processor; on CUDA it is the GPU harness's question."""
-    from tuneforge import device_defaults
-    from tuneforge.config import ConfigError, TuneforgeConfig
+    from tuneforge.config import device
+    from tuneforge.config.errors import ConfigError
+    from tuneforge.config.schemas import TuneforgeConfig
 
     cfg = TuneforgeConfig()
     cfg.packing.mode, cfg.model.attn_implementation = mode, "flex_attention"
     with pytest.raises(ConfigError, match=rf"packing.mode={mode} with model.attn_implementation=flex_attention on a CPU"):
-        device_defaults.resolve(cfg, cuda=False)
-    assert device_defaults.resolve(cfg, cuda=True).model.attn_implementation == "flex_attention"
+        device.resolve(cfg, cuda=False)
+    assert device.resolve(cfg, cuda=True).model.attn_implementation == "flex_attention"
     cfg.packing.mode = "none"  # unpacked rows carry an attention mask: nothing to isolate
-    device_defaults.resolve(cfg, cuda=False)
+    device.resolve(cfg, cuda=False)
     cfg.packing.mode = "auto"  # decides none on a CPU
-    assert device_defaults.resolve(cfg, cuda=False).packing.mode == "none"
+    assert device.resolve(cfg, cuda=False).packing.mode == "none"
 
 
 def test_flex_attention_with_packing_is_refused_by_the_cli_config_check():
     """The same check runs where every command validates its config, before anything loads."""
-    from tuneforge.compose import load_config
-    from tuneforge.config import ConfigError
+    from tuneforge.config.compose import load_config
+    from tuneforge.config.errors import ConfigError
 
     overrides = ["packing=bfd", "model.attn_implementation=flex_attention"]
     if torch.cuda.is_available():
@@ -358,8 +366,8 @@ class GrabGrads(TrainerCallback):
 
 
 def one_step(smollm_dir, tokenizer, ds, mode, batch_size, accumulation, tmp_path):
-    from tuneforge.config import TuneforgeConfig
-    from tuneforge.library_args import trainer_arguments
+    from tuneforge.config.library_args import trainer_arguments
+    from tuneforge.config.schemas import TuneforgeConfig
 
     model = get_peft_model(tiny_llama(smollm_dir), LoraConfig(**LORA))
     cfg = TrainConfig(per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation, max_steps=1,

@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from tuneforge.compose import load_config
-from tuneforge.config import ConfigError
+from tuneforge.config.compose import load_config
+from tuneforge.config.errors import ConfigError
 from tuneforge.data.preference import prepare_preferences
-from tuneforge.tokenizer import stop_token_ids
+from tuneforge.models.tokenizer import stop_token_ids
 
 
 def _prepare(tmp_path, rows, tokenizer, *overrides):

@@ -67,9 +67,9 @@ def test_demo_recipe_plumbing(dpo_run):
 def _trained(cfg_overrides: list[str], run_dir: Path, steps: int = 3):
     """The preference stages as lifecycle.run calls them, trained `steps` steps in this process: (task, model,
     trainer), for tests that look inside the trainer."""
-    from tuneforge import library_args
-    from tuneforge.compose import load_config
-    from tuneforge.preference import Preference
+    from tuneforge.config import library_args
+    from tuneforge.config.compose import load_config
+    from tuneforge.tasks.preference import Preference
 
     cfg = load_config(["recipe=dpo-demo", "quant=none", f"train.max_steps={steps}", "train.learning_rate=1e-2",
                        "train.save_strategy=no", "train.report_to=none", "data.builtin_rows=40",
@@ -96,7 +96,7 @@ def _completion_logps(model, batch) -> torch.Tensor:
 def test_reference_is_the_adapter_off_base_after_training(tiny_model, tmp_path):
     """After steps at a high learning rate the policy has moved; the reference TRL scores against (adapter off) is
     still the base model loaded afresh: no drift, and no second copy of the weights."""
-    from tuneforge.config import ModelConfig, QuantConfig
+    from tuneforge.config.schemas import ModelConfig, QuantConfig
     from tuneforge.models.loading import load_model
 
     _, model, trainer = _trained([f"model.name_or_path={tiny_model}"], tmp_path)
@@ -112,7 +112,7 @@ def test_reference_is_the_adapter_off_base_after_training(tiny_model, tmp_path):
 
 
 def test_sft_start_keeps_a_frozen_copy_of_the_sft_adapter_as_reference(tiny_model, tmp_path):
-    from tuneforge import runs
+    from tuneforge.runs import rundir
 
     sft = tmp_path / "sft"
     trained = cli_in_process("train", f"model.name_or_path={tiny_model}", "quant=none", "train.max_steps=2",
@@ -131,7 +131,7 @@ def test_sft_start_keeps_a_frozen_copy_of_the_sft_adapter_as_reference(tiny_mode
     assert max((policy[k].cpu() - sft_weights[k]).abs().max().item() for k in ref) > 1e-4  # the policy did
     assert all(not p.requires_grad for n, p in model.named_parameters() if ".ref." in n)
 
-    runs.save_adapter(trainer, task.tokenizer, dpo)
+    rundir.save_adapter(trainer, task.tokenizer, dpo)
     saved = load_file(str(dpo / "adapter" / "adapter_model.safetensors"))
     assert not (dpo / "adapter" / "ref").exists()  # the run's adapter is the trained one alone
     assert max((saved[k] - policy[k].cpu()).abs().max().item() for k in saved) == 0.0

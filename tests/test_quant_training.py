@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from tuneforge.config import ModelConfig, QuantConfig
-from tuneforge.inference import GenerationSettings, generate
+from tuneforge.config.schemas import ModelConfig, QuantConfig
+from tuneforge.eval.inference import GenerationSettings, generate
 from tuneforge.models.loading import load_model
 
 
@@ -28,10 +28,10 @@ def test_gradient_through_4bit_layer_survives_generation(smollm_dir, smollm_toke
 
 def test_added_tokens_are_trainable_under_lora(smollm_dir):
     """A token added by the tokenizer config gets a trainable embedding row (PEFT trainable_token_indices)."""
-    from tuneforge.config import PeftConfig, TokenizerConfig
+    from tuneforge.config.schemas import PeftConfig, TokenizerConfig
     from tuneforge.models.adapters import add_lora
     from tuneforge.models.loading import fit_embeddings
-    from tuneforge.tokenizer import load_tokenizer, new_token_ids
+    from tuneforge.models.tokenizer import load_tokenizer, new_token_ids
 
     tokenizer, report = load_tokenizer(smollm_dir, TokenizerConfig(add_special_tokens=["<|answer|>"]))
     ids = new_token_ids(tokenizer, report)
@@ -54,7 +54,7 @@ def test_added_tokens_are_trainable_under_lora(smollm_dir):
 def test_4bit_base_without_upcast_keeps_loaded_dtype_and_trains(smollm_dir):
     """quant.upcast_non_quantized=false: embeddings and norms stay bf16 (no fp32 copy), LoRA stays fp32 and
     trainable through checkpointed layers, and the loss matches the upcast model's within bf16 rounding."""
-    from tuneforge.config import PeftConfig, TrainConfig
+    from tuneforge.config.schemas import PeftConfig, TrainConfig
     from tuneforge.models.adapters import add_lora, enable_checkpointing, prepare_base
 
     batch = torch.tensor([[1, 504, 3373, 282, 260, 1789, 30, 2]])

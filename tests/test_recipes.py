@@ -9,8 +9,8 @@ import re
 import pytest
 
 from tests.conftest import run_cli
-from tuneforge.compose import group_options, load_config
-from tuneforge.paths import recipes_dir
+from tuneforge.config.compose import group_options, load_config
+from tuneforge.config.paths import recipes_dir
 
 RECIPES = group_options("recipe")
 

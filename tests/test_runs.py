@@ -14,12 +14,12 @@ import torch
 from omegaconf import OmegaConf
 
 from tests.conftest import cli_in_process
-from tuneforge import checkpoints, manifest, redaction, report, reproduce, runs
-from tuneforge.objective import objective
-from tuneforge.compose import load_config
-from tuneforge.config import ConfigError
-from tuneforge.faults import StopOnNaN
-
+from tuneforge.commands import report, reproduce
+from tuneforge.config.compose import load_config
+from tuneforge.config.errors import ConfigError
+from tuneforge.runs import checkpoints, manifest, redaction, rundir
+from tuneforge.runs.faults import StopOnNaN
+from tuneforge.runs.objective import objective
 
 # --- secrets ---------------------------------------------------------------------------------------------
 
@@ -46,7 +46,7 @@ def test_redact_config_and_command_line():
 
 
 def test_write_config_redacts(tmp_path):
-    runs.write_config(tmp_path, OmegaConf.create({"model": {"token": "hf_secret"}, "hydra": {"x": 1}}))
+    rundir.write_config(tmp_path, OmegaConf.create({"model": {"token": "hf_secret"}, "hydra": {"x": 1}}))
     text = (tmp_path / "config.yaml").read_text()
     assert "hf_secret" not in text and redaction.REDACTED in text and "hydra" not in text
 
@@ -55,7 +55,7 @@ def test_redact_hydra_files(tmp_path):
     (tmp_path / ".hydra").mkdir()
     (tmp_path / ".hydra" / "overrides.yaml").write_text("- model.token=hf_secret\n- train.seed=3\n")
     (tmp_path / ".hydra" / "config.yaml").write_text("model:\n  token: hf_secret\n")
-    runs.redact_hydra_files(tmp_path)
+    rundir.redact_hydra_files(tmp_path)
     for name in ("overrides.yaml", "config.yaml"):
         text = (tmp_path / ".hydra" / name).read_text()
         assert "hf_secret" not in text and redaction.REDACTED in text
@@ -103,38 +103,38 @@ def test_resolve_resume(tmp_path):
 
 def test_run_dir_rules(tmp_path):
     run = tmp_path / "run"
-    runs.claim_run_dir(run)
-    runs.write_config(run, OmegaConf.create({"a": 1}))
+    rundir.claim_run_dir(run)
+    rundir.write_config(run, OmegaConf.create({"a": 1}))
     with pytest.raises(ConfigError, match="already holds a run.*resume_from_checkpoint=auto"):
-        runs.check_run_dir_free(run)
-    runs.check_run_dir_free(run, resume="auto")  # unfinished: resuming into it is allowed
+        rundir.check_run_dir_free(run)
+    rundir.check_run_dir_free(run, resume="auto")  # unfinished: resuming into it is allowed
     (run / "adapter").mkdir()
     (run / "metrics.json").write_text("{}")
     with pytest.raises(ConfigError, match="finished run"):
-        runs.check_run_dir_free(run, resume="auto")
+        rundir.check_run_dir_free(run, resume="auto")
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(ConfigError, match="not writable"):
-        runs.check_run_dir_free(blocker / "run")
+        rundir.check_run_dir_free(blocker / "run")
 
 
 def test_atomic_dir_leaves_nothing_half_written(tmp_path):
     final = tmp_path / "adapter"
     with pytest.raises(OSError):
-        with runs.atomic_dir(final) as tmp:
+        with rundir.atomic_dir(final) as tmp:
             (tmp / "adapter_model.safetensors").write_text("half")
             raise OSError(28, "No space left on device")
     assert not final.exists() and list(tmp_path.iterdir()) == []
-    with runs.atomic_dir(final) as tmp:
+    with rundir.atomic_dir(final) as tmp:
         (tmp / "adapter_model.safetensors").write_text("whole")
     assert (final / "adapter_model.safetensors").read_text() == "whole"
 
 
 def test_free_space_check(tmp_path):
-    runs.check_free_space(tmp_path, 1)
+    rundir.check_free_space(tmp_path, 1)
     with pytest.raises(ConfigError, match="MiB free"):
-        runs.check_free_space(tmp_path, 1 << 60)
-    assert runs.estimate_run_bytes(1_000_000, 2) == 4_000_000 * 7 + (64 << 20)
+        rundir.check_free_space(tmp_path, 1 << 60)
+    assert rundir.estimate_run_bytes(1_000_000, 2) == 4_000_000 * 7 + (64 << 20)
 
 
 def test_run_keys_validated():

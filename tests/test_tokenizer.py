@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from transformers import AutoTokenizer
 
-from tuneforge.config import TokenizerConfig
-from tuneforge.models.loading import resize_rows
-from tuneforge.tokenizer import NEW_PAD, apply_fixes, content_hash, load_tokenizer
 from tests.conftest import shared
+from tuneforge.config.schemas import TokenizerConfig
+from tuneforge.models.loading import resize_rows
+from tuneforge.models.tokenizer import NEW_PAD, apply_fixes, content_hash, load_tokenizer
 
 
 def test_default_tokenizer_pad_becomes_unk(smollm_dir):

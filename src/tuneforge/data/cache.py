@@ -26,10 +26,10 @@ import xxhash
 from datasets import Dataset, DatasetDict, Features, load_from_disk
 from datasets.utils.tqdm import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
-from tuneforge.config import DataConfig, MixSourceConfig
-from tuneforge.data.local_paths import is_local
+from tuneforge.config.local_paths import is_local
+from tuneforge.config.paths import cache_dir
+from tuneforge.config.schemas import DataConfig, MixSourceConfig
 from tuneforge.data.sources import BUILTIN_PREFIX, load_split_raw, local_files
-from tuneforge.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +67,11 @@ def _eval_split_fingerprint(src: MixSourceConfig) -> Any:
 
 
 def code_digest() -> str:
-    """The data stage's code (+ tokenizer.py, whose stop tokens end the trained spans): a change in formatting
-    or masking invalidates cached results."""
+    """The data stage's code (+ models/tokenizer.py, whose stop tokens end the trained spans, and the format
+    records of config/formats.py): a change in formatting or masking invalidates cached results."""
     h = xxhash.xxh3_128()
-    for path in sorted(_DATA_DIR.glob("*.py")) + [_DATA_DIR.parent / "tokenizer.py"]:
+    package = _DATA_DIR.parent
+    for path in sorted(_DATA_DIR.glob("*.py")) + [package / "models" / "tokenizer.py", package / "config" / "formats.py"]:
         h.update(path.name.encode())
         h.update(path.read_bytes())
     return h.hexdigest()

@@ -9,11 +9,13 @@ emit the text plus the [start, end) character spans to train (the completion and
 from __future__ import annotations
 
 import difflib
-import string
+import importlib
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from tuneforge.config import ConfigError, FormatConfig
+from tuneforge.config.errors import ConfigError
+from tuneforge.config.formats import FORMATS, template_fields
+from tuneforge.config.schemas import FormatConfig
 
 ROLES = {"system", "user", "assistant"}
 _SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
@@ -164,12 +166,6 @@ def text(row: dict, cfg: FormatConfig, ctx: FormatContext) -> Row:
     return _with_eos(value, [[start, len(value)]], ctx, cfg)
 
 
-def template_fields(template: str) -> list[str]:
-    """The column names a str.format template uses, in order."""
-    names = [f for _, f, _, _ in string.Formatter().parse(template) if f]
-    return list(dict.fromkeys(n.split(".")[0].split("[")[0] for n in names if n != "eos_token"))
-
-
 def template(row: dict, cfg: FormatConfig, ctx: FormatContext) -> Row:
     """A str.format template over the row's columns. The completion span is known by construction: everything
     rendered after `response_template` (the validated split point), through the EOS."""
@@ -189,33 +185,16 @@ def template(row: dict, cfg: FormatConfig, ctx: FormatContext) -> Row:
     return _with_eos(prompt + answer, [[len(prompt), len(prompt) + len(answer)]], ctx, cfg, has_eos)
 
 
-STRATEGIES: dict[str, Callable[[dict, FormatConfig, FormatContext], Row]] = {
-    "instruction": instruction,
-    "conversational": conversational,
-    "alpaca": alpaca,
-    "text": text,
-    "template": template,
-}
-
-
 def formatter(cfg: FormatConfig, ctx: FormatContext) -> Callable[[dict], Row]:
-    fn = STRATEGIES[cfg.strategy]
+    """row -> Row for format.strategy (its function in config/formats.FORMATS)."""
+    module, _, name = FORMATS[cfg.strategy].function.partition(":")
+    fn = getattr(importlib.import_module(module), name)
     return lambda row: fn(row, cfg, ctx)
 
 
 def required_roles(cfg: FormatConfig) -> list[tuple[str, str]]:
     """(role, configured column) pairs the strategy needs; a role is the column's default name."""
-    return {
-        "instruction": [("prompt", cfg.prompt_column), ("completion", cfg.completion_column)],
-        "conversational": [("messages", cfg.messages_column)],
-        "alpaca": [("instruction", cfg.instruction_column), ("output", cfg.output_column)],
-        "text": [("text", cfg.text_column)],
-        "template": [(f, f) for f in template_fields(cfg.template or "")],
-        # The prompt is optional: without it, chosen and rejected conversations share it (their common prefix).
-        "preference": [("chosen", cfg.chosen_column), ("rejected", cfg.rejected_column)],
-        "unpaired": [("prompt", cfg.prompt_column), ("completion", cfg.completion_column),
-                     ("label", cfg.label_column)],
-    }[cfg.strategy]
+    return FORMATS[cfg.strategy].roles(cfg)
 
 
 def required_columns(cfg: FormatConfig) -> list[str]:
@@ -224,8 +203,7 @@ def required_columns(cfg: FormatConfig) -> list[str]:
 
 def used_columns(cfg: FormatConfig) -> list[str]:
     """Every column the strategy reads (required + optional): the rest are dropped before formatting."""
-    optional = {"alpaca": [cfg.input_column], "preference": [cfg.prompt_column]}.get(cfg.strategy, [])
-    return required_columns(cfg) + optional
+    return required_columns(cfg) + FORMATS[cfg.strategy].optional(cfg)
 
 
 def check_columns(cfg: FormatConfig, have: list[str], where: str, renames: Optional[dict[str, str]] = None) -> None:
@@ -235,8 +213,8 @@ def check_columns(cfg: FormatConfig, have: list[str], where: str, renames: Optio
         return
     hint = suggest_mapping(missing, have)
     missing = list(missing)
-    fix = (f" Map them with data.columns, e.g. " + ", ".join(f"+data.columns.{src}={dst}" for dst, src in hint.items())
-           + f" (or point format.*_column at the existing columns)." if hint
+    fix = (" Map them with data.columns, e.g. " + ", ".join(f"+data.columns.{src}={dst}" for dst, src in hint.items())
+           + " (or point format.*_column at the existing columns)." if hint
            else " Rename columns with data.columns.OLD=NEW, or point format.*_column at existing columns.")
     renamed = f" (after data.columns={renames})" if renames else ""
     raise ConfigError(

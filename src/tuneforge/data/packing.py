@@ -1,28 +1,27 @@
 """Packing: several tokenized sequences per training row, without letting them attend to each other.
 
-The modes are the `MODES` registry below: each declares how it packs the prepared rows and what the collator
-does with a batch of them; validation, the device defaults, the collator and the trainer read it, so a mode
-added there is known everywhere (and a name not in it is refused by validation). `packing.mode=auto` is
-decided per device (device_defaults.auto_packing_mode).
+The modes are the records of config/packing_modes.py: each declares how it packs the prepared rows (a packer
+here) and what the collator does with a batch of them. `packing.mode=auto` is decided per device
+(config/device.auto_packing_mode).
 
 Every mode whose sequences share a forward row feeds the model batches without an attention mask and with
 position ids restarting per sequence (see `collators.build_collator`); the loss masks (labels) travel with
 the tokens, so completion-only masking survives packing.
 `check_no_contamination` is the start-up probe that fails a run whose model lets packed sequences see
 each other (an attention implementation or a model that ignores position ids, a KV cache left on).
-
-Validation reads the registry before any model loads, so torch, datasets and TRL are imported only in the
-functions that use them.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 from dataclasses import asdict, dataclass
 from itertools import accumulate
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable
 
-from tuneforge.config import ConfigError, PackingConfig
+from tuneforge.config.errors import ConfigError
+from tuneforge.config.packing_modes import packing_mode
+from tuneforge.config.schemas import PackingConfig
 
 if TYPE_CHECKING:
     import torch
@@ -33,62 +32,16 @@ log = logging.getLogger(__name__)
 PACKED_COLUMNS = ["input_ids", "labels"]
 
 
-def _bfd(ds: Dataset, max_length: int) -> Dataset:
+def bfd(ds: Dataset, max_length: int) -> Dataset:
+    """packing.mode=bfd: best-fit-decreasing bins (TRL's pack_dataset)."""
     from trl.data_utils import pack_dataset
 
     return pack_dataset(ds, max_length, strategy="bfd")
 
 
-def _wrapped(ds: Dataset, max_length: int) -> Dataset:
+def wrapped(ds: Dataset, max_length: int) -> Dataset:
+    """packing.mode=wrapped: concatenated and cut at max_length, sequence boundaries kept."""
     return ds.map(_wrap, batched=True, fn_kwargs={"max_length": max_length})
-
-
-# What the collator does with a batch: PAD each sequence to the longest (one sequence per row), FLATTEN the
-# batch into one row (no padding), or keep one packed ROW per batch row (its `seq_lengths` restart positions).
-PAD, FLATTEN, ROWS = "pad", "flatten", "rows"
-
-
-@dataclass(frozen=True)
-class PackingMode:
-    name: str
-    doc: str
-    # How the prepared rows are packed: (rows, max_length) -> rows with `seq_lengths`; None leaves them as they are.
-    pack_rows: Optional[Callable[[Any, int], Any]]
-    batch: str  # PAD | FLATTEN | ROWS
-
-    @property
-    def shares_rows(self) -> bool:
-        """Sequences share a forward row: no attention mask, restarting position ids, the contamination probe,
-        causal-LM labels only, an attention implementation that honours the position ids."""
-        return self.batch != PAD
-
-
-# To add a packing mode: add it here, and conf/packing/NAME.yaml so that `packing=NAME` selects it.
-MODES: dict[str, PackingMode] = {m.name: m for m in (
-    PackingMode("none", "one sequence per row, padded per batch", None, PAD),
-    PackingMode("padding_free", "rows unchanged; the collator flattens each batch into one row (no padding)",
-                None, FLATTEN),
-    PackingMode("bfd", "best-fit-decreasing bins of train.max_length tokens (TRL pack_dataset), seq_lengths per "
-                "row", _bfd, ROWS),
-    PackingMode("wrapped", "concatenate and cut into rows of exactly train.max_length; TRL's wrapped mode drops the "
-                "sequence boundaries, ours keeps them in seq_lengths so position ids restart at each sequence",
-                _wrapped, ROWS),
-)}
-AUTO = "auto"  # decided for the device the job runs on (device_defaults.auto_packing_mode)
-CHOICES = (AUTO, *MODES)
-
-# The docstring's list of modes is generated from the registry, so that it cannot drift from it
-# (python -O strips docstrings: nothing to extend then).
-if __doc__:
-    __doc__ += "\nModes (`packing.mode`):\n\n" + "".join(f"- {m.name}: {m.doc}\n" for m in MODES.values()) + (
-        f"- {AUTO}: one of the above, decided per device (device_defaults.auto_packing_mode)\n")
-
-
-def packing_mode(name: str) -> PackingMode:
-    """The registered mode `name` (validation refuses any other before a run starts)."""
-    if name not in MODES:
-        raise ConfigError(f"packing.mode={name} is not a packing mode; choose one of {', '.join(MODES)} (or auto).")
-    return MODES[name]
 
 
 class ContaminationError(ConfigError):
@@ -132,7 +85,8 @@ def pack(ds: Dataset, cfg: PackingConfig, max_length: int) -> tuple[Dataset, Pac
     if mode.pack_rows is None:
         return ds, PackingStats(mode.name, len(ds), len(ds), tokens, None)
     ds = ds.select_columns(PACKED_COLUMNS)
-    packed = mode.pack_rows(ds, max_length)
+    module, _, name = mode.pack_rows.partition(":")
+    packed = getattr(importlib.import_module(module), name)(ds, max_length)
     stats = PackingStats(mode.name, len(ds), len(packed), tokens, tokens / (len(packed) * max_length))
     log.info("packing=%s: %d sequences -> %d rows of <= %d tokens (%.1f%% full)",
              mode.name, stats.rows_in, stats.rows_out, max_length, 100 * stats.fill)

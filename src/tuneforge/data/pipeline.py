@@ -23,21 +23,16 @@ from datasets.fingerprint import generate_random_fingerprint
 from datasets.table import InMemoryTable
 from transformers import PreTrainedTokenizerBase
 
-from tuneforge.config import CollatorConfig, ConfigError, DataConfig, FormatConfig, MixSourceConfig, TrainConfig
+from tuneforge.config.errors import ConfigError
+from tuneforge.config.schemas import CollatorConfig, DataConfig, FormatConfig, MixSourceConfig, TrainConfig
 from tuneforge.data import cache
-from tuneforge.data.formats import (
-    BadRow,
-    FormatContext,
-    formatter,
-    renders_chat,
-    used_columns,
-)
+from tuneforge.data.formats import BadRow, FormatContext, formatter, renders_chat, used_columns
 from tuneforge.data.mix import mix_counts
 from tuneforge.data.render import render_conversations
 from tuneforge.data.sources import ROW, SKIPPED_EXAMPLES, SkippedLines, data_sources, load_source
 from tuneforge.data.text_masks import build_labels, encode_async
 from tuneforge.data.tokenize import assistant_mask_route
-from tuneforge.tokenizer import content_hash, reset_call_state, stop_token_ids
+from tuneforge.models.tokenizer import content_hash, reset_call_state, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +192,7 @@ def format_context(tokenizer: PreTrainedTokenizerBase) -> FormatContext:
 def _build(cfg: DataConfig, sources: list[MixSourceConfig], train_cfg: TrainConfig,
            tokenizer: PreTrainedTokenizerBase, collator: CollatorConfig, key: str) -> tuple[DatasetDict, dict[str, DataStats]]:
     loaded = LoadedSources.load(cfg, sources)
-    tok = _tokenizer_kwargs(tokenizer, collator)
+    tok = tokenizer_kwargs(tokenizer, collator)
     out, stats = {}, {}
     for split in ("train", "eval"):
         st, parts = DataStats(), []
@@ -217,7 +212,7 @@ def _fingerprint(key: str, split: str, i: int) -> str:
     return hashlib.sha256(f"{key}:{split}:{i}".encode()).hexdigest()[:16]
 
 
-def _tokenizer_kwargs(tokenizer: PreTrainedTokenizerBase, collator: CollatorConfig) -> dict[str, Any]:
+def tokenizer_kwargs(tokenizer: PreTrainedTokenizerBase, collator: CollatorConfig) -> dict[str, Any]:
     """What `process_batch` needs from the tokenizer and collator, worked out once (get_vocab is not free)."""
     return {
         "tokenizer": tokenizer, "ctx": format_context(tokenizer), "collator": collator,

@@ -24,14 +24,15 @@ from typing import Any, Optional
 from datasets import Dataset, DatasetDict, Features, List, Value
 from transformers import PreTrainedTokenizerBase
 
-from tuneforge.config import ConfigError, DataConfig, FormatConfig, TrainConfig
+from tuneforge.config.errors import ConfigError
+from tuneforge.config.schemas import DataConfig, FormatConfig, TrainConfig
 from tuneforge.data import cache
 from tuneforge.data.formats import BadRow, conversational, text_field
 from tuneforge.data.pipeline import DataStats, LoadedSources, PreparedData, report
 from tuneforge.data.render import render_conversations
 from tuneforge.data.sources import ROW, data_sources
 from tuneforge.data.text_masks import encode
-from tuneforge.tokenizer import content_hash, stop_token_ids
+from tuneforge.models.tokenizer import content_hash, stop_token_ids
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ def render_conversations(tokenizer: PreTrainedTokenizerBase, conversations: list
     except Exception as exc:
         # A template can reach outside the sandbox on some rows only (the probe at load time renders two
         # sample conversations): refuse it as a config error naming the template, not as a crash in the map.
-        from tuneforge.tokenizer import sandbox_refusal, sandbox_refused
+        from tuneforge.models.tokenizer import sandbox_refusal, sandbox_refused
 
         if sandbox_refused(exc):
             raise sandbox_refusal(tokenizer, exc) from exc

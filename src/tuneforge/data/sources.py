@@ -22,10 +22,11 @@ from datasets import Dataset, DatasetDict, ReadInstruction, load_dataset
 from datasets.data_files import DataFilesDict, get_data_patterns
 from datasets.exceptions import DatasetNotFoundError
 
-from tuneforge.config import ConfigError, DataConfig, FormatConfig, MixSourceConfig
+from tuneforge.config.errors import ConfigError
+from tuneforge.config.local_paths import BUILDERS, is_local
+from tuneforge.config.schemas import DataConfig, FormatConfig, MixSourceConfig
 from tuneforge.data.demo import BUILTIN
 from tuneforge.data.formats import check_columns
-from tuneforge.data.local_paths import BUILDERS, is_local
 
 log = logging.getLogger(__name__)
 

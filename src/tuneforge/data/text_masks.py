@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 from transformers import PreTrainedTokenizerBase
 
-from tuneforge.config import CollatorConfig
+from tuneforge.config.schemas import CollatorConfig
 from tuneforge.data.tokenize import IGNORE, completion_labels
 
 
@@ -92,17 +92,12 @@ def _end(offset: tuple[int, int]) -> int:
     return max(offset[1], offset[0] + 1)
 
 
-def tokenize_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str], spans: list[Optional[list[list[int]]]],
-                   max_length: int, truncation_mode: str, collator: CollatorConfig) -> dict[str, list]:
-    """input_ids, labels and per-row bookkeeping (truncated, n_trained) for a batch. `collator.name=lm` trains
-    every token; rows with spans train them; rows without are left to `collator.response_template`."""
-    return build_labels(texts, spans, encode(tokenizer, texts), max_length, truncation_mode, collator)
-
-
 def build_labels(texts: list[str], spans: list[Optional[list[list[int]]]],
                  encoded: tuple[list[list[int]], list[Any]], max_length: int, truncation_mode: str,
                  collator: CollatorConfig) -> dict[str, list]:
-    """`tokenize_texts` after the tokenizer call (`encoded` = `encode(...)`), so that call can run elsewhere."""
+    """input_ids, labels and per-row bookkeeping (truncated, n_trained) for a batch of texts, from the tokenizer
+    call's output (`encoded` = `encode(tokenizer, texts)`, which may run elsewhere). `collator.name=lm` trains every
+    token; rows with spans train them; rows without are left to `collator.response_template`."""
     out: dict[str, list] = {"input_ids": [], "labels": [], "truncated": [], "n_trained": []}
     all_ids, all_offsets = encoded
     for text, ids, offsets, row_spans in zip(texts, all_ids, all_offsets, spans):

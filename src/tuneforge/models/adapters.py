@@ -12,8 +12,9 @@ import torch
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import PreTrainedModel
 
-from tuneforge.config import PeftConfig, QuantConfig, TrainConfig
-from tuneforge.library_args import checkpointing_kwargs, is_quantized, lora_config
+from tuneforge.config.device import cuda_available
+from tuneforge.config.library_args import checkpointing_kwargs, is_quantized, lora_config
+from tuneforge.config.schemas import PeftConfig, QuantConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def enable_checkpointing(model: PreTrainedModel, train: TrainConfig) -> PreTrain
     if not train.gradient_checkpointing:
         return model
     # On a CPU the saved activations already live in host memory (and pinning needs an accelerator).
-    offload = train.gradient_checkpointing_offload and torch.cuda.is_available()
+    offload = train.gradient_checkpointing_offload and cuda_available()
     if train.gradient_checkpointing_offload and not offload:
         log.info("train.gradient_checkpointing_offload: no GPU, activations already in host memory")
     if hasattr(model, "activation_checkpointing_enable"):  # turns input gradients on itself

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuneforge.paths import cache_dir
+from tuneforge.config.paths import cache_dir
 
 log = logging.getLogger(__name__)
 

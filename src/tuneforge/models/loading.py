@@ -1,4 +1,5 @@
-"""Load a causal LM: resolve where it lives, quantize to 4-bit, fix embeddings and special-token ids.
+"""Load a model, the one way every task and command does: resolve where it lives, refuse what is unsafe, quantize
+to 4-bit, fix embeddings and special-token ids. The head (a causal LM, or sequence classification) is the task's.
 
 DESIGN rules 9 (embedding resize) and 10 (4-bit loading) live here.
 """
@@ -12,10 +13,20 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
-from tuneforge.config import ConfigError, ModelConfig, QuantConfig
-from tuneforge.library_args import compute_dtype, quantization_config
+from tuneforge.config.device import compute_dtype, cuda_available
+from tuneforge.config.errors import ConfigError
+from tuneforge.config.library_args import quantization_config
+from tuneforge.config.schemas import ModelConfig, QuantConfig
+from tuneforge.config.tasks import CAUSAL_LM, SEQUENCE_CLASSIFICATION
 from tuneforge.models import embedded
 
 log = logging.getLogger(__name__)
@@ -51,7 +62,7 @@ def check_weights_safe(path: str) -> None:
 @contextmanager
 def _refusals(path: str):
     """transformers' refusal of a model that needs its own code, as the one-line config error."""
-    from tuneforge.tokenizer import remote_code_refusal
+    from tuneforge.models.tokenizer import remote_code_refusal
 
     try:
         yield
@@ -68,13 +79,18 @@ def load_config(path: str, cfg: ModelConfig):
         return AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
 
 
-def load_model(path: str, cfg: ModelConfig, quant: QuantConfig) -> PreTrainedModel:
+AUTO_CLASSES = {CAUSAL_LM: AutoModelForCausalLM, SEQUENCE_CLASSIFICATION: AutoModelForSequenceClassification}
+
+
+def load_model(path: str, cfg: ModelConfig, quant: QuantConfig, head: str = CAUSAL_LM, **head_kwargs) -> PreTrainedModel:
+    """The weights at `path` with the task's head (`head_kwargs`: e.g. num_labels and label names for a new
+    classification head), quantized as `quant` says, on this process's device."""
     bnb = quantization_config(quant)
     dtype = compute_dtype(cfg.dtype) if bnb is None else compute_dtype(quant.bnb_4bit_compute_dtype)
     start = time.perf_counter()
     check_weights_safe(path)
     with _refusals(path):
-        model = AutoModelForCausalLM.from_pretrained(
+        model = AUTO_CLASSES[head].from_pretrained(
             path,
             revision=cfg.revision,
             trust_remote_code=cfg.trust_remote_code,
@@ -82,7 +98,8 @@ def load_model(path: str, cfg: ModelConfig, quant: QuantConfig) -> PreTrainedMod
             quantization_config=bnb,
             attn_implementation=cfg.attn_implementation,
             use_safetensors=True,  # never unpickle weights (a .bin checkpoint can run code)
-            device_map=_device_map(bnb),
+            device_map=device_map_for(bnb),
+            **head_kwargs,
         )
     kind = f", 4-bit {quant.bnb_4bit_quant_type}" if quant.load_in_4bit else ", 8-bit" if quant.load_in_8bit else ""
     log.info("Loaded %s (%s%s) in %.1f s", path, dtype, kind, time.perf_counter() - start)
@@ -114,10 +131,10 @@ def sharded_training() -> bool:
             or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3")
 
 
-def _device_map(bnb: BitsAndBytesConfig | None):
+def device_map_for(bnb: BitsAndBytesConfig | None):
     # One process per device: Accelerate's launchers set LOCAL_RANK (the device is not selected yet when the
     # model loads, so current_device() would put every rank on GPU 0).
-    if torch.cuda.is_available():
+    if cuda_available():
         if sharded_training():
             return None  # FSDP / ZeRO-3 place (and shard) the weights themselves
         return {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}

@@ -1,0 +1,112 @@
+"""`tuneforge infer`: answer prompts with a trained run, through the shared inference helper."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import MISSING
+
+from tuneforge.commands.base import as_object, hydra_command
+from tuneforge.config.compose import quote_free_text
+from tuneforge.config.errors import ConfigError
+from tuneforge.config.formats import TEXT_STRATEGIES
+from tuneforge.runs import rundir
+
+
+@dataclass
+class InferConfig:
+    """The `infer` command's config (conf/infer.yaml)."""
+
+    run_dir: str = MISSING
+    prompt: Optional[str] = None
+    prompts_file: Optional[str] = None
+    # JSONL of {prompt, completion} per answer (answers are printed too).
+    output_file: Optional[str] = None
+    chat: bool = False
+    max_new_tokens: int = 128
+    max_input_tokens: int = 1024
+    batch_size: int = 8
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+def read_prompts(path: str) -> list:
+    """JSONL: one {"prompt": "..."} or {"messages": [...]} per line."""
+    prompts = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}:{n}: not valid JSON ({exc.msg}).") from None
+        if "messages" in row:
+            prompts.append(row["messages"])
+        elif "prompt" in row:
+            prompts.append(row["prompt"])
+        else:
+            raise ConfigError(f"{path}:{n}: expected a 'prompt' or 'messages' key, found {sorted(row)}.")
+    return prompts
+
+
+def run(cfg: InferConfig) -> list[str]:
+    # Imported when the command runs: `tuneforge --help` reads every command module, and must not load torch.
+    from tuneforge.data.formats import with_system_prompt
+    from tuneforge.eval.inference import GenerationSettings, generate
+    from tuneforge.models.trained import load_trained
+
+    if not (cfg.prompt or cfg.prompts_file or cfg.chat):
+        raise ConfigError('infer needs prompt="...", prompts_file=FILE.jsonl or chat=true.')
+    settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, max_input_tokens=cfg.max_input_tokens,
+                                  batch_size=cfg.batch_size, do_sample=cfg.do_sample,
+                                  temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
+    model, tokenizer, run_cfg = load_trained(cfg.run_dir)
+    chat_rows = bool(tokenizer.chat_template) and run_cfg.format.strategy not in TEXT_STRATEGIES
+    # Chat prompts get the run's system prompt, as its training rows did (rule 5); text formats are raw text.
+    as_trained = (lambda p: with_system_prompt(p, run_cfg.format)) if chat_rows else (lambda p: p)
+    if cfg.chat:
+        return chat(model, tokenizer, settings, as_trained)
+    prompts = [cfg.prompt] if cfg.prompt else read_prompts(cfg.prompts_file)
+    answers = generate(model, tokenizer, [as_trained(p) for p in prompts], settings)
+    for answer in answers:
+        print(answer)
+    if cfg.output_file:
+        rundir.write_predictions(Path(cfg.output_file), [{"prompt": p, "completion": a} for p, a in zip(prompts, answers)])
+    return answers
+
+
+def chat(model, tokenizer, settings, as_trained) -> list[str]:
+    """Interactive multi-turn chat with streamed answers; an empty line or Ctrl-D ends it."""
+    from tuneforge.eval.inference import generate
+
+    messages, answers = [], []
+    while True:
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            break
+        if not text:
+            break
+        messages.append({"role": "user", "content": text})
+        print("model> ", end="", flush=True)
+        answer = generate(model, tokenizer, [as_trained(messages)], settings, stream=True)[0]
+        messages.append({"role": "assistant", "content": answer})
+        answers.append(answer)
+    return answers
+
+
+def app(dcfg) -> None:
+    run(as_object(dcfg))
+
+
+COMMAND = hydra_command(
+    "infer", "answer with a trained run",
+    'tuneforge infer run_dir=PATH prompt="..."   (or prompts_file=FILE.jsonl [output_file=OUT.jsonl], or chat=true)',
+    config_name="infer", schema=InferConfig, app=app,
+    # prompt= is a person's text, typed as is: quoted for Hydra here.
+    rewrite_args=quote_free_text)

@@ -1,0 +1,104 @@
+"""The device and precision, decided in one place: which accelerator this process has, what `auto` dtypes and
+`train.bf16=null` mean on it, and the `auto` settings resolved for the device the job runs on (the fast path on
+CUDA, the plain one on CPU).
+
+Measured on an H100 (benchmarks/README.md, `benchmarks/gpu_train.py`): bfd packing gave 1.71x the
+non-pad tokens/s of a plain padded TRL run at 1B and 8B and cut peak memory to 0.53-0.64x; Liger's
+RMSNorm/RoPE/SwiGLU kernels on top gave 1.84-1.90x at 0.51-0.62x memory. On a CPU neither helps
+(Liger needs Triton on CUDA; the demo's rows are all about the same length), so `auto` keeps them off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+
+from tuneforge.config.errors import ConfigError
+from tuneforge.config.packing_modes import AUTO, packing_mode
+from tuneforge.config.schemas import PACKING_ATTENTION, TuneforgeConfig
+from tuneforge.config.tasks import task
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def xpu_available() -> bool:
+    import torch
+
+    return hasattr(torch, "xpu") and torch.xpu.is_available()
+
+
+def accelerator_available() -> bool:
+    """A CUDA, XPU or Apple MPS device."""
+    import torch
+
+    return cuda_available() or xpu_available() or torch.backends.mps.is_available()
+
+
+def device_supports_bf16() -> bool:
+    import torch
+
+    return cuda_available() and torch.cuda.is_bf16_supported()
+
+
+def compute_dtype(name: str):
+    """A dtype name as a torch dtype. auto: bf16 where a CUDA device supports it, else fp32 (fp32 is also the
+    faster choice on CPUs)."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device_supports_bf16() else torch.float32
+    return getattr(torch, name)
+
+
+def resolved_bf16(train) -> bool:
+    """train.bf16=null (auto): bf16 where a CUDA device supports it, else fp32 (config/library_keys.TRAIN's
+    reason)."""
+    return device_supports_bf16() if train.bf16 is None else bool(train.bf16)
+
+
+def liger_installed() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def auto_packing_mode(cfg: TuneforgeConfig, cuda: bool) -> str:
+    """packing=auto: bfd on CUDA wherever packing is allowed (causal-LM labels, an attention that honours
+    restarting position ids), none otherwise."""
+    packable = (task(cfg.task).packs and cfg.collator.name != "padding"
+                and cfg.model.attn_implementation in PACKING_ATTENTION)
+    return "bfd" if cuda and packable else "none"  # names in config/packing_modes.MODES
+
+
+def check_packed_attention(mode: str, attn: str, cuda: bool) -> None:
+    """flex_attention keeps packed sequences apart on CUDA, but on a CPU that depends on the processor:
+    measured on an AMD EPYC, its packed loss was NaN (2 layers) and off by 2.5e-3 (1 layer) where sdpa and
+    eager gave 0.0; on an Intel Xeon it was clean. A run must not depend on which CPU it landed on."""
+    if packing_mode(mode).shares_rows and attn == "flex_attention" and not cuda:
+        raise ConfigError(
+            f"packing.mode={mode} with model.attn_implementation=flex_attention on a CPU: whether flex_attention "
+            "keeps packed sequences apart on a CPU depends on the processor (NaN or cross-sequence attention on "
+            "some). Use model.attn_implementation=sdpa (or eager) on a CPU, flex_attention on a CUDA GPU, "
+            "or packing=none.")
+
+
+def resolve(cfg: TuneforgeConfig, cuda: bool | None = None) -> TuneforgeConfig:
+    """A copy of `cfg` with `packing.mode=auto` and `train.use_liger_kernel=null` decided for this device, and
+    the packing rules that depend on the device checked."""
+    auto = cfg.packing.mode == AUTO
+    flex_packed = (not auto and packing_mode(cfg.packing.mode).shares_rows
+                   and cfg.model.attn_implementation == "flex_attention")
+    needs_device = auto or cfg.train.use_liger_kernel is None or flex_packed
+    cuda = (cuda_available() if needs_device else False) if cuda is None else cuda
+    packing, train = cfg.packing, cfg.train
+    if auto:
+        packing = dataclasses.replace(packing, mode=auto_packing_mode(cfg, cuda))
+    check_packed_attention(packing.mode, cfg.model.attn_implementation, cuda)
+    if train.use_liger_kernel is None:
+        train = dataclasses.replace(train, use_liger_kernel=cuda and liger_installed() and task(cfg.task).liger)
+    elif train.use_liger_kernel and not liger_installed():
+        raise ConfigError("train.use_liger_kernel=true needs the liger-kernel package (pip install 'tuneforge[gpu]'), "
+                          "or leave it unset (auto: on where CUDA and liger-kernel are available).")
+    return dataclasses.replace(cfg, packing=packing, train=train)

@@ -1,0 +1,113 @@
+"""The task table: one description per task (`task=NAME`), the only place that says what a task is.
+
+Every module that needs to know something about a task reads its `Task` here (validation, the library keys of
+`train.*`, the device defaults, the doctor, preview, the model card, the memory estimate, `tuneforge keys`), so
+that adding a task is its stages module (tasks/), one entry below and, if it trains on a new row form, that
+format. Nothing here imports a library: the config layer reads it before anything loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+CAUSAL_LM, SEQUENCE_CLASSIFICATION = "causal_lm", "sequence_classification"
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    # What builds its stages (module:name of a class or function taking (cfg, run_dir, main), tasks/stages.Stages).
+    stages: str
+    # The trainer config (module:Class) whose fields are the `train.*` keys of this task.
+    trainer_config: str
+    # The model head it trains: causal_lm (AutoModelForCausalLM) or sequence_classification.
+    head: str
+    # format.strategy values its rows come in; empty: the task reads its columns itself (format.* strategies unused).
+    formats: tuple[str, ...]
+    # collator.name values that build its batches.
+    collators: tuple[str, ...]
+    # The doctor's check list for its prepared rows (tasks/doctor.CHECK_LISTS); "" for none.
+    doctor: str
+    # The metric a sweep optimizes and `report` ranks by; "" for `eval.metric`.
+    sweep_metric: str = ""
+    # Its rows may share a packed row (packing modes that share rows; packing=auto packs on CUDA).
+    packs: bool = False
+    # Liger's kernels apply (train.use_liger_kernel=null: on where CUDA and liger-kernel are).
+    liger: bool = False
+    # `tuneforge preview` shows its rows (input_ids + labels).
+    preview: bool = False
+    # The reference model is the base with the adapter off: the task needs an adapter (peft=lora).
+    needs_adapter: bool = False
+    # model.adapter (an SFT run to start from) applies.
+    starts_from_run: bool = False
+    # train.* keys the task's trainer supports with one value only: {key: (value, why)}.
+    fixed_train: dict[str, tuple[Any, str]] = field(default_factory=dict)
+    # What tuneforge sets in the trainer config for this task (over the user's keys), from the config.
+    trainer_settings: Callable[[Any], dict[str, Any]] = lambda cfg: {}
+
+    @property
+    def generates(self) -> bool:
+        """Its model answers prompts (`infer`, held-out generations)."""
+        return self.head == CAUSAL_LM
+
+
+def _sft_settings(cfg) -> dict[str, Any]:
+    return {
+        "include_num_input_tokens_seen": "non_padding",
+        # Tokens and labels were built (and counted) by tuneforge's data stage.
+        "dataset_kwargs": {"skip_prepare_dataset": True},
+        "remove_unused_columns": False,
+    }
+
+
+def _preference_settings(cfg) -> dict[str, Any]:
+    return {
+        "include_num_input_tokens_seen": "non_padding",
+        # The data stage built exactly the id columns the trainer reads (data/preference.py).
+        "remove_unused_columns": False,
+        "pad_to_multiple_of": cfg.collator.pad_to_multiple_of,
+    }
+
+
+def _classification_settings(cfg) -> dict[str, Any]:
+    # Accuracy and macro-F1 every epoch: the point of the task.
+    return {"eval_strategy": "epoch"} if cfg.train.eval_strategy == "no" else {}
+
+
+_PREFERENCE = dict(
+    head=CAUSAL_LM, collators=("completion_only",), doctor="preference", needs_adapter=True, starts_from_run=True,
+    fixed_train={"truncation_mode": ("keep_start", "the preference data keeps the prompt and cuts the answers' ends "
+                                                   "(keep_start, TRL's only mode)")},
+    trainer_settings=_preference_settings,
+)
+
+TASKS: dict[str, Task] = {t.name: t for t in (
+    Task("sft", "tuneforge.tasks.sft:SFT", "trl:SFTConfig", head=CAUSAL_LM,
+         formats=("instruction", "conversational", "alpaca", "text", "template"),
+         collators=("completion_only", "assistant_only", "lm"), doctor="sft", packs=True, liger=True, preview=True,
+         trainer_settings=_sft_settings),
+    Task("classification", "tuneforge.tasks.classification:Classification", "transformers:TrainingArguments",
+         head=SEQUENCE_CLASSIFICATION, formats=(), collators=("padding",), doctor="", sweep_metric="eval_accuracy",
+         trainer_settings=_classification_settings),
+    Task("dpo", "tuneforge.tasks.preference:dpo", "trl:DPOConfig", formats=("preference",), **_PREFERENCE),
+    Task("kto", "tuneforge.tasks.preference:kto", "trl:KTOConfig", formats=("unpaired",), **_PREFERENCE),
+)}
+
+# Tasks people ask for that tuneforge does not run, and why (with what to use instead).
+REFUSED = {
+    "orpo": "the installed TRL keeps ORPOTrainer under trl.experimental (an unstable API, with its own tokenization), "
+            "so tuneforge does not run it. Use task=dpo (its train.loss_type covers many reference-based losses) or "
+            "task=kto.",
+}
+
+
+def task(name: str) -> Task:
+    """The description of `task=NAME` (validation has refused unknown names by then)."""
+    return TASKS[name]
+
+
+def format_owner(strategy: str) -> str | None:
+    """The one task whose rows come in `strategy` when only one does (format=preference -> dpo), else None."""
+    owners = [t.name for t in TASKS.values() if strategy in t.formats]
+    return owners[0] if len(owners) == 1 else None

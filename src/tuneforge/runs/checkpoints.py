@@ -1,0 +1,83 @@
+"""Checkpoints a resume can trust: which checkpoint-N directories are whole, and what
+`train.resume_from_checkpoint` (auto | true | a path) resolves to."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+from tuneforge.config.errors import ConfigError
+from tuneforge.config.schemas import RESUME_LATEST, RESUME_OFF
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def resume_requested(value: Any) -> bool:
+    """`train.resume_from_checkpoint`: null/false = start fresh; auto/true/a path = resume."""
+    return value is not None and str(value).strip().lower() not in RESUME_OFF
+
+
+_WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
+
+
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """Why a checkpoint directory cannot be resumed from (a kill while writing it), or None."""
+    path = Path(path)
+    if not path.is_dir():
+        return "not a directory"
+    state = path / "trainer_state.json"
+    if not state.is_file():
+        return "no trainer_state.json (written last: the save was interrupted)"
+    try:
+        json.loads(state.read_text())
+    except ValueError:
+        return "trainer_state.json is truncated"
+    if not any((path / w).is_file() for w in _WEIGHTS):
+        return "no model/adapter weights"
+    for name in ("optimizer.pt", "scheduler.pt"):
+        if not (path / name).is_file():
+            return f"no {name}"
+    return None
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """checkpoint-N directories, oldest first."""
+    found = [p for p in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*") if p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def latest_complete_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The newest checkpoint that is whole; half-written ones are skipped (and said so)."""
+    for ckpt in reversed(checkpoints(run_dir)):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return ckpt
+        log.warning("Skipping %s: %s.", ckpt, problem)
+    return None
+
+
+def resolve_resume(value: Any, run_dir: Path) -> Optional[str]:
+    """`train.resume_from_checkpoint` -> the checkpoint path to give the Trainer, or None (start fresh).
+
+    auto: the latest complete checkpoint in the run directory, or a fresh start when there is none;
+    true: the same, but having none is an error; a path: that checkpoint, which must be complete."""
+    if not resume_requested(value):
+        return None
+    text = str(value).strip()
+    if text.lower() in RESUME_LATEST:
+        ckpt = latest_complete_checkpoint(run_dir)
+        if ckpt is None and text.lower() != "auto":
+            raise ConfigError(f"train.resume_from_checkpoint={text}: no complete checkpoint in {run_dir}. "
+                              "Use auto to start fresh when there is none.")
+        if ckpt is None:
+            log.info("train.resume_from_checkpoint=auto: no checkpoint in %s yet, starting from step 0.", run_dir)
+            return None
+        return str(ckpt)
+    problem = checkpoint_problem(Path(text))
+    if problem:
+        raise ConfigError(f"train.resume_from_checkpoint={text}: cannot resume from it ({problem}).")
+    return text
