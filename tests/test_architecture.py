@@ -88,3 +88,16 @@ def test_packages_import_only_the_packages_below_them():
 def test_the_layer_check_sees_an_upward_import():
     assert _layer("tuneforge.config.tasks") < _layer("tuneforge.data.formats") < _layer("tuneforge.cli")
     assert _layer("tuneforge.commands") == LAYERS.index("commands")
+
+
+def test_the_usage_reads_every_command_and_loads_no_library():
+    """`tuneforge --help` (and the usage after a mistyped command) imports every command module for its summary: a
+    command imports torch, transformers or datasets only when it runs, so the usage prints at once."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from tuneforge.cli import main; main(['--help']); "
+            "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'trl', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "reproduce" in out.stdout and out.stdout.strip().splitlines()[-1] == "[]"
