@@ -12,7 +12,7 @@ import importlib
 from tuneforge.commands.base import Command
 
 # To add a command: its module here (declaring COMMAND), its name below, and for a Hydra command conf/NAME.yaml.
-NAMES = ("train", "infer", "doctor", "merge", "eval", "preview", "report", "keys", "reproduce")
+NAMES = ("train", "infer", "doctor", "merge", "eval", "preview", "report", "keys", "reproduce", "recipes")
 
 
 def command(name: str) -> Command:

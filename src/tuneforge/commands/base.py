@@ -79,11 +79,12 @@ def hydra_command(name: str, summary: str, usage: str = "", **spec: Any) -> Comm
 
 
 def run_hydra_command(spec: HydraSpec, args: list[str]) -> int:
-    from tuneforge.config import compose
+    from tuneforge.config import compose, recipes
 
     args = list(spec.extra_args) + spec.rewrite_args(args)
     flags, overrides, multirun = compose.split_args(args)
     try:
+        recipes.use_flags(flags)
         if not set(flags) & INFO_FLAGS:
             cfg = compose.checked(overrides, spec.config_name, multirun=multirun)
             spec.precheck(cfg, overrides, multirun)

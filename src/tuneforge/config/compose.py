@@ -10,6 +10,7 @@ import copy
 import re
 import typing
 from dataclasses import fields, is_dataclass
+from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
@@ -20,9 +21,9 @@ from hydra.errors import OverrideParseException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from tuneforge.config import library_keys
+from tuneforge.config import library_keys, recipes
 from tuneforge.config.errors import ConfigError, closest
-from tuneforge.config.paths import conf_dir, recipes_dir
+from tuneforge.config.paths import conf_dir
 from tuneforge.config.schemas import GROUPS, MixSourceConfig, TuneforgeConfig, register_configs, schema_keys
 from tuneforge.config.validation import normalize, validate, validate_choices
 
@@ -81,17 +82,48 @@ def register_all() -> None:
     """Schemas + recipes into Hydra's ConfigStore (idempotent)."""
     register_configs()
     cs = ConfigStore.instance()
-    # Recipes live in the top-level recipes/ directory, not under conf/: register each one as the
-    # `recipe` group so `recipe=NAME` works the same for editable and regular installs.
-    for path in sorted(recipes_dir().glob("*.yaml")):
-        cs.store(group="recipe", name=path.stem, node=OmegaConf.load(path), package="_global_")
+    # Recipes live in the top-level recipes/ directory (and the user's recipe folders), not under conf/: register
+    # each one as the `recipe` group so `recipe=NAME` works the same for editable and regular installs.
+    for name, (path, _) in recipes.available().items():
+        cs.store(group="recipe", name=name, node=recipes.load(path), package="_global_")
 
 
 def group_options(group: str) -> list[str]:
     """Names selectable for a config group (`model=NAME`)."""
     if group == "recipe":
-        return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+        return sorted({*recipes.available(), *_recipe_files})
     return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
+# Recipe files given by path in this process: {stored name: file}.
+_recipe_files: dict[str, Path] = {}
+
+
+def _recipe_name(value: str) -> str:
+    """A `recipe=` value as Hydra's option name: a recipe file (by path, or a user recipe by name) is stored under a
+    name of its own first. A user recipe by name too: Hydra itself would find one in `--config-dir DIR`/recipe/
+    and package it under `recipe.` unless its file starts with `# @package _global_`."""
+    user = recipes.available().get(value)
+    if not recipes.is_path(value) and not (user and user[1] == "user"):
+        return value
+    path = user[0] if user and not recipes.is_path(value) else Path(value).expanduser()
+    name = recipes.store_name(path)
+    _recipe_files[name] = path
+    ConfigStore.instance().store(group="recipe", name=name, node=recipes.load(path), package="_global_")
+    return name
+
+
+def recipe_files(overrides: list[str]) -> list[str]:
+    """`recipe=path/to/file.yaml` (a sweep of files too) rewritten to the name the file is stored under."""
+    out = []
+    for raw, ov in zip(overrides, _parse(overrides)):
+        if ov.key_or_group != "recipe" or ov.is_delete() or raw.startswith("+"):
+            out.append(raw)
+        elif ov.is_sweep_override():
+            out.append("recipe=" + ",".join(_recipe_name(v) for v in ov.sweep_string_iterator()))
+        else:
+            out.append(f"recipe={_recipe_name(str(ov.value()))}")
+    return out
 
 
 def _first_of_sweeps(overrides: list[str]) -> list[str]:
@@ -189,6 +221,7 @@ def compose_config(overrides: list[str] | None = None, config_name: str = "confi
     """Compose + check keys and types (no value rules). Returns the DictConfig."""
     overrides = list(overrides or [])
     register_all()
+    overrides = recipe_files(overrides)
     check_override_keys(overrides, SCHEMAS[config_name])
     overrides = _as_mapping_overrides(overrides, SCHEMAS[config_name])
     GlobalHydra.instance().clear()
@@ -292,5 +325,5 @@ def hydra_args(args: list[str], config_name: str = "config") -> list[str]:
     """The command line for Hydra itself with its mapping overrides merged the way compose_config merges them
     (`peft.rank_pattern={q_proj: 8}`), so a run composes exactly what was checked."""
     _, overrides, _ = split_args(args)
-    merged = dict(zip(overrides, _as_mapping_overrides(overrides, SCHEMAS[config_name])))
+    merged = dict(zip(overrides, _as_mapping_overrides(recipe_files(overrides), SCHEMAS[config_name])))
     return [merged.get(arg, arg) for arg in args]
