@@ -114,3 +114,48 @@ def test_a_run_from_a_user_recipe_reproduces_from_its_run_directory_alone(my_rec
     finally:
         GlobalHydra.instance().clear()
     assert again == original and again.peft.r == 8 and again.train.max_length == 256
+
+
+# --- the peers' key names: one alias table (config/peer_keys.py), read by the unknown-key message and by import ---
+
+@pytest.mark.parametrize("override,expected", [
+    ("sequence_len=2048", "Axolotl's sequence_len is train.max_length in tuneforge"),
+    ("base_model=meta-llama/Llama-3.1-8B", "Axolotl's base_model is model.name_or_path in tuneforge"),
+    ("val_set_size=0.05", "Axolotl's val_set_size is data.eval_fraction in tuneforge"),
+    ("lora_r=8", "Axolotl's lora_r is peft.r in tuneforge"),
+    ("cutoff_len=1024", "LLaMA-Factory's cutoff_len is train.max_length in tuneforge"),
+    ("stage=dpo", "LLaMA-Factory's stage is task in tuneforge"),
+    ("rl=dpo", "Axolotl's rl is task in tuneforge"),
+    ("deepspeed=ds.json", "Axolotl's and LLaMA-Factory's deepspeed is not a tuneforge key (refused by design): "
+                          "launcher=deepspeed_zero2"),
+    ("train.lora_r=8", "Did you mean peft.r?"),
+    ("peft.lora_rank=8", "Did you mean peft.r? (LLaMA-Factory's lora_rank"),
+])
+def test_a_pasted_peer_key_says_what_it_is_in_tuneforge(override, expected):
+    from tuneforge.config.errors import ConfigError
+
+    with pytest.raises(ConfigError) as exc:
+        load_config([override])
+    assert expected in str(exc.value)
+    assert "train.sync_ref_model" not in str(exc.value)  # the spelling guess base_model used to get
+
+
+@pytest.mark.parametrize("key", ["train.deepspeed=ds.json", "train.fsdp=full_shard", "train.fsdp_config={a: 1}"])
+def test_deepspeed_and_fsdp_trainer_keys_are_refused_naming_the_launcher(key):
+    from tuneforge.config.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="launcher=(deepspeed_zero2|fsdp)"):
+        load_config([key])
+
+
+def test_every_alias_target_is_a_tuneforge_key():
+    """The table cannot point at a key that does not exist (or a section that was renamed)."""
+    from tuneforge.config import peer_keys
+    from tuneforge.config.schemas import TuneforgeConfig, schema_keys
+
+    valid = set(schema_keys(TuneforgeConfig))
+    for tool, table in peer_keys.TABLES.items():
+        for name, alias in table.items():
+            assert bool(alias.target) != bool(alias.skip), (tool, name)
+            assert not alias.target or alias.target in valid, (tool, name, alias.target)
+            assert not alias.skip or alias.note, (tool, name)

@@ -21,7 +21,7 @@ from hydra.errors import OverrideParseException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from tuneforge.config import library_keys, recipes
+from tuneforge.config import library_keys, peer_keys, recipes
 from tuneforge.config.errors import ConfigError, closest
 from tuneforge.config.paths import conf_dir
 from tuneforge.config.schemas import GROUPS, MixSourceConfig, TuneforgeConfig, register_configs, schema_keys
@@ -182,7 +182,8 @@ def check_override_keys(overrides: list[str], schema: Any) -> None:
 
 def unknown_key_message(key: str, valid: set[str]) -> str:
     """Why `key` is not a key, and the closest one: a library key tuneforge sets itself names the tuneforge key
-    that replaces it; a renamed one its new name; a key of another section that section's (train.lora_r ->
+    that replaces it; a renamed one its new name; an Axolotl or LLaMA-Factory key name what it is in tuneforge
+    (config/peer_keys.py, the table `tuneforge import` uses); a key of another section that section's (train.lora_r ->
     peft.r); else the nearest name in the same section, then anywhere."""
     section, _, leaf = key.partition(".")
     if section in library_keys.SECTIONS and leaf:
@@ -192,6 +193,13 @@ def unknown_key_message(key: str, valid: set[str]) -> str:
         if leaf in sec.renamed:
             return f"unknown config key '{key}' (configs are strict): use {sec.renamed[leaf]}."
     strict = f"unknown config key '{key}' (configs are strict)."
+    name = leaf or section
+    peer = peer_keys.explain(name)
+    if peer and (not leaf or section not in {k.partition(".")[0] for k in valid}):  # a pasted Axolotl/LLaMA-Factory key
+        return f"unknown config key '{key}': {peer}"
+    if peer:  # a peer's name under a tuneforge section (train.lora_r)
+        target = peer_keys.lookup(name)[0][1].target
+        return f"{strict} Did you mean {target}? ({peer})" if target else f"{strict} {peer}"
     same_leaf = sorted(k for k in valid if leaf and k.rsplit(".", 1)[-1] == leaf and k != key)
     if same_leaf:
         return f"{strict} Did you mean '{same_leaf[0]}'?"

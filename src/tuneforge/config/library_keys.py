@@ -219,7 +219,7 @@ class Section:
     owned: dict[str, str] = field(default_factory=dict)
     # Library keys tuneforge reads and applies itself instead of passing them on, and how.
     applied: dict[str, str] = field(default_factory=dict)
-    # Names older library releases (or TRL/Axolotl recipes) use, with what replaces them.
+    # Names older library releases use, with what replaces them (other tools' names: config/peer_keys.py).
     renamed: dict[str, str] = field(default_factory=dict)
     # Library keys of one task's class that tuneforge itself reads for every task.
     every_task: dict[str, str] = field(default_factory=dict)
@@ -371,6 +371,13 @@ TRAIN = Section(
         "do_train": "the command (tuneforge train)",
         "do_eval": "train.eval_strategy, or the command tuneforge eval",
         "do_predict": "the command tuneforge eval",
+        # The launcher starts the processes and hands Accelerate its DeepSpeed/FSDP plugin; the trainer never reads
+        # these (a DeepSpeed JSON given here would bypass the launcher's process setup).
+        "deepspeed": "launcher=deepspeed_zero2 or launcher=deepspeed_zero3 (your own DeepSpeed JSON: an Accelerate "
+                     "config file naming it, launcher.accelerate_config=FILE)",
+        "fsdp": "launcher=fsdp (launcher.fsdp_* keys, or your own Accelerate config: launcher.accelerate_config=FILE)",
+        "fsdp_config": "launcher=fsdp (launcher.fsdp_* keys, or your own Accelerate config: "
+                       "launcher.accelerate_config=FILE)",
     },
     applied={
         "gradient_checkpointing": "applied to the model (non-reentrant, with the layer policy) before LoRA",
@@ -416,8 +423,8 @@ PEFT = Section(
         "inference_mode": "nothing: training makes trainable adapters; tuneforge infer/eval load them for inference",
         "trainable_token_indices": "peft.train_new_tokens (the added tokens' ids are found by tuneforge)",
     },
-    renamed={"lora_r": "peft.r", "rank": "peft.r", "lora_target_modules": "peft.target_modules",
-             "lora_rank": "peft.r"},
+    # Axolotl's and LLaMA-Factory's names (lora_r, lora_rank, lora_target_modules): config/peer_keys.py.
+    renamed={"rank": "peft.r"},
 )
 
 QUANT = Section(
