@@ -123,10 +123,6 @@ NOT_WALKED = {
     "train.gradient_checkpointing_kwargs": "applied to the model by tuneforge (same test)",
     "train.activation_checkpointing": "transformers 5.25's name for gradient_checkpointing (same test)",
     "train.activation_checkpointing_kwargs": "the same for the kwargs (same test)",
-    "train.deepspeed": "a DeepSpeed config builds a DeepSpeed engine (the deepspeed package); launcher=deepspeed_* "
-                       "is tuneforge's way (tests/test_launch.py)",
-    "train.fsdp": "FSDP needs a process group at TrainingArguments time; launcher=fsdp is tuneforge's way",
-    "train.fsdp_config": "the same",
     "train.parallelism_config": "an accelerate ParallelismConfig needs a distributed launch",
     "train.ddp_backend": "read by torch.distributed when the TrainingArguments are built: only in a launched process "
                          "(launcher=ddp picks it)",

@@ -12,12 +12,14 @@ import importlib
 from tuneforge.commands.base import Command
 
 # To add a command: its module here (declaring COMMAND), its name below, and for a Hydra command conf/NAME.yaml.
-NAMES = ("train", "infer", "doctor", "merge", "eval", "preview", "report", "keys", "reproduce", "recipes")
+NAMES = ("train", "infer", "doctor", "merge", "eval", "preview", "report", "keys", "reproduce", "recipes", "import")
+# A command whose name cannot be its module's (`import` is a Python keyword): {command name: module name}.
+MODULES = {"import": "import_recipe"}
 
 
 def command(name: str) -> Command:
     """The command `name` (one of NAMES)."""
-    return importlib.import_module(f"tuneforge.commands.{name}").COMMAND
+    return importlib.import_module(f"tuneforge.commands.{MODULES.get(name, name)}").COMMAND
 
 
 def usage() -> str:

@@ -197,12 +197,12 @@ def unknown_key_message(key: str, valid: set[str]) -> str:
     peer = peer_keys.explain(name)
     if peer and (not leaf or section not in {k.partition(".")[0] for k in valid}):  # a pasted Axolotl/LLaMA-Factory key
         return f"unknown config key '{key}': {peer}"
-    if peer:  # a peer's name under a tuneforge section (train.lora_r)
-        target = peer_keys.lookup(name)[0][1].target
-        return f"{strict} Did you mean {target}? ({peer})" if target else f"{strict} {peer}"
     same_leaf = sorted(k for k in valid if leaf and k.rsplit(".", 1)[-1] == leaf and k != key)
     if same_leaf:
         return f"{strict} Did you mean '{same_leaf[0]}'?"
+    if peer:  # a peer's name under a tuneforge section (train.lora_r)
+        target = peer_keys.lookup(name)[0][1].target
+        return f"{strict} Did you mean {target}? ({peer})" if target else f"{strict} {peer}"
     for sec in library_keys.SECTIONS.values():
         if leaf in sec.renamed:
             return f"{strict} Did you mean {sec.renamed[leaf]}?"

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from tuneforge.config.chat_templates import NAMES as NAMED_TEMPLATES
 from tuneforge.config.tasks import REFUSED, TASKS
 
 TOOLS = {"axolotl": "Axolotl", "llamafactory": "LLaMA-Factory"}
@@ -42,12 +43,15 @@ def _skip(why: str, note: str) -> Alias:
     return Alias(skip=why, note=note)
 
 
+class TaskRefused(ValueError):
+    """A source's task that tuneforge refuses by name (config/tasks.REFUSED) or does not have yet."""
+
+
 def _task(name: str) -> dict[str, Any]:
     """task=NAME when tuneforge runs it; refused by name (with the alternative) until the task exists."""
     if name in TASKS:
         return {"task": name}
-    why = REFUSED.get(name, f"task={name} does not exist in tuneforge yet. Tasks: {', '.join(TASKS)}.")
-    raise ValueError(why)
+    raise TaskRefused(REFUSED.get(name, f"task={name} does not exist in tuneforge yet (tasks: {', '.join(TASKS)})"))
 
 
 def _attn(value: Any) -> dict[str, Any]:
@@ -58,6 +62,15 @@ def _attn(value: Any) -> dict[str, Any]:
     if value not in names:
         raise ValueError(f"no tuneforge attention implementation for {value!r}")
     return {"model.attn_implementation": names[value]}
+
+
+def _template(value: Any, names: dict[str, str]) -> dict[str, Any]:
+    """A peer's chat-template name -> tuneforge's named template (config/chat_templates.NAMES), or not imported."""
+    name = names.get(value, value)
+    if name != "keep" and name not in NAMED_TEMPLATES:
+        raise ValueError(f"chat template {value!r} has no tuneforge equivalent (named templates: "
+                         f"{', '.join(NAMED_TEMPLATES)}; or keep the model's own)")
+    return {"tokenizer.chat_template": name}
 
 
 def _bits(value: Any) -> dict[str, Any]:
@@ -197,8 +210,9 @@ AXOLOTL: dict[str, Alias] = {
     "special_tokens": _key("tokenizer.pad_token", "pad_token only: the end-of-turn token comes from the chat template",
                            lambda v: {"tokenizer.pad_token": v["pad_token"]} if "pad_token" in (v or {}) else {}),
     "tokens": _key("tokenizer.add_tokens"),
-    "chat_template": _key("tokenizer.chat_template", "a named template, or keep (Axolotl's tokenizer_default)",
-                          lambda v: {"tokenizer.chat_template": "keep" if v == "tokenizer_default" else v}),
+    "chat_template": _key("tokenizer.chat_template", "the chat format by name", lambda v: _template(v, {
+        "tokenizer_default": "keep", "qwen_25": "qwen2.5", "phi_3": "phi3", "mistral_v7_tekken": "mistral",
+        "mistral_v2v3": "mistral", "gemma3": "gemma"})),
     "fsdp": _skip(REFUSED_BY_DESIGN, _LAUNCHER),
     "fsdp_config": _skip(REFUSED_BY_DESIGN, _LAUNCHER),
     "wandb_project": _key("train.report_to", _TRACKER_ENV.format(env="WANDB_PROJECT", tool="wandb"), _report("wandb")),
@@ -239,8 +253,8 @@ LLAMAFACTORY: dict[str, Alias] = {
     "quantization_bit": _key("quant.load_in_4bit", "4 | 8 (bitsandbytes)", _bits),
     "quantization_method": _skip(ALWAYS, "bitsandbytes is tuneforge's quantizer (quant.*)"),
     "double_quantization": _key("quant.bnb_4bit_use_double_quant"),
-    "template": _key("tokenizer.chat_template", "the chat format by name (tokenizer.chat_template)",
-                     lambda v: {"tokenizer.chat_template": {"qwen": "qwen2.5", "default": "keep", "empty": "keep"}.get(v, v)}),
+    "template": _key("tokenizer.chat_template", "the chat format by name", lambda v: _template(v, {
+        "qwen": "qwen2.5", "phi": "phi3", "default": "keep", "empty": "keep"})),
     "dataset": _key("data.path", "NAME of dataset_info.json (DIR/dataset_info.json:NAME)"),
     "dataset_dir": _key("data.path", "the folder of dataset_info.json"),
     "eval_dataset": _skip(NO_EQUIVALENT, "a held-out split of the same source: data.eval_split or data.eval_fraction"),

@@ -79,7 +79,8 @@ def _library_choices() -> dict[str, tuple]:
 def normalize(cfg: TuneforgeConfig) -> TuneforgeConfig:
     """A copy of `cfg` with the keys that have two spellings in one: train.report_to as a list (none: []), and
     transformers 5.25's activation_checkpointing(_kwargs) carried by gradient_checkpointing(_kwargs), the names
-    tuneforge applies (either name works)."""
+    tuneforge applies (either name works), and a LLaMA-Factory registry entry as data.path (DIR/dataset_info.json:NAME)
+    spelled out."""
     t = cfg.train
     changes: dict[str, Any] = {"report_to": report_to_list(t.report_to)}
     if getattr(t, "activation_checkpointing", None) is not None:
@@ -87,7 +88,26 @@ def normalize(cfg: TuneforgeConfig) -> TuneforgeConfig:
     if getattr(t, "activation_checkpointing_kwargs", None) is not None:
         changes |= {"gradient_checkpointing_kwargs": t.activation_checkpointing_kwargs,
                     "activation_checkpointing_kwargs": None}
-    return dataclasses.replace(cfg, train=dataclasses.replace(t, **changes))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, **changes))
+    return _dataset_info(cfg)
+
+
+def _dataset_info(cfg: TuneforgeConfig) -> TuneforgeConfig:
+    """`data.path=DIR/dataset_info.json:NAME` (LLaMA-Factory's registry) spelled out: the entry's file (or hub id),
+    split and formatting become data.* and format.* (a mix source's own format)."""
+    from tuneforge.config import dataset_info
+
+    if dataset_info.parse(cfg.data.path) and not cfg.data.mix:
+        src, fmt = dataset_info.entry(cfg.data.path)
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **src),
+                                   format=dataclasses.replace(cfg.format, **fmt))
+    mix = []
+    for source in cfg.data.mix:
+        if dataset_info.parse(source.path):
+            src, fmt = dataset_info.entry(source.path)
+            source = dataclasses.replace(source, **src, format=dataclasses.replace(source.format or cfg.format, **fmt))
+        mix.append(source)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, mix=mix)) if cfg.data.mix else cfg
 
 
 def validate(cfg: TuneforgeConfig) -> TuneforgeConfig:
@@ -100,6 +120,7 @@ def validate(cfg: TuneforgeConfig) -> TuneforgeConfig:
 
     check_paths(cfg.callbacks)
     validate_numbers(cfg)
+    validate_chat_template(cfg.tokenizer.chat_template)
     validate_quant(cfg)
     validate_train(cfg.train)
     validate_eval(cfg)
@@ -123,6 +144,19 @@ def validate_choices(cfg: TuneforgeConfig) -> None:
             )
     if cfg.task in REFUSED:
         raise ConfigError(f"task={cfg.task}: {REFUSED[cfg.task]}")
+
+
+def validate_chat_template(value: str) -> None:
+    """keep, a named template, a .jinja file or inline Jinja: a bare word that is none of them (llama3 before that
+    name existed) would otherwise become a template whose whole text is that word."""
+    from pathlib import Path
+
+    from tuneforge.config.chat_templates import NAMES
+
+    if value == "keep" or value in NAMES or "{" in value or value.endswith(".jinja") or Path(value).expanduser().is_file():
+        return
+    raise ConfigError(f"tokenizer.chat_template={value!r}: not a named template ({', '.join(NAMES)}), a .jinja file "
+                      f"or an inline Jinja template; keep uses the model's own.{closest(value, [*NAMES, 'keep'])}")
 
 
 def validate_numbers(cfg: TuneforgeConfig) -> None:

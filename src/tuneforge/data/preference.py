@@ -2,8 +2,9 @@
 counted and cached like the SFT stage (pipeline.py), with the same chat-template rendering (render.py).
 
 Row forms (`format.strategy`):
-  preference  prompt / chosen / rejected. Each answer is text or a conversation; without a prompt column the
-              chosen and rejected conversations carry it (their common prefix: TRL's implicit prompt).
+  preference  prompt / chosen / rejected. Each answer is text, one message object or a conversation; without a
+              prompt column the chosen and rejected conversations carry it (their common prefix: TRL's implicit
+              prompt, argilla-style pairs).
   unpaired    prompt / completion / label (KTO: true = desirable).
 
 Every answer is rendered in its conversation by the chat template, so an answer is what training sees after
@@ -169,7 +170,9 @@ def _parse(row: dict, fmt: FormatConfig, chat: bool) -> tuple[Any, dict[str, str
     """(prompt, {answer name: answer text}): the prompt as messages (chat) or text."""
     names = answer_columns(fmt)
     columns = {"chosen": fmt.chosen_column, "rejected": fmt.rejected_column, "completion": fmt.completion_column}
-    raw = {n: row.get(columns[n]) for n in names}
+    # One message object ({role, content} or ShareGPT {from, value}: LLaMA-Factory's ranking rows, Axolotl's chat
+    # template pairs) is a conversation of one turn.
+    raw = {n: [v] if isinstance(v, dict) else v for n, v in ((n, row.get(columns[n])) for n in names)}
     prompt = row.get(fmt.prompt_column)
     if all(isinstance(v, list) for v in raw.values()):  # conversations
         if not chat:
