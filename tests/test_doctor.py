@@ -139,10 +139,11 @@ def test_fully_masked_truncation_context_and_leaks(smollm_tokenizer):
 def test_opt_chatml_no_resize_and_trainable_new_tokens():
     tok = AutoTokenizer.from_pretrained(str(shared("tokenizers/opt-125m")))
     report = apply_fixes(tok, TokenizerConfig(chat_template="chatml"))
-    assert tok.bos_token == "<|im_start|>" and tok.pad_token == "<pad>" and len(tok) == 50266
+    # ChatML's own <|im_start|> and <|im_end|> are added (OPT's BOS stays </s>, not a turn opener any more).
+    assert tok.bos_token == "</s>" and tok.pad_token == "<pad>" and len(tok) == 50267
     checks = doctor.vocabulary(_ctx(tok, [{"input_ids": [2], "labels": [2], "messages": None}], report=report,
                                     vocab=50272))
-    assert _by_name(checks, "vocabulary vs embeddings").status == doctor.OK  # 50266 tokens fit in 50272 rows
+    assert _by_name(checks, "vocabulary vs embeddings").status == doctor.OK  # 50267 tokens fit in 50272 rows
     assert _by_name(checks, "new tokens trainable").status == doctor.OK
     frozen = TuneforgeConfig(peft=PeftConfig(train_new_tokens=False))
     checks = doctor.vocabulary(_ctx(tok, [{"input_ids": [2], "labels": [2], "messages": None}], report=report,

@@ -44,7 +44,8 @@ class TokenizerConfig:
     name_or_path: Optional[str] = None
     # auto: PAD must differ from EOS (UNK when it exists and differs, else a new <|pad|>) | unk | new | none | a literal token.
     pad_token: str = "auto"
-    # keep | chatml | path to a .jinja file | an inline Jinja template.
+    # keep | a named template: chatml, llama3, qwen2.5, qwen3, mistral, gemma, phi3 (config/chat_templates.py) | a path
+    # to a .jinja file | an inline Jinja template.
     chat_template: str = "keep"
     add_special_tokens: list[str] = field(default_factory=list)
     add_tokens: list[str] = field(default_factory=list)

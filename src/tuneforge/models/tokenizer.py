@@ -14,6 +14,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from tuneforge.config.chat_templates import END_OF_TURN_TOKENS, TEMPLATES
 from tuneforge.config.errors import ConfigError
 from tuneforge.config.schemas import TokenizerConfig
 
@@ -107,30 +108,18 @@ def _fix_pad(tokenizer: PreTrainedTokenizerBase, how: str, report: TokenizerRepo
     log.info("Tokenizer fix: %s", report.fixes[-1])
 
 
-IM_START = "<|im_start|>"
-
-
-def chatml_template(bos: str, eos: str) -> str:
-    """A ChatML template built from the tokenizer's own BOS/EOS (the classic bring-your-own-template
-    recipe): every turn is `BOS role\n content EOS\n`, so the end of each assistant turn is EOS."""
-    return (
-        "{% for message in messages %}{{ '" + bos + "' + message['role'] + '\\n' + message['content'] + '" + eos
-        + "' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '" + bos + "assistant\\n' }}{% endif %}"
-    )
-
-
 def _set_chat_template(tokenizer: PreTrainedTokenizerBase, how: str, report: TokenizerReport) -> None:
     if how == "keep":
         return
-    if how == "chatml":
-        if tokenizer.eos_token is None:
-            raise ConfigError("tokenizer.chat_template=chatml needs an EOS token to end turns; this tokenizer has none.")
-        if tokenizer.bos_token is None or tokenizer.bos_token == tokenizer.eos_token:
-            # A turn opener equal to EOS would make every turn start with "stop": use <|im_start|> as BOS.
-            if tokenizer.add_special_tokens({"bos_token": IM_START}):
-                report.added_tokens.append(IM_START)
-            report.fixes.append(f"bos_token -> {IM_START!r} (BOS must differ from EOS for ChatML turns)")
-        template = chatml_template(tokenizer.bos_token, tokenizer.eos_token)
+    if how in TEMPLATES:  # a named template (config/chat_templates.py), with the special tokens it writes
+        named = TEMPLATES[how]
+        if not named.end_of_turn and tokenizer.eos_token is None:
+            raise ConfigError(f"tokenizer.chat_template={how} ends answers with EOS; this tokenizer has none.")
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in named.tokens if t not in vocab]
+        if missing and tokenizer.add_tokens(missing, special_tokens=True):
+            report.added_tokens += missing
+        template = named.text
     elif how.endswith(".jinja") or Path(how).expanduser().is_file():
         path = Path(how).expanduser()
         if not path.is_file():
@@ -233,7 +222,7 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """EOS plus the chat template's end-of-turn token when it differs (e.g. <|im_end|>, <|eot_id|>)."""
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
-    for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
+    for tok in END_OF_TURN_TOKENS:
         if tok not in template:
             continue
         # One lookup per candidate: get_vocab() would copy the whole vocabulary (~50 ms at 50k tokens).
