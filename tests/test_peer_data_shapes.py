@@ -82,3 +82,28 @@ def test_an_sft_data_set_from_dataset_info_with_its_column_mapping(tmp_path):
                       ("chat", "message keys {'role_tag': 'speaker', 'content_tag': 'value'}")]:
         with pytest.raises(ConfigError, match=__import__("re").escape(why)):
             load_config(["data=local", f"data.path={tmp_path / 'dataset_info.json'}:{spec}"])
+
+
+@pytest.mark.parametrize("how", ["truncate", "drop"])
+def test_rows_longer_than_max_length_are_truncated_or_dropped_and_counted(tmp_path, smollm_tokenizer, how):
+    """data.on_long_row: Axolotl drops over-long rows, tuneforge truncates by default; both are counted."""
+    from tuneforge.data.pipeline import prepare
+
+    rows = [{"prompt": f"Say hi {i}", "completion": "hi"} for i in range(4)] + \
+           [{"prompt": "word " * 120, "completion": "ok"} for _ in range(2)]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(["data=local", f"data.path={path}", "data.eval_fraction=0", "data.cache=false",
+                       "train.max_length=64", f"data.on_long_row={how}"])
+    st = prepare(cfg.data, cfg.format, cfg.train, smollm_tokenizer).stats["train"]
+    if how == "drop":
+        assert (st.rows_in, st.rows_kept, st.dropped_long, st.truncated) == (6, 4, 2, 0)
+    else:  # truncated from the end (keep_start): the answer is cut off, so those rows have nothing to train
+        assert (st.rows_in, st.truncated + st.fully_masked >= 2, st.dropped_long) == (6, True, 0)
+
+
+def test_long_preference_rows_are_dropped_and_counted(tmp_path, smollm_tokenizer):
+    rows = [{"prompt": "Capital of France?", "chosen": "Paris", "rejected": "Lyon"},
+            {"prompt": "Capital of Spain?", "chosen": "Madrid " * 80, "rejected": "Seville"}]
+    st = _prepare(tmp_path, rows, smollm_tokenizer, "train.max_length=64", "data.on_long_row=drop").stats["train"]
+    assert (st.rows_in, st.rows_kept, st.dropped_long) == (2, 1, 1)

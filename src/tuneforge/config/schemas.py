@@ -133,6 +133,9 @@ class DataConfig:
     # drop | error: what to do with malformed rows and malformed JSON lines of local files (always counted and
     # reported; error refuses with the row, or FILE:LINE).
     on_bad_row: str = "drop"
+    # truncate | drop: a row longer than train.max_length is cut to it (keep_start/keep_end) or left out (Axolotl's
+    # default). Both are counted and reported (DataStats.truncated / dropped_long).
+    on_long_row: str = "truncate"
     # Reuse tokenized data keyed by the data content, the format and the tokenizer content.
     cache: bool = True
     # None: <tuneforge cache>/data ($TUNEFORGE_CACHE or the user cache dir).

@@ -43,6 +43,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "model.attn_implementation": ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"),
     "data.on_bad_row": ("drop", "error"),
+    "data.on_long_row": ("truncate", "drop"),
     "format.strategy": tuple(FORMATS),
     "format.alpaca_style": ("auto", "chat", "classic"),
     "preview.split": ("train", "eval"),

@@ -63,6 +63,8 @@ class DataStats:
     # FILE:LINE of the first malformed JSON lines left out of local files (they never became rows).
     bad_line_examples: list[str] = field(default_factory=list)
     truncated: int = 0
+    # Rows longer than train.max_length left out (data.on_long_row=drop); `truncated` counts the ones cut.
+    dropped_long: int = 0
     fully_masked: int = 0
     tokens: int = 0
     trained_tokens: int = 0
@@ -199,7 +201,7 @@ def _build(cfg: DataConfig, sources: list[MixSourceConfig], train_cfg: TrainConf
         for i, src, ds, where, label in loaded.rows(split, st):
             done = _process(ds, src.format, cfg, train_cfg, tok, where,
                             fingerprint=_fingerprint(key, split, i), keep_generation=split == "eval")
-            parts.append(_account(done, st, label))
+            parts.append(_account(done, st, label, drop_long=cfg.on_long_row == "drop"))
         merged = loaded.merge(parts, split, st)
         keep = TRAIN_COLUMNS if split == "train" else TRAIN_COLUMNS + _generation_columns(merged)
         out[split] = merged.select_columns(keep)
@@ -299,20 +301,23 @@ def process_batch(batch: dict[str, list], fmt: FormatConfig, ctx: FormatContext,
     return out
 
 
-def _account(done: Dataset, st: DataStats, label: str) -> Dataset:
-    """Add a processed part's counts to `st`; return its usable rows (well-formed, something to train)."""
+def _account(done: Dataset, st: DataStats, label: str, drop_long: bool = False) -> Dataset:
+    """Add a processed part's counts to `st`; return its usable rows (well-formed, something to train, and with
+    `drop_long` no longer than train.max_length)."""
     table = done.data.table  # map output: no indices mapping
     bad = table.column("bad").to_pylist()
     n_trained = table.column("n_trained").to_pylist()
     rows = table.column(ROW).to_pylist()
+    long = table.column("truncated").to_pylist() if drop_long else [False] * len(bad)
     st.rows_in += len(bad)
     reasons = Counter(f"{label}: {b}" if label else b for b in bad if b)
     for reason, count in reasons.items():
         st.bad_rows[reason] = st.bad_rows.get(reason, 0) + count
     st.bad_row_examples += [r for r, b in zip(rows, bad) if b][: max(0, 5 - len(st.bad_row_examples))]
-    keep = [not b and t > 0 for b, t in zip(bad, n_trained)]
+    st.dropped_long += sum(1 for b, cut in zip(bad, long) if not b and cut)
+    keep = [not b and t > 0 and not cut for b, t, cut in zip(bad, n_trained, long)]
     n_keep = sum(keep)
-    st.fully_masked += sum(1 for b, t in zip(bad, n_trained) if not b and t == 0)
+    st.fully_masked += sum(1 for b, t, cut in zip(bad, n_trained, long) if not b and not cut and t == 0)
     # One copy without the dropped rows (select() would add an indices mapping that saving copies again).
     kept = table.filter(pa.array(keep, type=pa.bool_())) if n_keep < len(bad) else table
     st.rows_kept += n_keep
@@ -348,6 +353,8 @@ def empty_message(st: DataStats) -> str:
     why = []
     if st.bad_rows:
         why.append(f"{sum(st.bad_rows.values())} malformed ({'; '.join(f'{n}x {r}' for r, n in st.bad_rows.items())})")
+    if st.dropped_long:
+        why.append(f"{st.dropped_long} longer than train.max_length (data.on_long_row=drop)")
     if st.fully_masked:
         why.append(f"{st.fully_masked} with nothing to train (completion cut off by train.max_length, or "
                    "format.strategy=text without format.response_template)")
@@ -356,8 +363,10 @@ def empty_message(st: DataStats) -> str:
 
 
 def report(split: str, st: DataStats) -> None:
-    log.info("%s: %d rows in, %d kept, %d tokens (%d trained), %d truncated, %d fully masked",
-             split, st.rows_in, st.rows_kept, st.tokens, st.trained_tokens, st.truncated, st.fully_masked)
+    log.info("%s: %d rows in, %d kept, %d tokens (%d trained), %d truncated, %d fully masked%s",
+             split, st.rows_in, st.rows_kept, st.tokens, st.trained_tokens, st.truncated, st.fully_masked,
+             f", {st.dropped_long} longer than train.max_length dropped (data.on_long_row=drop)" if st.dropped_long
+             else "")
     if st.bad_rows:
         log.warning("%s: dropped %d malformed rows (%s); %s", split, sum(st.bad_rows.values()),
                     "; ".join(f"{n}x {why}" for why, n in st.bad_rows.items()), st.bad_positions())

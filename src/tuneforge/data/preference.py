@@ -71,7 +71,8 @@ def prepare_preferences(data_cfg: DataConfig, format_cfg: FormatConfig, train_cf
         st, parts = DataStats(), []
         for _, src, rows, where, label in loaded.rows(split, st):
             parts.append(_process(rows.to_list(), src.format, tokenizer, stops, train_cfg, data_cfg.on_bad_row,
-                                  where, st, label, keep_generation=split == "eval"))
+                                  where, st, label, keep_generation=split == "eval",
+                                  drop_long=data_cfg.on_long_row == "drop"))
         merged = loaded.merge(parts, split, st)
         out[split], stats[split] = merged, st
         report(split, st)
@@ -91,7 +92,8 @@ def _features(fmt: FormatConfig, keep_generation: bool) -> Features:
 
 
 def _process(rows: list[dict], fmt: FormatConfig, tokenizer, stops: list[str], train_cfg: TrainConfig,
-             on_bad_row: str, where: str, st: DataStats, label: str, keep_generation: bool) -> Dataset:
+             on_bad_row: str, where: str, st: DataStats, label: str, keep_generation: bool,
+             drop_long: bool = False) -> Dataset:
     chat = bool(tokenizer.chat_template)
     built: list[Optional[dict]] = []
     for row in rows:
@@ -107,6 +109,9 @@ def _process(rows: list[dict], fmt: FormatConfig, tokenizer, stops: list[str], t
                 st.bad_row_examples.append(row[ROW])
             built.append(None)
     kept = [b for b in built if b is not None]
+    if drop_long:  # data.on_long_row=drop: an answer cut at train.max_length leaves the row out (counted)
+        st.dropped_long += sum(b["truncated"] for b in kept)
+        kept = [b for b in kept if not b["truncated"]]
     st.rows_in += len(rows)
     st.rows_kept += len(kept)
     st.truncated += sum(b.pop("truncated") for b in kept)
