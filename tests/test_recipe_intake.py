@@ -478,3 +478,11 @@ def test_import_prints_the_recipe_without_out(peer_files):
     result = cli_in_process("import", "ax_full.yaml", cwd=peer_files)
     assert result.returncode == 0 and result.stdout.startswith("# @package _global_\n")
     assert "name_or_path: HuggingFaceTB/SmolLM2-135M  # base_model" in result.stdout
+
+
+def test_liger_fused_linear_cross_entropy_with_sfttrainer_is_refused_before_weights_load():
+    from tuneforge.config.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"fused_linear_cross_entropy=true with task=sft: its trainer \(SFTTrainer\)"):
+        load_config(["train.liger_kernel_config={fused_linear_cross_entropy: true}"])
+    load_config(["train.liger_kernel_config={rms_norm: true}"])  # Liger's layer kernels are fine

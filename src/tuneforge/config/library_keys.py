@@ -321,6 +321,9 @@ TRAIN = Section(
         "nan_patience": Own(int, 1, "stop after this many optimizer steps in a row whose gradient (or logged "
                             "loss) is NaN/inf; such steps are skipped, so the last checkpoint stays the last good "
                             "one"),
+        "max_loss": Own(Optional[float], None, "the loss watchdog: stop (saving a checkpoint, exit 4) when the logged "
+                        "training loss stays above this for train.max_loss_patience logged steps in a row (null: off)"),
+        "max_loss_patience": Own(int, 3, "logged steps in a row above train.max_loss before the watchdog stops the run"),
         "gradient_checkpointing_every_n_layers": Own(int, 1, "checkpoint one decoder layer in n (1: all); the "
                                                      "others keep their activations (speed for memory)"),
         "gradient_checkpointing_offload": Own(bool, False, "checkpointed layers' saved inputs wait in pinned "

@@ -35,6 +35,10 @@ class Task:
     packs: bool = False
     # Liger's kernels apply (train.use_liger_kernel=null: on where CUDA and liger-kernel are).
     liger: bool = False
+    # Its trainer computes the loss through its own fused LM head (TRL's SFTTrainer), which Liger's fused linear
+    # cross-entropy would replace: train.liger_kernel_config.fused_linear_cross_entropy is refused before weights
+    # load (TRL refuses it only when the trainer is built, after them).
+    fused_lm_head: bool = False
     # `tuneforge preview` shows its rows (input_ids + labels).
     preview: bool = False
     # The reference model is the base with the adapter off: the task needs an adapter (peft=lora).
@@ -86,6 +90,7 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Task("sft", "tuneforge.tasks.sft:SFT", "trl:SFTConfig", head=CAUSAL_LM,
          formats=("instruction", "conversational", "alpaca", "text", "template"),
          collators=("completion_only", "assistant_only", "lm"), doctor="sft", packs=True, liger=True, preview=True,
+         fused_lm_head=True,
          trainer_settings=_sft_settings),
     Task("classification", "tuneforge.tasks.classification:Classification", "transformers:TrainingArguments",
          head=SEQUENCE_CLASSIFICATION, formats=(), collators=("padding",), doctor="", sweep_metric="eval_accuracy",

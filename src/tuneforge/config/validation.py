@@ -261,6 +261,12 @@ def validate_task(cfg: TuneforgeConfig) -> None:
     for key, (value, why) in spec.fixed_train.items():
         if getattr(cfg.train, key) != value:
             raise ConfigError(f"train.{key}={getattr(cfg.train, key)} with task={name}: {why}.")
+    liger = getattr(cfg.train, "liger_kernel_config", None) or {}
+    if spec.fused_lm_head and liger.get("fused_linear_cross_entropy"):
+        raise ConfigError(f"train.liger_kernel_config.fused_linear_cross_entropy=true with task={name}: its trainer "
+                          f"({spec.trainer_config.partition(':')[2].replace('Config', 'Trainer')}) computes the loss "
+                          "through its own fused LM head, which Liger's fused linear cross-entropy would replace; "
+                          "leave it out (Liger's other kernels still apply with train.use_liger_kernel).")
 
 
 def validate_task_batches(cfg: TuneforgeConfig) -> None:
@@ -392,6 +398,8 @@ def validate_run_keys(t: TrainConfig) -> None:
                               "RUN/checkpoint-N directory, or auto (the latest complete checkpoint of hydra.run.dir).")
     if t.nan_patience < 1:
         raise ConfigError(f"train.nan_patience={t.nan_patience} must be >= 1 (optimizer steps in a row).")
+    if t.max_loss_patience < 1:
+        raise ConfigError(f"train.max_loss_patience={t.max_loss_patience} must be >= 1 (logged steps in a row).")
     validate_checkpointing(t)
 
 

@@ -1,4 +1,5 @@
-"""Faults during training: SIGTERM/Ctrl-C save a checkpoint and stop cleanly; NaN/inf stops early.
+"""Faults during training: SIGTERM/Ctrl-C save a checkpoint and stop cleanly; NaN/inf stops early; the loss
+watchdog (train.max_loss) saves a checkpoint and stops a run whose loss stays too high.
 
 Both are TrainerCallbacks (the Trainer already knows how to save and stop between steps); `lifecycle.run` turns
 what they saw into an exit code and a message that says how to resume or what to check.
@@ -36,6 +37,44 @@ class Diverged(RunStopped):
     """The loss or the gradient norm became NaN/inf for `train.nan_patience` steps in a row."""
 
     exit_code = 3
+
+
+class LossTooHigh(RunStopped):
+    """The logged loss stayed above `train.max_loss` for `train.max_loss_patience` logged steps (the watchdog)."""
+
+    exit_code = 4
+
+
+class StopOnHighLoss(TrainerCallback):
+    """The loss watchdog: a finite logged training loss above `ceiling` for `patience` logged steps in a row saves
+    a checkpoint and stops (a run that is not learning, e.g. a learning rate far too high or labels that do not
+    match the inputs, costs no more steps). Non-finite losses are StopOnNaN's."""
+
+    def __init__(self, ceiling: Optional[float], patience: int):
+        self.ceiling, self.patience = ceiling, max(1, patience)
+        self.above: list[tuple[int, float]] = []
+        self.tripped_at: Optional[int] = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if self.ceiling is None or not isinstance(loss, (int, float)) or not math.isfinite(loss):
+            return control
+        self.above = self.above + [(state.global_step, float(loss))] if loss > self.ceiling else []
+        if len(self.above) >= self.patience and self.tripped_at is None:
+            self.tripped_at = state.global_step
+            log.warning("step %d: the loss stayed above train.max_loss=%g for %d logged steps: saving a checkpoint "
+                        "and stopping.", state.global_step, self.ceiling, self.patience)
+            control.should_save = True  # the Trainer saves after this log, then stops
+            control.should_training_stop = True
+        return control
+
+
+def loss_too_high_message(watch: StopOnHighLoss, checkpoint, run_dir) -> str:
+    losses = ", ".join(f"{loss:.4g}@{step}" for step, loss in watch.above[-watch.patience:])
+    return (f"the training loss stayed above train.max_loss={watch.ceiling:g} for {watch.patience} logged steps "
+            f"({losses}); stopped at step {watch.tripped_at}, checkpoint saved in {checkpoint}. Check the learning "
+            "rate, the data (`tuneforge preview` shows the trained tokens) and the ceiling; to go on anyway: the same "
+            f"command plus hydra.run.dir={run_dir} train.resume_from_checkpoint=auto and a higher train.max_loss.")
 
 
 class StopOnSignal(TrainerCallback):
@@ -142,7 +181,8 @@ def diverged_message(guard: StopOnNaN, learning_rate: float, bf16: bool, checkpo
 
 
 def train_guarded(trainer, train_cfg, run_dir, bf16: bool):
-    """`trainer.train()` with checkpoint resume, the signal and NaN guards; raises Interrupted / Diverged."""
+    """`trainer.train()` with checkpoint resume, the signal and NaN guards and the loss watchdog; raises Interrupted /
+    Diverged / LossTooHigh."""
     from tuneforge.runs import checkpoints, manifest, redaction
 
     checkpoint = checkpoints.resolve_resume(train_cfg.resume_from_checkpoint, run_dir)
@@ -153,8 +193,10 @@ def train_guarded(trainer, train_cfg, run_dir, bf16: bool):
         manifest.write(run_dir, resumed=manifest.read(run_dir).get("resumed", []) + [
             {"from": checkpoint, "command": redaction.command_line(), "at": manifest.now()}])
     stopper, guard = StopOnSignal(), StopOnNaN(train_cfg.nan_patience)
+    watch = StopOnHighLoss(train_cfg.max_loss, train_cfg.max_loss_patience)
     trainer.add_callback(stopper)
     trainer.add_callback(guard)
+    trainer.add_callback(watch)
     from tuneforge.runs.console import training_output
 
     with stopper.installed(), training_output():
@@ -164,6 +206,10 @@ def train_guarded(trainer, train_cfg, run_dir, bf16: bool):
         if main:
             manifest.write(run_dir, status="diverged", stopped_at_step=guard.tripped_at)
         raise Diverged(diverged_message(guard, train_cfg.learning_rate, bf16, latest))
+    if watch.tripped_at is not None:
+        if main:
+            manifest.write(run_dir, status="loss_too_high", stopped_at_step=watch.tripped_at)
+        raise LossTooHigh(loss_too_high_message(watch, latest, run_dir))
     if stopper.signum is not None:
         if main:
             manifest.write(run_dir, status="interrupted", stopped_at_step=stopper.step)
