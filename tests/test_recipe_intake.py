@@ -486,3 +486,36 @@ def test_liger_fused_linear_cross_entropy_with_sfttrainer_is_refused_before_weig
     with pytest.raises(ConfigError, match=r"fused_linear_cross_entropy=true with task=sft: its trainer \(SFTTrainer\)"):
         load_config(["train.liger_kernel_config={fused_linear_cross_entropy: true}"])
     load_config(["train.liger_kernel_config={rms_norm: true}"])  # Liger's layer kernels are fine
+
+
+def test_a_launcher_takes_your_own_deepspeed_json_or_fsdp_settings(tmp_path):
+    """launcher.deepspeed_config / launcher.fsdp_config: the user's file reaches the Accelerate config the launcher
+    writes; a stage that is not the launcher's, a file of the other launcher or a key that is not FSDP's is refused."""
+    import json
+
+    from tuneforge.config.errors import ConfigError
+    from tuneforge.runs.launch import accelerate_config
+
+    ds = tmp_path / "zero3.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}},
+                              "train_micro_batch_size_per_gpu": "auto"}))
+    cfg = load_config(["launcher=deepspeed_zero3", f"launcher.deepspeed_config={ds}", "dry_run=true",
+                       "quant.bnb_4bit_quant_storage=bfloat16"])
+    assert accelerate_config(cfg, cuda=False)["deepspeed_config"] == {"deepspeed_config_file": str(ds),
+                                                                     "zero3_init_flag": True}
+    fsdp = tmp_path / "fsdp.yaml"
+    fsdp.write_text("fsdp_sharding_strategy: HYBRID_SHARD\nfsdp_offload_params: true\n")
+    cfg = load_config(["launcher=fsdp", f"launcher.fsdp_config={fsdp}", "dry_run=true",
+                       "quant.bnb_4bit_quant_storage=bfloat16"])
+    out = accelerate_config(cfg, cuda=False)["fsdp_config"]
+    assert out["fsdp_sharding_strategy"] == "HYBRID_SHARD" and out["fsdp_offload_params"] is True
+    assert out["fsdp_use_orig_params"] is True  # the generated settings it does not name stay
+    (tmp_path / "bad.yaml").write_text("sharding: full\n")
+    for overrides, why in [(["launcher=deepspeed_zero2", f"launcher.deepspeed_config={ds}"],
+                            "has zero_optimization.stage=3; launcher=deepspeed_zero2 is stage 2"),
+                           (["launcher=ddp", f"launcher.deepspeed_config={ds}"], "is for launcher=deepspeed_zero2"),
+                           (["launcher=fsdp", f"launcher.fsdp_config={tmp_path / 'bad.yaml'}"],
+                            "sharding are not Accelerate fsdp_config keys"),
+                           (["launcher=fsdp", f"launcher.fsdp_config={tmp_path / 'none.yaml'}"], "no such file")]:
+        with pytest.raises(ConfigError, match=re.escape(why)):
+            load_config([*overrides, "dry_run=true", "quant.bnb_4bit_quant_storage=bfloat16"])

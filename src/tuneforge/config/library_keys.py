@@ -376,11 +376,10 @@ TRAIN = Section(
         "do_predict": "the command tuneforge eval",
         # The launcher starts the processes and hands Accelerate its DeepSpeed/FSDP plugin; the trainer never reads
         # these (a DeepSpeed JSON given here would bypass the launcher's process setup).
-        "deepspeed": "launcher=deepspeed_zero2 or launcher=deepspeed_zero3 (your own DeepSpeed JSON: an Accelerate "
-                     "config file naming it, launcher.accelerate_config=FILE)",
-        "fsdp": "launcher=fsdp (launcher.fsdp_* keys, or your own Accelerate config: launcher.accelerate_config=FILE)",
-        "fsdp_config": "launcher=fsdp (launcher.fsdp_* keys, or your own Accelerate config: "
-                       "launcher.accelerate_config=FILE)",
+        "deepspeed": "launcher=deepspeed_zero2 or launcher=deepspeed_zero3 (your own DeepSpeed JSON: "
+                     "launcher.deepspeed_config=FILE.json)",
+        "fsdp": "launcher=fsdp (launcher.fsdp_* keys, or your own FSDP settings: launcher.fsdp_config=FILE)",
+        "fsdp_config": "launcher=fsdp (launcher.fsdp_* keys, or your own FSDP settings: launcher.fsdp_config=FILE)",
     },
     applied={
         "gradient_checkpointing": "applied to the model (non-reentrant, with the layer policy) before LoRA",

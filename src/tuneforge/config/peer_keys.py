@@ -137,9 +137,9 @@ def _pref_loss(value: Any) -> dict[str, Any]:
     raise ValueError(f"pref_loss: {value} is not a loss tuneforge's task=dpo runs (sigmoid, hinge, ipo)")
 
 
-_LAUNCHER = ("launcher=deepspeed_zero2|deepspeed_zero3 or launcher=fsdp start the processes (the trainer never reads a "
-             "DeepSpeed/FSDP config); your own DeepSpeed JSON or FSDP settings: an Accelerate config file that names "
-             "them, launcher.accelerate_config=FILE")
+_LAUNCHER = ("launcher=deepspeed_zero2|deepspeed_zero3 (your own DeepSpeed JSON: launcher.deepspeed_config=FILE.json) "
+             "or launcher=fsdp (your own FSDP settings: launcher.fsdp_config=FILE): the launcher starts the processes, "
+             "the trainer never reads a DeepSpeed/FSDP config")
 _RUN_DIR = "every run gets its own new directory (hydra.run.dir); tuneforge never writes into an old one"
 _TRACKER_ENV = "set it in the environment ({env}) and train.report_to=[{tool}]"
 

@@ -244,6 +244,12 @@ class LauncherConfig:
     # Write RUN/ranks.json: each rank's data-shard digests, own losses and final weight digest (it hashes every
     # batch and syncs every micro-batch's loss, so it is off unless asked for).
     record_ranks: bool = False
+    # launcher=deepspeed_zero2|deepspeed_zero3: your own DeepSpeed JSON (Accelerate's deepspeed_config_file), used
+    # instead of the ZeRO settings above; its zero_optimization.stage must match the launcher's.
+    deepspeed_config: Optional[str] = None
+    # launcher=fsdp: your own FSDP settings, a YAML/JSON mapping of Accelerate fsdp_config keys (fsdp_*), merged over
+    # the ones above.
+    fsdp_config: Optional[str] = None
     # A path to your own Accelerate config file: used instead of the generated one (the keys above still apply
     # as `accelerate launch` flags for num_processes / machines).
     accelerate_config: Optional[str] = None

@@ -357,6 +357,7 @@ def validate_launcher(cfg: TuneforgeConfig) -> None:
             raise ConfigError(
                 f"launcher={la.name} shards a 4-bit base only when its storage dtype is the compute dtype: set "
                 f"quant.bnb_4bit_quant_storage={compute} (is {q.bnb_4bit_quant_storage}), or use launcher=ddp.")
+    validate_launcher_files(la)
     if la.name == "deepspeed_zero3" and q.load_in_4bit and not la.zero3_init_flag:
         raise ConfigError("launcher=deepspeed_zero3 with a 4-bit base (QLoRA) needs launcher.zero3_init_flag=true "
                           "(the quantized model must be built already partitioned).")
@@ -366,6 +367,50 @@ def validate_launcher(cfg: TuneforgeConfig) -> None:
         if not cuda_available():
             raise ConfigError(f"launcher={la.name} shards over CUDA GPUs and this machine has none; use launcher=ddp "
                               "(gloo processes on CPUs), or dry_run=true to print the launch command.")
+
+
+def launcher_file(key: str, path: str) -> dict:
+    """A user's DeepSpeed JSON / FSDP settings file as a mapping, or one line saying why it cannot be used."""
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"launcher.{key}={path}: no such file (relative paths start at {Path.cwd()}).")
+    try:
+        data = json.loads(file.read_text()) if file.suffix == ".json" else yaml.safe_load(file.read_text())
+    except (ValueError, yaml.YAMLError) as exc:
+        raise ConfigError(f"launcher.{key}={path}: not valid {'JSON' if file.suffix == '.json' else 'YAML'} "
+                          f"({str(exc).splitlines()[0]}).") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"launcher.{key}={path}: a mapping of settings, not a {type(data).__name__}.")
+    return data
+
+
+def validate_launcher_files(la) -> None:
+    """launcher.deepspeed_config / launcher.fsdp_config: with their launcher, readable, and the ZeRO stage of a
+    DeepSpeed JSON the launcher's (a stage-2 file under launcher=deepspeed_zero3 would shard differently than
+    the plan, the memory estimate and the 4-bit rules above assumed)."""
+    if la.deepspeed_config:
+        if not la.name.startswith("deepspeed"):
+            raise ConfigError(f"launcher.deepspeed_config is for launcher=deepspeed_zero2|deepspeed_zero3, not "
+                              f"launcher={la.name}.")
+        stage = (launcher_file("deepspeed_config", la.deepspeed_config).get("zero_optimization") or {}).get("stage")
+        want = 3 if la.name == "deepspeed_zero3" else 2
+        if stage is not None and stage != want:
+            raise ConfigError(f"launcher.deepspeed_config={la.deepspeed_config} has zero_optimization.stage={stage}; "
+                              f"launcher={la.name} is stage {want}: use launcher=deepspeed_zero{stage}"
+                              if stage in (2, 3) else f"launcher.deepspeed_config: ZeRO stage {stage} is not one "
+                              "tuneforge launches (2 or 3).")
+    if la.fsdp_config:
+        if la.name != "fsdp":
+            raise ConfigError(f"launcher.fsdp_config is for launcher=fsdp, not launcher={la.name}.")
+        bad = [k for k in launcher_file("fsdp_config", la.fsdp_config) if not str(k).startswith("fsdp_")]
+        if bad:
+            raise ConfigError(f"launcher.fsdp_config={la.fsdp_config}: {', '.join(map(str, bad))} are not Accelerate "
+                              "fsdp_config keys (they start with fsdp_, e.g. fsdp_sharding_strategy).")
 
 
 # transformers' INTEGRATION_TO_CALLBACK keys (+ none/all), copied: importing transformers here would cost

@@ -26,6 +26,7 @@ import yaml
 from tuneforge.config.device import cuda_available, resolved_bf16
 from tuneforge.config.errors import ConfigError
 from tuneforge.config.schemas import LauncherConfig, TuneforgeConfig
+from tuneforge.config.validation import launcher_file
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,8 @@ def accelerate_config(cfg: TuneforgeConfig, cuda: bool) -> dict[str, Any]:
             "fsdp_state_dict_type": la.fsdp_state_dict_type,
             "fsdp_activation_checkpointing": False,  # PEFT/kbit preparation checkpoints (train.gradient_checkpointing)
         }
+        if la.fsdp_config:  # the user's FSDP settings win over the generated ones
+            out["fsdp_config"].update(launcher_file("fsdp_config", la.fsdp_config))
     elif la.name.startswith("deepspeed"):
         stage = 3 if la.name == "deepspeed_zero3" else 2
         ds = {
@@ -135,6 +138,11 @@ def accelerate_config(cfg: TuneforgeConfig, cuda: bool) -> dict[str, Any]:
         if stage == 3:
             ds["zero3_init_flag"] = la.zero3_init_flag
             ds["zero3_save_16bit_model"] = True
+        if la.deepspeed_config:  # the user's DeepSpeed JSON replaces the generated ZeRO settings (Accelerate
+            # refuses both); zero3_init_flag still says how a ZeRO-3 model is built.
+            ds = {"deepspeed_config_file": str(Path(la.deepspeed_config).expanduser().resolve())}
+            if stage == 3:
+                ds["zero3_init_flag"] = la.zero3_init_flag
         out["deepspeed_config"] = ds
     return out
 
