@@ -8,6 +8,7 @@ spans by construction (formats.py).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import logging
@@ -33,6 +34,7 @@ from tuneforge.data.sources import ROW, SKIPPED_EXAMPLES, SkippedLines, data_sou
 from tuneforge.data.text_masks import build_labels, encode_async
 from tuneforge.data.tokenize import assistant_mask_route
 from tuneforge.models.tokenizer import content_hash, reset_call_state, stop_token_ids
+from tuneforge.runs.console import LONG_WORK_ROWS, without_bars
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +229,14 @@ def _process(ds: Dataset, fmt: FormatConfig, cfg: DataConfig, train_cfg: TrainCo
              where: str, fingerprint: str, keep_generation: bool) -> Dataset:
     if len(ds) == 0:  # map would return the input columns unchanged
         return Dataset.from_dict({k: [] for k in OUT_FEATURES}, features=OUT_FEATURES)
+    # A small set prepares in seconds: the data report is its line; a large one keeps its progress bar.
+    quiet = without_bars(transformers_bars=False) if len(ds) < LONG_WORK_ROWS else contextlib.nullcontext()
+    with quiet:
+        return _map(ds, fmt, cfg, train_cfg, tok, where, fingerprint, keep_generation)
+
+
+def _map(ds: Dataset, fmt: FormatConfig, cfg: DataConfig, train_cfg: TrainConfig, tok: dict[str, Any],
+         where: str, fingerprint: str, keep_generation: bool) -> Dataset:
     return ds.map(
         process_batch,
         batched=True,

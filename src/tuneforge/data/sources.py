@@ -186,12 +186,17 @@ _LOADER_LOGGERS = ("datasets.packaged_modules.json.json", "datasets.packaged_mod
 
 @contextmanager
 def _quiet_loaders() -> Iterator[None]:
+    """A local file read without the loaders' log records and without datasets' "Generating split" bar (seconds
+    of work; the data report is its line)."""
+    from tuneforge.runs.console import without_bars
+
     loggers = [logging.getLogger(name) for name in _LOADER_LOGGERS]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.CRITICAL)
     try:
-        yield
+        with without_bars(transformers_bars=False):
+            yield
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)

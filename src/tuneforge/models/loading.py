@@ -22,6 +22,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from tuneforge.runs.console import without_bars
 from tuneforge.config.device import compute_dtype, cuda_available
 from tuneforge.config.errors import ConfigError
 from tuneforge.config.library_args import quantization_config
@@ -89,7 +90,9 @@ def load_model(path: str, cfg: ModelConfig, quant: QuantConfig, head: str = CAUS
     dtype = compute_dtype(cfg.dtype) if bnb is None else compute_dtype(quant.bnb_4bit_compute_dtype)
     start = time.perf_counter()
     check_weights_safe(path)
-    with _refusals(path):
+    # Weights on disk load in seconds: "Loaded ... in N s" below is the stage's line, not transformers' bar (a
+    # download keeps huggingface_hub's own bars).
+    with _refusals(path), without_bars(datasets_bars=False):
         model = AUTO_CLASSES[head].from_pretrained(
             path,
             revision=cfg.revision,

@@ -92,3 +92,32 @@ def training_output() -> Iterator[None]:
 
     with logging_redirect_tqdm(loggers=[logging.getLogger()]):
         yield
+
+
+# Rows a data set must have before preparing it shows a progress bar: below this the map takes seconds and
+# the stage's own line (the data report) says what happened; above it the bar shows the work is moving.
+LONG_WORK_ROWS = 50_000
+
+
+@contextmanager
+def without_bars(datasets_bars: bool = True, transformers_bars: bool = True) -> Iterator[None]:
+    """Short library work shows as tuneforge's one line per stage, not a progress bar that flashes by between its
+    lines: datasets' "Generating train split" (reading a local file) and "Preparing ..." (a small map), and
+    transformers' "Loading weights" (weights already on disk). Downloads (huggingface_hub's own bars), the
+    embedded model's conversion and training keep theirs. The previous switches are restored."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    ds_was, hf_was = not datasets.are_progress_bars_disabled(), hf_logging.is_progress_bar_enabled()
+    try:
+        if datasets_bars:
+            datasets.disable_progress_bars()
+        if transformers_bars:
+            hf_logging.disable_progress_bar()
+        yield
+    finally:
+        if datasets_bars and ds_was:
+            datasets.enable_progress_bars()
+        if transformers_bars and hf_was:
+            hf_logging.enable_progress_bar()
+
