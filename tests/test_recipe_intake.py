@@ -127,8 +127,7 @@ def test_a_run_from_a_user_recipe_reproduces_from_its_run_directory_alone(my_rec
     ("cutoff_len=1024", "LLaMA-Factory's cutoff_len is train.max_length in tuneforge"),
     ("stage=dpo", "LLaMA-Factory's stage is task in tuneforge"),
     ("rl=dpo", "Axolotl's rl is task in tuneforge"),
-    ("deepspeed=ds.json", "Axolotl's and LLaMA-Factory's deepspeed is not a tuneforge key (refused by design): "
-                          "launcher=deepspeed_zero2"),
+    ("deepspeed=ds.json", "Axolotl's and LLaMA-Factory's deepspeed is launcher.deepspeed_config in tuneforge"),
     ("train.lora_r=8", "Did you mean peft.r?"),
     ("peft.lora_rank=8", "Did you mean peft.r? (LLaMA-Factory's lora_rank"),
 ])
@@ -232,6 +231,7 @@ fsdp:
   - full_shard
 fsdp_config:
   fsdp_offload_params: false
+  fsdp_transformer_layer_cls_to_wrap: Qwen2DecoderLayer
 """
 
 AXOLOTL_FULL = """\
@@ -335,6 +335,8 @@ def peer_files(tmp_path, monkeypatch):
     data = tmp_path / "data"
     data.mkdir()
     (data / "dataset_info.json").write_text(json.dumps(DATASET_INFO))
+    (tmp_path / "deepspeed_configs").mkdir()
+    (tmp_path / "deepspeed_configs" / "zero2.json").write_text(json.dumps({"zero_optimization": {"stage": 2}}))
     for name in ("identity.json", "chats.json", "pairs.json", "chats.jsonl", "text.jsonl"):
         (data / name).write_text("[]" if name.endswith(".json") else "")
     for name, text in [("ax_qlora", AXOLOTL_QLORA), ("ax_chat", AXOLOTL_CHAT_8BIT), ("ax_full", AXOLOTL_FULL),
@@ -375,7 +377,7 @@ def test_every_source_key_is_imported_with_a_comment_or_listed_with_why(peer_fil
 
 def test_axolotl_qlora_recipe_trains_what_axolotl_trained(peer_files):
     text, out = _import(peer_files, "ax_qlora")
-    cfg = load_config([f"recipe={out}"])
+    cfg = load_config([f"recipe={out}", "dry_run=true"])  # DeepSpeed needs CUDA GPUs to run, not to plan
     assert cfg.model.name_or_path == "NousResearch/Llama-3.2-1B" and cfg.format.strategy == "alpaca"
     assert cfg.data.path == "teknium/GPT4-LLM-Cleaned" and cfg.data.eval_fraction == 0.05
     assert cfg.quant.load_in_4bit and cfg.peft.method == "lora" and cfg.peft.r == 32 and cfg.peft.lora_alpha == 16
@@ -385,20 +387,25 @@ def test_axolotl_qlora_recipe_trains_what_axolotl_trained(peer_files):
     # Defaults that differ are stated, with the source's value and why.
     assert "use_liger_kernel: false  # Axolotl's default" in text and cfg.train.use_liger_kernel is False
     assert "save_total_limit: null  # Axolotl's default: every checkpoint is kept" in text
-    assert re.search(r"#   deepspeed: refused by design: launcher=deepspeed_zero2", text)
+    # Axolotl's DeepSpeed JSON: the launcher of its ZeRO stage, with the file; Axolotl drops over-long rows.
+    assert cfg.launcher.name == "deepspeed_zero2" and cfg.launcher.deepspeed_config == "deepspeed_configs/zero2.json"
+    assert cfg.data.on_long_row == "drop" and "on_long_row: drop  # Axolotl's default" in text
 
 
 def test_axolotl_chat_template_data_8bit_and_trackers(peer_files):
     text, out = _import(peer_files, "ax_chat")
     assert "report_to: [wandb]  # wandb_project: my-project (set it in the environment (WANDB_PROJECT)" in text
-    assert re.search(r"#   fsdp: refused by design: .*launcher=fsdp", text)
+    assert "name: fsdp  # fsdp: [full_shard]" in text
+    assert re.search(r"#   fsdp_config\.fsdp_transformer_layer_cls_to_wrap: no equivalent: tuneforge wraps", text)
     assert re.search(r"#   datasets\[0\]\.roles_to_train: tuneforge always does this", text)
     # W&B is not installed here: the recipe composes once the tracker is switched off (the refusal names wandb).
     from tuneforge.config.errors import ConfigError
 
     with pytest.raises(ConfigError, match="wandb"):
         load_config([f"recipe={out}"])
-    cfg = load_config([f"recipe={out}", "train.report_to=none"])
+    cfg = load_config([f"recipe={out}", "train.report_to=none", "dry_run=true"])
+    assert cfg.launcher.name == "fsdp" and cfg.launcher.fsdp_sharding_strategy == "FULL_SHARD"
+    assert cfg.launcher.fsdp_offload_params is False
     assert cfg.quant.load_in_8bit and not cfg.quant.load_in_4bit and cfg.peft.target_modules == ["q_proj", "v_proj"]
     assert [s.path for s in cfg.data.mix] == ["data/chats.jsonl", "teknium/GPT4-LLM-Cleaned"]
     assert cfg.data.mix[0].format.strategy == "conversational"

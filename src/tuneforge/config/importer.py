@@ -17,6 +17,7 @@ import yaml
 
 from tuneforge.config import dataset_info, peer_keys
 from tuneforge.config.errors import ConfigError, closest
+from tuneforge.config.schemas import SHARDED_LAUNCHERS
 
 # Keys found only in one tool's files: enough of them tells which tool wrote a file.
 _SIGNATURE = {"axolotl": {"base_model", "datasets", "sequence_len", "micro_batch_size", "adapter", "num_epochs",
@@ -54,6 +55,7 @@ DEFAULTS: dict[str, list[SourceDefault]] = {
         SourceDefault("train.gradient_checkpointing", False, "gradient_checkpointing defaults to false; tuneforge "
                       "checkpoints"),
         SourceDefault("peft.lora_dropout", 0.0, "lora_dropout defaults to 0; tuneforge's to 0.05", lora_only=True),
+        SourceDefault("data.on_long_row", "drop", "rows longer than sequence_len are dropped; tuneforge truncates them"),
     ],
     "llamafactory": [
         SourceDefault("data.eval_fraction", 0.0, "val_size defaults to 0 (no held-out split); tuneforge holds out 10%"),
@@ -154,6 +156,7 @@ def convert(path: Path, tool: Optional[str] = None, valid: Optional[list[str]] =
         except (ValueError, TypeError, KeyError) as exc:
             out.skipped.append((key, _not_imported(exc)))
             continue
+        out.skipped += [(f"{key}.{sub}", why) for sub, why in converted.pop(peer_keys.SKIPPED, [])]
         same = converted == {alias.target: value}
         for k, v in converted.items():
             out.set(k, v, (key if same else f"{key}: {_scalar(value)}") + (f" ({alias.note})" if alias.note else ""))
@@ -179,6 +182,12 @@ def _source_defaults(out: Imported, name: str) -> None:
         if d.key == "quant.load_in_4bit" and out.values.get("quant.load_in_8bit"):
             continue
         out.set(d.key, d.value, f"{name}'s default: {d.why}")
+    if "launcher.name" in out.values and "launcher.num_processes" not in out.values:
+        out.set("launcher.num_processes", 2, f"{name} starts one process per visible GPU: set your GPU count")
+    sharded = out.values.get("launcher.name") in SHARDED_LAUNCHERS
+    if sharded and out.values.get("quant.load_in_4bit") and "quant.bnb_4bit_quant_storage" not in out.values:
+        # What the source's sharded QLoRA needs too: FSDP/ZeRO-3 shard a 4-bit base stored in the compute dtype.
+        out.set("quant.bnb_4bit_quant_storage", "bfloat16", "a sharded 4-bit base is stored in the compute dtype")
     if out.tool == "llamafactory" and lora and "peft.lora_alpha" not in out.values:
         # LLaMA-Factory's lora_alpha defaults to twice the rank; tuneforge's is a fixed 32.
         out.set("peft.lora_alpha", 2 * int(out.values["peft.r"]), f"{name}'s default: lora_alpha = 2 x lora_rank")

@@ -19,6 +19,8 @@ TOOLS = {"axolotl": "Axolotl", "llamafactory": "LLaMA-Factory"}
 
 # Why a key is not imported.
 NO_EQUIVALENT, ALWAYS, REFUSED_BY_DESIGN = "no equivalent", "tuneforge always does this", "refused by design"
+# A converter's entry for the parts of a value it does not import: [(sub-key, why)].
+SKIPPED = "_skipped"
 
 
 @dataclass(frozen=True)
@@ -137,16 +139,68 @@ def _pref_loss(value: Any) -> dict[str, Any]:
     raise ValueError(f"pref_loss: {value} is not a loss tuneforge's task=dpo runs (sigmoid, hinge, ipo)")
 
 
-_LAUNCHER = ("launcher=deepspeed_zero2|deepspeed_zero3 (your own DeepSpeed JSON: launcher.deepspeed_config=FILE.json) "
-             "or launcher=fsdp (your own FSDP settings: launcher.fsdp_config=FILE): the launcher starts the processes, "
-             "the trainer never reads a DeepSpeed/FSDP config")
+def _deepspeed(value: Any) -> dict[str, Any]:
+    """A DeepSpeed JSON path -> the launcher of its ZeRO stage with the file (launcher.deepspeed_config)."""
+    import json
+    from pathlib import Path
+
+    path = Path(str(value)).expanduser()
+    if not path.is_file():
+        raise ValueError(f"{value} is not here (relative paths start at the working directory); with the file: "
+                         "launcher=deepspeed_zero2|deepspeed_zero3 launcher.deepspeed_config=FILE.json")
+    stage = (json.loads(path.read_text()).get("zero_optimization") or {}).get("stage")
+    if stage not in (2, 3):
+        raise ValueError(f"{value}: ZeRO stage {stage}; tuneforge launches stage 2 or 3 (launcher=deepspeed_zero2|3)")
+    return {"launcher.name": f"deepspeed_zero{stage}", "launcher.deepspeed_config": str(value)}
+
+
+# Axolotl's `fsdp:` options and fsdp_config keys -> launcher.* (tuneforge wraps transformer layers itself).
+_FSDP_SHARDING = {"full_shard": "FULL_SHARD", "shard_grad_op": "SHARD_GRAD_OP", "hybrid_shard": "HYBRID_SHARD",
+                  "no_shard": "NO_SHARD"}
+_FSDP_KEYS = {"fsdp_offload_params": "launcher.fsdp_offload_params", "offload_params": "launcher.fsdp_offload_params",
+              "fsdp_sharding_strategy": "launcher.fsdp_sharding_strategy",
+              "fsdp_state_dict_type": "launcher.fsdp_state_dict_type", "state_dict_type": "launcher.fsdp_state_dict_type",
+              "fsdp_use_orig_params": "launcher.fsdp_use_orig_params", "use_orig_params": "launcher.fsdp_use_orig_params",
+              "fsdp_cpu_ram_efficient_loading": "launcher.fsdp_cpu_ram_efficient_loading",
+              "cpu_ram_efficient_loading": "launcher.fsdp_cpu_ram_efficient_loading"}
+
+
+def _fsdp(value: Any) -> dict[str, Any]:
+    options = value.split() if isinstance(value, str) else list(value or [])
+    if not options:
+        return {}
+    out: dict[str, Any] = {"launcher.name": "fsdp"}
+    for option in options:
+        if option in _FSDP_SHARDING:
+            out["launcher.fsdp_sharding_strategy"] = _FSDP_SHARDING[option]
+        elif option == "offload":
+            out["launcher.fsdp_offload_params"] = True
+    return out
+
+
+def _fsdp_config(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError("fsdp_config is a mapping of FSDP settings")
+    out, left = {}, []
+    for key, v in value.items():
+        if key in _FSDP_KEYS:
+            out[_FSDP_KEYS[key]] = str(v).upper() if key.endswith("state_dict_type") or key.endswith("sharding_strategy") else v
+        else:
+            left.append(key)
+    why = (f"{NO_EQUIVALENT}: tuneforge wraps transformer layers itself (launcher.fsdp_* keys, or "
+           "launcher.fsdp_config=FILE for your own settings)")
+    if left and not out:
+        raise ValueError(why.partition(": ")[2])
+    return {**out, SKIPPED: [(k, why) for k in left]} if left else out
+
+
 _RUN_DIR = "every run gets its own new directory (hydra.run.dir); tuneforge never writes into an old one"
 _TRACKER_ENV = "set it in the environment ({env}) and train.report_to=[{tool}]"
 
 # Keys both tools share with the same meaning.
 _SHARED = {
     "output_dir": _skip(ALWAYS, _RUN_DIR),
-    "deepspeed": _skip(REFUSED_BY_DESIGN, _LAUNCHER),
+    "deepspeed": _key("launcher.deepspeed_config", "the launcher of the JSON's ZeRO stage, with the file", _deepspeed),
     "trust_remote_code": _key("model.trust_remote_code"),
     "warmup_ratio": _key("train.warmup_steps", "transformers 5: a warmup_steps below 1 is a fraction of the steps"),
     "bf16": _key("train.bf16", convert=_bf16),
@@ -213,8 +267,8 @@ AXOLOTL: dict[str, Alias] = {
     "chat_template": _key("tokenizer.chat_template", "the chat format by name", lambda v: _template(v, {
         "tokenizer_default": "keep", "qwen_25": "qwen2.5", "phi_3": "phi3", "mistral_v7_tekken": "mistral",
         "mistral_v2v3": "mistral", "gemma3": "gemma"})),
-    "fsdp": _skip(REFUSED_BY_DESIGN, _LAUNCHER),
-    "fsdp_config": _skip(REFUSED_BY_DESIGN, _LAUNCHER),
+    "fsdp": _key("launcher.name", "launcher=fsdp, its sharding strategy and offload", _fsdp),
+    "fsdp_config": _key("launcher.fsdp_offload_params", "the launcher.fsdp_* settings tuneforge has", _fsdp_config),
     "wandb_project": _key("train.report_to", _TRACKER_ENV.format(env="WANDB_PROJECT", tool="wandb"), _report("wandb")),
     "wandb_entity": _skip(NO_EQUIVALENT, _TRACKER_ENV.format(env="WANDB_ENTITY", tool="wandb")),
     "wandb_watch": _skip(NO_EQUIVALENT, _TRACKER_ENV.format(env="WANDB_WATCH", tool="wandb")),
