@@ -446,6 +446,19 @@ def test_llamafactory_recipes_read_dataset_info_and_state_its_defaults(peer_file
     assert dpo.train.num_train_epochs == 3.0 and dpo.train.learning_rate == 5e-6
 
 
+def test_llamafactory_pretraining_trains_every_token_of_the_text_column(peer_files):
+    import json
+
+    info = json.loads((peer_files / "data" / "dataset_info.json").read_text())
+    info["corpus"] = {"file_name": "identity.json", "columns": {"prompt": "body"}}
+    (peer_files / "data" / "dataset_info.json").write_text(json.dumps(info))
+    (peer_files / "lf_pt.yaml").write_text("model_name_or_path: Qwen/Qwen2.5-0.5B\nstage: pt\nfinetuning_type: lora\n"
+                                           "dataset: corpus\n")
+    _, out = _import(peer_files, "lf_pt")
+    cfg = load_config([f"recipe={out}"])
+    assert (cfg.task, cfg.format.strategy, cfg.format.text_column, cfg.collator.name) == ("sft", "text", "body", "lm")
+
+
 def test_a_reward_model_is_refused_by_name_until_the_task_exists(peer_files):
     from tuneforge.config.tasks import TASKS
 

@@ -31,8 +31,9 @@ def parse(path: str) -> Optional[tuple[Path, str]]:
     return (Path(head), name) if sep and head.endswith(FILE) and name else None
 
 
-def entry(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """({path, name?, split?}, {format keys}) for `.../dataset_info.json:NAME`; a problem is one line."""
+def entry(path: str, pretraining: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """({path, name?, split?}, {format keys}) for `.../dataset_info.json:NAME`; a problem is one line.
+    `pretraining` (LLaMA-Factory's stage: pt): the entry's prompt column is raw text (format.strategy=text)."""
     registry, name = parse(path) or (None, None)
     if registry is None:
         raise ConfigError(f"{path}: not DIR/{FILE}:NAME.")
@@ -57,6 +58,8 @@ def entry(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
         src["name"] = info["subset"]
     if info.get("split", "train") != "train":
         src["split"] = info["split"]
+    if pretraining:
+        return src, {"strategy": "text", "text_column": (info.get("columns") or {}).get("prompt", "text")}
     return src, _format(info, where)
 
 

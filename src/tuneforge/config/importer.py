@@ -276,7 +276,7 @@ def _llamafactory_datasets(data: dict, out: Imported, path: Path) -> None:
     sources = []
     for name in names:
         spec = dataset_info.spec(folder / dataset_info.FILE, name)
-        src, fmt = dataset_info.entry(spec)
+        src, fmt = dataset_info.entry(spec, pretraining=data.get("stage") == "pt")
         sources.append((src, fmt, f"dataset: {name} ({spec})"))
     _write_sources(sources, out)
 
