@@ -81,3 +81,38 @@ def resolve_resume(value: Any, run_dir: Path) -> Optional[str]:
     if problem:
         raise ConfigError(f"train.resume_from_checkpoint={text}: cannot resume from it ({problem}).")
     return text
+
+
+# What a checkpoint holds (weights of this shape, on this base, with this tokenizer; the optimizer's state): keys a
+# resume may not change. Anything else (more steps, other logging, eval settings) may differ.
+HELD_BY_CHECKPOINT = ("task", "model", "tokenizer", "peft", "quant", "train.optim")
+# Keys of those sections that change nothing stored (the token is redacted in the saved config).
+_NOT_HELD = {"model.token", "model.cache_dir", "model.attn_implementation", "tokenizer.padding_side"}
+
+
+def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out |= _flat(v, f"{prefix}{k}.")
+        return out
+    return {prefix.rstrip("."): obj}
+
+
+def resume_changes(saved: dict, new: dict) -> list[str]:
+    """`key: saved -> new` for each key a checkpoint holds that a resume's config changes (both configs as plain,
+    validated dicts)."""
+    saved_flat, new_flat = _flat(saved), _flat(new)
+    held = lambda key: any(key == h or key.startswith(h + ".") for h in HELD_BY_CHECKPOINT) and key not in _NOT_HELD
+    return [f"{k}: {saved_flat.get(k)!r} -> {new_flat.get(k)!r}" for k in sorted(set(saved_flat) | set(new_flat))
+            if held(k) and saved_flat.get(k) != new_flat.get(k)]
+
+
+def at_last_step(checkpoint: Optional[str], max_steps: int) -> bool:
+    """The checkpoint is at the run's last step (`max_steps`, or by epochs the step count it planned): what a kill
+    while the final adapter was being written leaves. Nothing is left to train."""
+    if not checkpoint:
+        return False
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    last = max_steps if max_steps > 0 else state.get("max_steps", 0)
+    return last > 0 and state.get("global_step", 0) >= last

@@ -10,6 +10,7 @@ import logging
 import math
 import signal
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
@@ -143,7 +144,7 @@ def diverged_message(guard: StopOnNaN, learning_rate: float, bf16: bool, checkpo
 
 def train_guarded(trainer, train_cfg, run_dir, bf16: bool):
     """`trainer.train()` with checkpoint resume, the signal and NaN guards; raises Interrupted / Diverged."""
-    from tuneforge.runs import checkpoints, manifest, redaction
+    from tuneforge.runs import checkpoints, manifest, redaction, rundir
 
     checkpoint = checkpoints.resolve_resume(train_cfg.resume_from_checkpoint, run_dir)
     main = trainer.is_world_process_zero()  # several processes: the main one writes the run directory
@@ -152,6 +153,9 @@ def train_guarded(trainer, train_cfg, run_dir, bf16: bool):
     if checkpoint and main:
         manifest.write(run_dir, resumed=manifest.read(run_dir).get("resumed", []) + [
             {"from": checkpoint, "command": redaction.command_line(), "at": manifest.now()}])
+        (Path(run_dir) / rundir.FAILED_FILE).unlink(missing_ok=True)  # the resumed run decides anew
+    if checkpoints.at_last_step(checkpoint, trainer.args.max_steps):
+        return _restore_finished(trainer, checkpoint)
     stopper, guard = StopOnSignal(), StopOnNaN(train_cfg.nan_patience)
     trainer.add_callback(stopper)
     trainer.add_callback(guard)
@@ -171,6 +175,20 @@ def train_guarded(trainer, train_cfg, run_dir, bf16: bool):
     if checkpoint:  # the Trainer averages only the steps of this session; report the whole run's mean
         result = result._replace(training_loss=whole_run_loss(trainer.state.log_history, result.training_loss))
     return result
+
+
+def _restore_finished(trainer, checkpoint: str):
+    """A checkpoint at the last step: its weights and state, no step trained (Trainer.train would train one more:
+    "step 3/2"), so the run goes straight to saving and scoring and equals the uninterrupted one."""
+    from transformers.trainer_callback import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    log.info("%s is at the run's last step: nothing left to train, saving and scoring it.", checkpoint)
+    # The Trainer's own loading of a checkpoint's weights (adapter or full model), as its resume does.
+    trainer._load_from_checkpoint(checkpoint)
+    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+    loss = whole_run_loss(trainer.state.log_history, float("nan"))
+    return TrainOutput(trainer.state.global_step, loss, {"train_runtime": 0.0, "train_loss": loss})
 
 
 def whole_run_loss(log_history: list[dict], fallback: float) -> float:

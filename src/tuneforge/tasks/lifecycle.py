@@ -52,6 +52,7 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any, callbacks: Op
     main = state.is_main_process
     if main:
         rundir.claim_run_dir(run_dir, cfg.train.resume_from_checkpoint)
+        rundir.check_resume_matches(run_dir, cfg)  # before the run's config is rewritten
         rundir.write_config(run_dir, resolved_config)
     use_token(cfg.model)
     task = stages_class(cfg.task)(cfg, run_dir, main)
