@@ -81,16 +81,21 @@ def hydra_command(name: str, summary: str, usage: str = "", **spec: Any) -> Comm
 def run_hydra_command(spec: HydraSpec, args: list[str]) -> int:
     from tuneforge.config import compose
 
+    from tuneforge.runs.redaction import restore_environment, withhold_secrets
+
     args = list(spec.extra_args) + spec.rewrite_args(args)
     flags, overrides, multirun = compose.split_args(args)
+    previous = {}
     try:
         if not set(flags) & INFO_FLAGS:
             cfg = compose.checked(overrides, spec.config_name, multirun=multirun)
             spec.precheck(cfg, overrides, multirun)
+        args, previous = withhold_secrets(args)  # checked above; Hydra never sees them
         _run_hydra(spec, args)
     except ConfigError as exc:
         return user_error(spec.name, exc)
     finally:
+        restore_environment(previous)
         spec.cleanup()
     return 0
 
