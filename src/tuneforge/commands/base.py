@@ -138,6 +138,33 @@ def as_object(dcfg) -> Any:
     return OmegaConf.to_object(dcfg)
 
 
+# --- the paths a command reads and writes, checked before anything loads -------------------------------------
+
+def input_file(key: str, path: str) -> "Path":
+    """A file the command reads: it exists and is a file, else one line naming the key."""
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        what = "is a directory" if p.is_dir() else "does not exist"
+        raise ConfigError(f"{key}={path}: {what} (relative paths start at {Path.cwd()}); give an existing file.")
+    return p
+
+
+def output_path(key: str, path: str) -> "Path":
+    """A file or folder the command creates: its parent folder exists and is writable, else one line naming the
+    key (a typo in a folder name fails here, not after minutes of loading)."""
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    parent = p.absolute().parent
+    if not parent.is_dir():
+        raise ConfigError(f"{key}={path}: the folder {parent} does not exist; create it or choose another {key}.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={path}: the folder {parent} is not writable; choose another {key}.")
+    return p
+
+
 # --- commands over a path and flags ----------------------------------------------------------------------------
 
 def argparse_main(name: str, parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace, list[str]], int],

@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata as md
-import json
 import logging
 import os
 import shutil
-import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from tuneforge.config.paths import cache_dir
 from tuneforge.runs import scratch
+from tuneforge.runs.checkpoints import file_problem
 
 log = logging.getLogger(__name__)
 
@@ -138,26 +137,7 @@ _CONVERTED = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
 
 def damage(target: Path) -> str | None:
     """Why a converted model directory cannot be used (the file and what is wrong with it), or None."""
-    for name in _CONVERTED:
-        path = target / name
-        try:
-            if name.endswith(".json"):
-                json.loads(path.read_text())
-            elif path.stat().st_size < _weights_size(path):
-                return f"{path} is truncated"
-        except FileNotFoundError:
-            return f"{path} is missing"
-        except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:  # unreadable, not JSON/safetensors
-            return f"{path} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-    return None
-
-
-def _weights_size(path: Path) -> int:
-    """The size a safetensors file must have: 8 + its header + the end of its last tensor."""
-    with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(n))
-    return 8 + n + max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
+    return next(filter(None, (file_problem(target / name) for name in _CONVERTED)), None)
 
 
 def convert(gguf: Path, target: Path) -> None:

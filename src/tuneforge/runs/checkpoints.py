@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
+import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,23 +26,46 @@ def resume_requested(value: Any) -> bool:
 _WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
 
 
+def file_problem(path: Path) -> Optional[str]:
+    """Why a file tuneforge or a library wrote cannot be read back whole, or None: JSON that does not parse, a
+    safetensors file shorter than its header says, a torch zip (optimizer.pt) without its end record."""
+    path = Path(path)
+    try:
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".safetensors":
+            with open(path, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if path.stat().st_size < 8 + n + end:
+                return f"{path} is truncated"
+        elif path.suffix in (".pt", ".bin") and not zipfile.is_zipfile(path):
+            return f"{path} is truncated"
+    except FileNotFoundError:
+        return f"{path} is missing"
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+        return f"{path} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'})"
+    return None
+
+
 def checkpoint_problem(path: Path) -> Optional[str]:
-    """Why a checkpoint directory cannot be resumed from (a kill while writing it), or None."""
+    """Why a checkpoint directory cannot be resumed from (a kill while writing it, a damaged file), or None."""
     path = Path(path)
     if not path.is_dir():
         return "not a directory"
     state = path / "trainer_state.json"
     if not state.is_file():
         return "no trainer_state.json (written last: the save was interrupted)"
-    try:
-        json.loads(state.read_text())
-    except ValueError:
-        return "trainer_state.json is truncated"
-    if not any((path / w).is_file() for w in _WEIGHTS):
+    weights = [path / w for w in _WEIGHTS if (path / w).is_file()]
+    if not weights:
         return "no model/adapter weights"
     for name in ("optimizer.pt", "scheduler.pt"):
         if not (path / name).is_file():
             return f"no {name}"
+    for file in (state, *weights, path / "optimizer.pt", path / "scheduler.pt"):
+        if problem := file_problem(file):
+            return problem
     return None
 
 
@@ -56,7 +81,7 @@ def latest_complete_checkpoint(run_dir: Path) -> Optional[Path]:
         problem = checkpoint_problem(ckpt)
         if problem is None:
             return ckpt
-        log.warning("Skipping %s: %s.", ckpt, problem)
+        log.warning("Skipping %s for the previous whole checkpoint: %s.", ckpt, problem)
     return None
 
 

@@ -33,6 +33,14 @@ class Interrupted(RunStopped):
         self.exit_code = 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
 
 
+class _Signalled(Interrupted):
+    """Raised by signals_end_the_run's handler where the signal arrives; turned into the explained Interrupted."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message, signum)
+        self.signum = signum
+
+
 class Diverged(RunStopped):
     """The loss or the gradient norm became NaN/inf for `train.nan_patience` steps in a row."""
 
@@ -126,9 +134,56 @@ class StopOnNaN(TrainerCallback):
         return control
 
 
+class RunPhase:
+    """What the run is doing now (`name`), for the message a signal outside `trainer.train()` ends it with."""
+
+    def __init__(self):
+        self.name = "starting"
+
+
+@contextmanager
+def signals_end_the_run(run_dir, main: bool) -> Iterator[RunPhase]:
+    """SIGTERM / Ctrl-C anywhere in a run outside `trainer.train()` (which saves a checkpoint first, StopOnSignal):
+    the run ends at once as Interrupted, with the same exit code (128 + signal), the manifest's status, and the
+    resume hint where a checkpoint exists. The exception unwinds through the writers, whose cleanup removes what
+    they had half written (a cache entry, the converted model, the adapter). A second signal acts as usual."""
+    from tuneforge.runs import checkpoints, manifest
+
+    phase = RunPhase()
+    signals = StopOnSignal.SIGNALS
+    previous = {s: signal.getsignal(s) for s in signals}
+
+    def restore():
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+    def handle(signum, frame):
+        restore()  # a second signal: the default (or the caller's) behaviour
+        raise _Signalled(f"{signal.Signals(signum).name} while {phase.name}", signum)
+
+    try:
+        for s in signals:
+            signal.signal(s, handle)
+    except ValueError:  # not the main thread (some launchers): the default handlers stay
+        previous = {}
+    try:
+        yield phase
+    except _Signalled as exc:
+        latest = checkpoints.latest_complete_checkpoint(run_dir)
+        if main:
+            manifest.write(run_dir, status="interrupted", stopped_while=phase.name)
+        hint = (f"checkpoint {latest} is kept. Resume with the same command plus: hydra.run.dir={run_dir} "
+                "train.resume_from_checkpoint=auto" if latest else
+                "no checkpoint had been saved; run the command again (nothing half-written was kept)")
+        raise Interrupted(f"{exc}: the run stopped; {hint}", exc.signum) from None
+    finally:
+        restore()
+
+
 def interrupted_message(stopper: StopOnSignal, run_dir, checkpoint) -> str:
     name = signal.Signals(stopper.signum).name
-    return (f"{name}: training stopped after step {stopper.step}; checkpoint saved in {checkpoint}. "
+    when = f"after step {stopper.step}" if stopper.step is not None else "as it ended"  # a signal after the last step
+    return (f"{name}: training stopped {when}; checkpoint saved in {checkpoint}. "
             f"Resume with the same command plus: hydra.run.dir={run_dir} train.resume_from_checkpoint=auto")
 
 
@@ -154,6 +209,7 @@ def train_guarded(trainer, train_cfg, run_dir, bf16: bool):
         manifest.write(run_dir, resumed=manifest.read(run_dir).get("resumed", []) + [
             {"from": checkpoint, "command": redaction.command_line(), "at": manifest.now()}])
         (Path(run_dir) / rundir.FAILED_FILE).unlink(missing_ok=True)  # the resumed run decides anew
+        rundir.discard_unfinished_adapter(run_dir)
     if checkpoints.at_last_step(checkpoint, trainer.args.max_steps):
         return _restore_finished(trainer, checkpoint)
     stopper, guard = StopOnSignal(), StopOnNaN(train_cfg.nan_patience)

@@ -195,6 +195,17 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         raise
 
 
+def discard_unfinished_adapter(run_dir: Path) -> None:
+    """A resumed run's adapter/ without metrics.json is this run's own, saved before a signal stopped its scoring:
+    the resume saves it again from the same checkpoint (a finished run, with metrics.json, is never resumed)."""
+    adapter = Path(run_dir) / ADAPTER_DIR
+    if adapter.is_dir() and not (Path(run_dir) / METRICS_FILE).exists():
+        aside = adapter.parent / scratch.scratch_name(adapter.name)
+        os.rename(adapter, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+        log.info("Resuming: %s of the interrupted run is saved again.", adapter)
+
+
 def save_adapter(trainer, tokenizer, run_dir: Path, initial_adapter: Optional[str] = None) -> bool:
     """The trained adapter + tokenizer into RUN/adapter, atomically; True on the process that wrote it. Every
     rank must call it (FSDP gathers the weights); the others return False. `initial_adapter`: a PiSSA/OLoRA
@@ -234,9 +245,11 @@ def read_config(run_dir: Path):
     except Exception as exc:  # yaml's and OmegaConf's errors for a truncated or edited file
         raise ConfigError(f"{path} is damaged ({str(exc).splitlines()[0]}); restore it from the run's "
                           ".hydra/config.yaml or a backup.") from None
-    if not OmegaConf.is_dict(cfg):
-        raise ConfigError(f"{path} is damaged (not a mapping); restore it from the run's .hydra/config.yaml or a "
-                          "backup.")
+    # write_config writes every section: one missing is a truncated file (which can still parse).
+    missing = [k for k in ("task", "model", "data", "train", "eval") if not OmegaConf.is_dict(cfg) or k not in cfg]
+    if missing:
+        raise ConfigError(f"{path} is damaged (no {', '.join(missing)} section); restore it from the run's "
+                          ".hydra/config.yaml or a backup.")
     return cfg
 
 
@@ -258,11 +271,10 @@ def run_config(run_dir: Path):
     from tuneforge.config.schemas import TuneforgeConfig
 
     path = Path(run_dir) / CONFIG_FILE
+    saved = read_config(run_dir)
     try:
-        return to_validated(OmegaConf.merge(OmegaConf.structured(TuneforgeConfig), read_config(run_dir)))
+        return to_validated(OmegaConf.merge(OmegaConf.structured(TuneforgeConfig), saved))
     except ConfigError as exc:
-        if str(path) in str(exc):
-            raise
         raise ConfigError(f"{path} cannot be read back ({exc}): it was edited, damaged, or written by another "
                           "tuneforge version.") from None
     except Exception as exc:  # OmegaConf's merge errors: a key or type the schema lacks
