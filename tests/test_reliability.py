@@ -215,7 +215,7 @@ def test_resume_auto_skips_a_damaged_checkpoint_for_the_previous_whole_one(finis
 
 @pytest.mark.parametrize("damage, needle", [
     (lambda r: _truncate(r / "adapter" / "adapter_model.safetensors"), "adapter_model.safetensors is truncated"),
-    (lambda r: (r / "adapter" / "adapter_config.json").write_text('{"r": 1'), "adapter_config.json is damaged"),
+    (lambda r: (r / "adapter" / "adapter_config.json").write_text('{"r": 1'), "adapter_config.json is truncated or damaged"),
     (lambda r: os.truncate(r / "config.yaml", 40), "config.yaml is damaged"),
 ])
 def test_a_damaged_run_is_one_line_in_infer(finished, damage, needle):

@@ -45,7 +45,8 @@ def file_problem(path: Path) -> Optional[str]:
     except FileNotFoundError:
         return f"{path} is missing"
     except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
-        return f"{path} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'})"
+        return (f"{path} is truncated or damaged "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'})")
     return None
 
 
