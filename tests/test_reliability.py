@@ -14,13 +14,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from datasets import Dataset, DatasetDict
 
-from tests.conftest import REPO, cli_in_process
+from tests.conftest import cli_in_process
 from tuneforge.config.compose import load_config
 from tuneforge.config.errors import ConfigError
 from tuneforge.config.schemas import DataConfig

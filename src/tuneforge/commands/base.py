@@ -16,6 +16,7 @@ import os
 import sys
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from tuneforge.config.errors import ConfigError
@@ -140,10 +141,8 @@ def as_object(dcfg) -> Any:
 
 # --- the paths a command reads and writes, checked before anything loads -------------------------------------
 
-def input_file(key: str, path: str) -> "Path":
+def input_file(key: str, path: str) -> Path:
     """A file the command reads: it exists and is a file, else one line naming the key."""
-    from pathlib import Path
-
     p = Path(path).expanduser()
     if not p.is_file():
         what = "is a directory" if p.is_dir() else "does not exist"
@@ -151,11 +150,9 @@ def input_file(key: str, path: str) -> "Path":
     return p
 
 
-def output_path(key: str, path: str) -> "Path":
+def output_path(key: str, path: str) -> Path:
     """A file or folder the command creates: its parent folder exists and is writable, else one line naming the
     key (a typo in a folder name fails here, not after minutes of loading)."""
-    from pathlib import Path
-
     p = Path(path).expanduser()
     parent = p.absolute().parent
     if not parent.is_dir():

@@ -6,7 +6,6 @@ failure a user can cause to the documented exit code.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -123,7 +122,7 @@ def sweep_value(cfg: TuneforgeConfig, metrics: dict) -> Optional[float]:
 def read_metrics(run_dir: Path) -> dict:
     """metrics.json of a finished run ({} when it wrote none)."""
     path = Path(run_dir) / rundir.METRICS_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return rundir.read_json(path) if path.is_file() else {}
 
 
 def exit_code(exc: BaseException) -> Optional[int]:
