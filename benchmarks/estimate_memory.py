@@ -1,4 +1,4 @@
-"""tuneforge's GPU memory estimate (src/tuneforge/estimate.py) against peaks measured by gpu_train.py.
+"""tuneforge's GPU memory estimate (src/tuneforge/models/estimate.py) against peaks measured by gpu_train.py.
 
     python benchmarks/estimate_memory.py        # prints the table, writes results/estimate_memory.json
 

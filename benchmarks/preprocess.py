@@ -83,7 +83,7 @@ def arm_tuneforge(tokenizer, path, cache_dir):
 
 
 # What this benchmark runs: uncommitted changes here are listed next to the commit in the results.
-_MEASURED = ["src/tuneforge/data", "src/tuneforge/tokenizer.py", "src/tuneforge/config.py", "benchmarks/preprocess.py"]
+_MEASURED = ["src/tuneforge/data", "src/tuneforge/models/tokenizer.py", "src/tuneforge/config", "benchmarks/preprocess.py"]
 
 
 def git_commit() -> dict:

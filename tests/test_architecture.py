@@ -1,5 +1,5 @@
-"""The layering ARCHITECTURE.md promises: no import cycle in src/, nothing imports the CLI, and every module
-of the package has its line in ARCHITECTURE.md."""
+"""The layering ARCHITECTURE.md promises: packages in a strict order (no upward import), no import cycle in src/,
+nothing imports the CLI, and every module of the package has its line in ARCHITECTURE.md."""
 
 from __future__ import annotations
 
@@ -65,3 +65,39 @@ def test_every_module_is_in_architecture_md():
                if p.name != "__init__.py" and f"`{p.relative_to(PACKAGE).as_posix()}`" not in text
                and f"`{p.stem}.py`" not in text]
     assert not missing, f"ARCHITECTURE.md has no line for {missing}"
+
+
+# Bottom to top: a module may import its own package and the packages before it, never one after it.
+LAYERS = ("config", "runs", "models", "data", "eval", "tasks", "commands")
+
+
+def _layer(module: str) -> int:
+    parts = module.split(".")
+    return LAYERS.index(parts[1]) if len(parts) > 2 or parts[1] in LAYERS else len(LAYERS)  # tuneforge.cli: on top
+
+
+def test_packages_import_only_the_packages_below_them():
+    graph = _imports()
+    top_level = sorted(m for m in graph if m.count(".") == 1 and m.split(".")[1] not in LAYERS)
+    assert top_level == ["tuneforge.cli"], f"modules outside the role packages: {top_level}"
+    upward = sorted(f"{m} -> {d}" for m, deps in graph.items() for d in deps
+                    if d != "tuneforge" and _layer(d) > _layer(m))
+    assert not upward, "upward imports: " + "; ".join(upward)
+
+
+def test_the_layer_check_sees_an_upward_import():
+    assert _layer("tuneforge.config.tasks") < _layer("tuneforge.data.formats") < _layer("tuneforge.cli")
+    assert _layer("tuneforge.commands") == LAYERS.index("commands")
+
+
+def test_the_usage_reads_every_command_and_loads_no_library():
+    """`tuneforge --help` (and the usage after a mistyped command) imports every command module for its summary: a
+    command imports torch, transformers or datasets only when it runs, so the usage prints at once."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from tuneforge.cli import main; main(['--help']); "
+            "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'trl', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "reproduce" in out.stdout and out.stdout.strip().splitlines()[-1] == "[]"
