@@ -165,6 +165,21 @@ def _weights(run_dir: Path) -> bytes:
     return (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
 
 
+def test_a_damaged_converted_model_is_named(tiny_model, tmp_path):
+    """The files a conversion writes (embedded.damage), on a model directory of the same layout: resolve() removes
+    a damaged one and converts again."""
+    from tuneforge.models.embedded import damage
+
+    model = tmp_path / "converted"
+    shutil.copytree(tiny_model, model)
+    assert damage(model) is None
+    _truncate(model / "model.safetensors")
+    assert damage(model) == f"{model / 'model.safetensors'} is truncated"
+    shutil.copy(Path(tiny_model) / "model.safetensors", model / "model.safetensors")
+    (model / "tokenizer.json").unlink()
+    assert damage(model) == f"{model / 'tokenizer.json'} is missing"
+
+
 # --- checkpoints and resume ---------------------------------------------------------------------------------------
 
 def _killed_while_saving(base: Path, name: str) -> Path:
