@@ -33,11 +33,12 @@ class Interrupted(RunStopped):
         self.exit_code = 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
 
 
-class _Signalled(Interrupted):
-    """Raised by signals_end_the_run's handler where the signal arrives; turned into the explained Interrupted."""
+class _Signalled(BaseException):
+    """Raised by signals_end_the_run's handler where the signal arrives; turned into the explained Interrupted. A
+    BaseException, like KeyboardInterrupt, so that no library's `except Exception` swallows it on the way out."""
 
     def __init__(self, message: str, signum: int):
-        super().__init__(message, signum)
+        super().__init__(message)
         self.signum = signum
 
 
