@@ -39,3 +39,21 @@ class TermAtStep3(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == 3:
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+class SigtermWhileScoring(TrainerCallback):
+    """SIGTERM to this process at the first forward pass in eval mode after training: while the trained model is
+    scored, outside `trainer.train()`."""
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        sent = []
+
+        def hook(module, inputs, output):
+            # Once trainer.train() has returned (its own signal guard is gone): the scoring after it.
+            in_train = type(getattr(signal.getsignal(signal.SIGTERM), "__self__", None)).__name__ == "StopOnSignal"
+            if not module.training and not sent and not in_train:
+                sent.append(True)
+                os.kill(os.getpid(), signal.SIGTERM)
+            return output
+
+        model.get_input_embeddings().register_forward_hook(hook)  # every forward, generate()'s included

@@ -165,3 +165,32 @@ def test_doctor_cli_ok_json_and_broken_config(tmp_path):
     train = cli_in_process("train", "tokenizer=none", "data.builtin_rows=60", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert train.returncode == 2 and "doctor found errors" in train.stderr + train.stdout
     assert not (tmp_path / "run" / "adapter").exists()
+
+
+NO_END_OF_TURN = ("{% for m in messages %}{{ m['role'] }}: {% if m['role'] == 'assistant' %}{% generation %}"
+                  "{{ m['content'] }}\n{% endgeneration %}{% else %}{{ m['content'] }}\n{% endif %}{% endfor %}"
+                  "{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+def test_a_template_without_end_of_turn_is_told_from_truncation(smollm_tokenizer):
+    """An answer span reaching the row's end passes only when the row was really cut (its `truncated` flag): a
+    template whose turns have no end-of-turn token also ends its last answer at the row's end."""
+    import copy
+
+    tok = copy.deepcopy(smollm_tokenizer)
+    tok.chat_template = NO_END_OF_TURN
+    out = pipeline_rows(tok, [CONV])
+    row = {"input_ids": out["input_ids"][0], "labels": out["labels"][0], "truncated": out["truncated"][0],
+           "messages": CONV}
+    assert row["truncated"] is False and row["labels"][-1] != IGNORE  # the trained span reaches the row's end
+    cfg = TuneforgeConfig(tokenizer=TokenizerConfig(chat_template="my_template.jinja"))
+    check = _by_name(doctor.eos_trained(_ctx(tok, [row], cfg=cfg)), "EOS / end-of-turn trained")
+    assert check.status == doctor.ERROR
+    assert "'2021-03-03\\n'" in check.action and "tokenizer.chat_template=my_template.jinja" in check.action
+    assert "tokenizer.chat_template=chatml" in check.action  # the fix
+    cut = pipeline_rows(smollm_tokenizer, [CONV], max_length=len(_row(smollm_tokenizer, CONV)["input_ids"]) - 3)
+    cut_row = {"input_ids": cut["input_ids"][0], "labels": cut["labels"][0], "truncated": cut["truncated"][0],
+               "messages": CONV}
+    assert cut_row["truncated"] is True
+    check = _by_name(doctor.eos_trained(_ctx(smollm_tokenizer, [cut_row])), "EOS / end-of-turn trained")
+    assert check.status == doctor.OK and "1 cut by truncation" in check.action

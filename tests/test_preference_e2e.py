@@ -69,13 +69,13 @@ def _trained(cfg_overrides: list[str], run_dir: Path, steps: int = 3):
     trainer), for tests that look inside the trainer."""
     from tuneforge.config import library_args
     from tuneforge.config.compose import load_config
-    from tuneforge.tasks.preference import Preference
+    from tuneforge.tasks.stages import stages_class
 
     cfg = load_config(["recipe=dpo-demo", "quant=none", f"train.max_steps={steps}", "train.learning_rate=1e-2",
                        "train.save_strategy=no", "train.report_to=none", "data.builtin_rows=40",
                        "eval.before_after=false", "data.cache=false", *cfg_overrides])
     run_dir.mkdir(parents=True, exist_ok=True)
-    task = Preference(cfg, run_dir, True)
+    task = stages_class(cfg.task)(cfg, run_dir, True)  # the task table's stages for task=dpo
     task.prepare()
     task.check()
     set_seed(cfg.train.seed)

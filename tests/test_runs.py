@@ -67,9 +67,16 @@ def test_redact_hydra_files(tmp_path):
 def _checkpoint(run_dir: Path, step: int, complete: bool = True, missing: str = "") -> Path:
     ckpt = run_dir / f"checkpoint-{step}"
     ckpt.mkdir(parents=True)
-    for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"):
+    import torch
+    from safetensors.torch import save_file
+
+    # Files in their real formats: a resume checks each is whole (checkpoints.file_problem).
+    writers = {"adapter_model.safetensors": lambda p: save_file({"w": torch.zeros(2)}, str(p)),
+               "optimizer.pt": lambda p: torch.save({"state": {}}, p), "scheduler.pt": lambda p: torch.save({}, p),
+               "trainer_state.json": lambda p: p.write_text("{}")}
+    for name, write in writers.items():
         if name != missing:
-            (ckpt / name).write_text("{}" if name.endswith(".json") else "x")
+            write(ckpt / name)
     if not complete:
         (ckpt / "trainer_state.json").write_text('{"log_hist')
     return ckpt

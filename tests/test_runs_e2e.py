@@ -180,20 +180,25 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model, tmp_path)
 
 
 def test_grid_sweep_with_a_failed_job_and_its_report(tmp_path):
-    """Embedded model, a 2-job grid: one job trains, the other fails its validation; the sweep goes on
-    (exit 0) and the report lists both, the finished one ranked."""
+    """Embedded model, a 2-job grid: one job trains, the other fails when it runs (every value passes validation
+    before the sweep starts: a bad value would stop the whole sweep in one line); the sweep goes on (exit 0) and
+    the report lists both, the finished one ranked."""
     sweep = tmp_path / "sweep"
-    result = cli_in_process("train", "-m", "train.learning_rate=3e-4,-1", "train.max_steps=2", "train.logging_steps=1",
-                     "train.per_device_train_batch_size=2", "data.max_samples=48", "eval.before_after=false",
-                     "quant=none", "peft.target_modules=[q_proj,v_proj]", f"hydra.sweep.dir={sweep}")
+    result = cli_in_process("train", "-m", "model.name_or_path=embedded:smollm2-135m-instruct,embedded:no-such-model",
+                            "train.max_steps=2", "train.logging_steps=1",
+                            "train.per_device_train_batch_size=2", "data.max_samples=48", "eval.before_after=false",
+                            "quant=none", "peft.target_modules=[q_proj,v_proj]", f"hydra.sweep.dir={sweep}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert (sweep / "0" / "metrics.json").is_file() and (sweep / "0" / "manifest.json").is_file()
-    assert "must be > 0" in json.loads((sweep / "1" / "failed.json").read_text())["error"]
+    assert "unknown embedded model" in json.loads((sweep / "1" / "failed.json").read_text())["error"]
     rep = cli_in_process("report", str(sweep))
     assert rep.returncode == 0, rep.stderr[-3000:]
     md = (sweep / "report.md").read_text()
-    assert "1 finished, 1 failed" in md and "| rank | job | status | train.learning_rate | last_logged_loss |" in md
-    assert "| 1 | 0 | ok | 0.0003 |" in md and "|  | 1 | failed | -1 |" in md
+    assert "1 finished, 1 failed" in md and "| rank | job | status | model.name_or_path | last_logged_loss |" in md
+    rows = [line for line in md.splitlines() if line.startswith("| ")]
+    # Hydra escapes the colon of an override value: embedded\:...
+    assert any(r.startswith("| 1 | 0 | ok | embedded\\:smollm2-135m-instruct |") for r in rows), md
+    assert any(r.startswith("|  | 1 | failed | embedded\\:no-such-model |") for r in rows), md
     lines = (sweep / "report.csv").read_text().splitlines()
     assert len(lines) == 3 and lines[-1].split(",")[2] == "failed"
     assert (sweep / "report.png").stat().st_size > 10_000

@@ -16,6 +16,7 @@ import os
 import sys
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from tuneforge.config.errors import ConfigError
@@ -81,17 +82,22 @@ def hydra_command(name: str, summary: str, usage: str = "", **spec: Any) -> Comm
 def run_hydra_command(spec: HydraSpec, args: list[str]) -> int:
     from tuneforge.config import compose, recipes
 
+    from tuneforge.runs.redaction import restore_environment, withhold_secrets
+
     args = list(spec.extra_args) + spec.rewrite_args(args)
     flags, overrides, multirun = compose.split_args(args)
+    previous = {}
     try:
         recipes.use_flags(flags)
         if not set(flags) & INFO_FLAGS:
             cfg = compose.checked(overrides, spec.config_name, multirun=multirun)
             spec.precheck(cfg, overrides, multirun)
+        args, previous = withhold_secrets(args)  # checked above; Hydra never sees them
         _run_hydra(spec, args)
     except ConfigError as exc:
         return user_error(spec.name, exc)
     finally:
+        restore_environment(previous)
         spec.cleanup()
     return 0
 
@@ -132,6 +138,29 @@ def as_object(dcfg) -> Any:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_object(dcfg)
+
+
+# --- the paths a command reads and writes, checked before anything loads -------------------------------------
+
+def input_file(key: str, path: str) -> Path:
+    """A file the command reads: it exists and is a file, else one line naming the key."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        what = "is a directory" if p.is_dir() else "does not exist"
+        raise ConfigError(f"{key}={path}: {what} (relative paths start at {Path.cwd()}); give an existing file.")
+    return p
+
+
+def output_path(key: str, path: str) -> Path:
+    """A file or folder the command creates: its parent folder exists and is writable, else one line naming the
+    key (a typo in a folder name fails here, not after minutes of loading)."""
+    p = Path(path).expanduser()
+    parent = p.absolute().parent
+    if not parent.is_dir():
+        raise ConfigError(f"{key}={path}: the folder {parent} does not exist; create it or choose another {key}.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={path}: the folder {parent} is not writable; choose another {key}.")
+    return p
 
 
 # --- commands over a path and flags ----------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from tuneforge.commands.base import as_object, hydra_command
+from tuneforge.commands.base import as_object, hydra_command, input_file, output_path
 from tuneforge.config.compose import quote_free_text
 from tuneforge.config.errors import ConfigError
 from tuneforge.config.formats import TEXT_STRATEGIES
@@ -62,6 +62,11 @@ def run(cfg: InferConfig) -> list[str]:
 
     if not (cfg.prompt or cfg.prompts_file or cfg.chat):
         raise ConfigError('infer needs prompt="...", prompts_file=FILE.jsonl or chat=true.')
+    # Before the model loads: a missing prompts file or output folder is one line, not a traceback minutes later.
+    prompts = [cfg.prompt] if cfg.prompt else read_prompts(str(input_file("prompts_file", cfg.prompts_file))) \
+        if cfg.prompts_file and not cfg.chat else None
+    if cfg.output_file:
+        output_path("output_file", cfg.output_file)
     settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, max_input_tokens=cfg.max_input_tokens,
                                   batch_size=cfg.batch_size, do_sample=cfg.do_sample,
                                   temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
@@ -71,7 +76,6 @@ def run(cfg: InferConfig) -> list[str]:
     as_trained = (lambda p: with_system_prompt(p, run_cfg.format)) if chat_rows else (lambda p: p)
     if cfg.chat:
         return chat(model, tokenizer, settings, as_trained)
-    prompts = [cfg.prompt] if cfg.prompt else read_prompts(cfg.prompts_file)
     answers = generate(model, tokenizer, [as_trained(p) for p in prompts], settings)
     for answer in answers:
         print(answer)

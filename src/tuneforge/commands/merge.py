@@ -15,7 +15,7 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from tuneforge.commands.base import as_object, hydra_command
+from tuneforge.commands.base import as_object, hydra_command, output_path
 from tuneforge.config.errors import ConfigError
 from tuneforge.runs import rundir
 
@@ -57,7 +57,7 @@ def run(cfg: MergeCommandConfig) -> dict:
     if cfg.merge.base not in ("dequantized", "original"):
         raise ConfigError(f"merge.base={cfg.merge.base!r}: use dequantized (default) or original.")
     run_dir = Path(cfg.run_dir)
-    out = Path(cfg.out) if cfg.out else run_dir / f"merged-{cfg.merge.base}"
+    out = output_path("out", cfg.out) if cfg.out else run_dir / f"merged-{cfg.merge.base}"
     rundir.refuse_non_empty(out, "choose another out=DIR")  # before minutes of loading, and again when renaming
     reference, tokenizer, _ = load_trained(run_dir)  # adapter on its training base (4-bit as trained)
     merged = merged_model(run_dir, cfg.merge.base, tokenizer)

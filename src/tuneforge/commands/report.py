@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,9 +51,9 @@ def load_jobs(sweep_dir: Path) -> list[Job]:
         if (d / rundir.CONFIG_FILE).is_file():
             job.eval_metric = OmegaConf.load(d / rundir.CONFIG_FILE).get("eval", {}).get("metric")
         if (d / rundir.METRICS_FILE).is_file():
-            job.status, job.metrics = "ok", json.loads((d / rundir.METRICS_FILE).read_text())
+            job.status, job.metrics = "ok", rundir.read_json(d / rundir.METRICS_FILE)
         elif (d / rundir.FAILED_FILE).is_file():
-            failed = json.loads((d / rundir.FAILED_FILE).read_text())
+            failed = rundir.read_json(d / rundir.FAILED_FILE)
             job.status, job.error = "failed", failed.get("error", "")
         jobs.append(job)
     return jobs

@@ -11,7 +11,6 @@ stops at the first logged value that differs, and any difference (or a value the
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
@@ -136,7 +135,7 @@ def compare_runs(original_dir: Path, new_dir: Path, new_metrics: dict, rtol: flo
     """What `--check` compares: every value both logs hold at each step (curves), every top-level number of
     metrics.json (at least the final train loss), and the adapter weights. Short runs that logged no step
     (max_steps < logging_steps) are still compared on their final values and weights."""
-    original = json.loads((Path(original_dir) / rundir.METRICS_FILE).read_text())
+    original = rundir.read_json(Path(original_dir) / rundir.METRICS_FILE)
     curves = compare_curves(original.get("log_history", []), new_metrics.get("log_history", []), rtol)["rows"]
     new_finals = final_values(new_metrics)
     finals = [_row("final", k, None, v, new_finals.get(k)) for k, v in sorted(final_values(original).items())]
@@ -210,7 +209,7 @@ def _reproduce(ns, rest: list[str]) -> int:
     metrics_path = run_dir / rundir.METRICS_FILE
     if check and not metrics_path.is_file():
         raise ConfigError(f"--check needs {metrics_path} (the original run did not finish).")
-    history = json.loads(metrics_path.read_text()).get("log_history", []) if check else []
+    history = rundir.read_json(metrics_path).get("log_history", []) if check else []
     register_all()
     with tempfile.TemporaryDirectory(prefix="tuneforge-reproduce-") as tmp:
         (Path(tmp) / "reproduce.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(primary_config(run_dir))))

@@ -61,6 +61,8 @@ def precheck(cfg: TuneforgeConfig, overrides: list[str], multirun: bool) -> None
         rundir.claim_run_dir(Path(explicit[-1]), cfg.train.resume_from_checkpoint)
     else:  # the launched main rank claims it, in its own process
         rundir.check_run_dir_free(Path(explicit[-1]), cfg.train.resume_from_checkpoint)
+    # Before Hydra rewrites RUN/.hydra/ with this command's overrides.
+    rundir.check_resume_matches(Path(explicit[-1]), cfg)
 
 
 def cleanup() -> None:

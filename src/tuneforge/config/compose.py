@@ -126,20 +126,28 @@ def recipe_files(overrides: list[str]) -> list[str]:
     return out
 
 
-def _first_of_sweeps(overrides: list[str]) -> list[str]:
-    """For a multirun, check the first value of every sweep; each job is validated again when it runs."""
+def _sweep_variants(overrides: list[str]) -> list[tuple[str, list[str]]]:
+    """For a multirun: the overrides with every sweep at its first value, then once per other value of each sweep
+    (the rest at their first), each labelled with the value it checks: every value a job would get is validated
+    before the first job starts (a bad third value is one line and exit 2, not a failed job among good ones).
+    Values of different sweeps are not combined: a sweep's size grows as their product."""
     parsed = _parse(overrides)
-    out = []
+    values = []
     for raw, ov in zip(overrides, parsed):
         if ov.is_sweep_override():
             try:
-                first = next(iter(ov.sweep_string_iterator()))
+                values.append([f"{ov.get_key_element()}={v}" for v in ov.sweep_string_iterator()] or [raw])
             except Exception:  # interval()/range sweeps of sweeper plugins: leave them to the job
-                continue
-            out.append(f"{ov.get_key_element()}={first}")
+                values.append(None)
         else:
-            out.append(raw)
-    return out
+            values.append([raw])
+    first = [v[0] for v in values if v]
+    variants = [("", first)]
+    for i, vals in enumerate(values):
+        for value in (vals or [])[1:]:
+            at = sum(1 for v in values[:i] if v)
+            variants.append((value, first[:at] + [value] + first[at + 1:]))
+    return variants
 
 
 def _parse(overrides: list[str]):
@@ -247,9 +255,15 @@ def compose_config(overrides: list[str] | None = None, config_name: str = "confi
 def load_config(overrides: list[str] | None = None, multirun: bool = False) -> TuneforgeConfig:
     """The validated `train` config for these overrides (what every command that trains uses)."""
     overrides = list(overrides or [])
-    if multirun:
-        overrides = _first_of_sweeps(overrides)
-    return to_validated(compose_config(overrides))
+    if not multirun:
+        return to_validated(compose_config(overrides))
+    variants = _sweep_variants(overrides)
+    for label, variant in variants[1:]:
+        try:
+            to_validated(compose_config(variant))
+        except ConfigError as exc:
+            raise ConfigError(f"sweep value {label}: {exc}") from None
+    return to_validated(compose_config(variants[0][1]))
 
 
 def checked(overrides: list[str], config_name: str = "config", multirun: bool = False) -> Any:

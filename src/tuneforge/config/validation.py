@@ -160,8 +160,54 @@ def validate_chat_template(value: str) -> None:
                       f"or an inline Jinja template; keep uses the model's own.{closest(value, [*NAMES, 'keep'])}")
 
 
+# numpy's random.seed (transformers.set_seed seeds it) takes 0 <= seed < 2**32: anything else fails mid-run.
+SEED_RANGE = 2**32
+
+
+def _numbers(node: Any, default: Any, prefix: str):
+    """(dotted key, value, its default, free-form?) of every number in a config, nested sections, lists of sections
+    and free-form mappings included (a mapping's numbers have no default)."""
+    if dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            yield from _numbers(value, getattr(default, f.name, None), f"{prefix}.{f.name}")
+    elif isinstance(node, dict):
+        for k, v in node.items():
+            yield from _numbers(v, None, f"{prefix}.{k}")
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            try:
+                item_default = type(v)() if dataclasses.is_dataclass(v) else None
+            except TypeError:  # a section with required fields has no default instance
+                item_default = None
+            yield from _numbers(v, item_default, f"{prefix}.{i}")
+    elif isinstance(node, (int, float)) and not isinstance(node, bool):
+        yield prefix, node, default
+
+
+def validate_finite_and_signs(cfg: TuneforgeConfig) -> None:
+    """Every number of every section (the libraries' keys included): finite (a NaN learning rate or dropout
+    trains garbage without an error); seeds in numpy's range; no negative value unless it is the key's own
+    negative default (-1 for max_steps: by epochs): the libraries read a negative max_grad_norm, warmup, limit or
+    noise as "off", or fail late."""
+    import math
+
+    for key, value, default in _numbers(cfg, TuneforgeConfig(), ""):
+        key = key.lstrip(".")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}={value} is not a finite number; give a finite value.")
+        leaf = key.rsplit(".", 1)[-1]
+        if (leaf == "seed" or leaf.endswith("_seed")) and not 0 <= value < SEED_RANGE:
+            raise ConfigError(f"{key}={value} is out of range: a seed is an integer in [0, 2**32).")
+        if value < 0 and not (isinstance(default, (int, float)) and default < 0 and value == default):
+            raise ConfigError(f"{key}={value}: negative values are refused (the library would fail on it later or "
+                              "silently treat it as off); give a value >= 0"
+                              + (f", or leave the default {default}." if default is not None else "."))
+
+
 def validate_numbers(cfg: TuneforgeConfig) -> None:
     """Counts and sizes that must be positive, fractions in range."""
+    validate_finite_and_signs(cfg)
     t = cfg.train
     positive = {
         "train.learning_rate": t.learning_rate,

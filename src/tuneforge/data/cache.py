@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
@@ -30,6 +29,7 @@ from tuneforge.config.local_paths import is_local
 from tuneforge.config.paths import cache_dir
 from tuneforge.config.schemas import DataConfig, MixSourceConfig
 from tuneforge.data.sources import BUILTIN_PREFIX, load_split_raw, local_files
+from tuneforge.runs import scratch
 
 log = logging.getLogger(__name__)
 
@@ -100,20 +100,63 @@ def data_cache_dir(cfg: DataConfig) -> Path:
 
 
 def load(cfg: DataConfig, key: str) -> Optional[tuple[DatasetDict, dict]]:
-    """(splits, stats) of a previous preparation with this key, or None."""
-    path = data_cache_dir(cfg) / key
-    if not (path / STATS_FILE).is_file():
+    """(splits, stats) of a previous preparation with this key, or None. A damaged entry (a truncated or missing
+    file: a disk filled up, someone's hands) is said so in one line naming the file, removed and rebuilt by the
+    caller; leftover temporary entries of killed writers are removed first."""
+    root = data_cache_dir(cfg)
+    scratch.remove_stale(root)
+    path = root / key
+    if not path.exists():
         return None
     try:
-        meta = json.loads((path / STATS_FILE).read_text())
-        splits = {name: load_from_disk(str(path / name)) for name in meta["saved"]}
-        # datasets cannot save or load a split with no rows: only its schema was kept.
-        splits.update({name: Dataset.from_dict({k: [] for k in feats}, features=Features.from_dict(feats))
-                       for name, feats in meta["empty"].items()})
-        return DatasetDict(splits), meta["stats"]
-    except (OSError, ValueError, KeyError) as exc:  # a damaged entry is a miss, rebuilt below
-        log.warning("Ignoring damaged data cache entry %s (%s)", path, exc)
+        return _read_entry(path)
+    except _Damaged as exc:
+        log.warning("data cache entry %s is damaged (%s): rebuilding it.", path, exc)
+        _discard(path)
         return None
+
+
+class _Damaged(Exception):
+    pass
+
+
+def _read_entry(path: Path) -> tuple[DatasetDict, dict]:
+    stats_file = path / STATS_FILE
+    try:
+        meta = json.loads(stats_file.read_text())
+        saved, empty, rows = meta["saved"], meta["empty"], meta.get("rows", {})
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise _Damaged(f"{stats_file}: {type(exc).__name__}: {exc}") from None
+    splits = {}
+    for name in saved:
+        try:
+            ds = load_from_disk(str(path / name))
+            n = len(ds)
+            if name in rows and n != rows[name]:
+                raise ValueError(f"{n} rows, {rows[name]} written")
+            if n:
+                ds[n - 1]  # reads the last record: a truncated arrow file fails here, not mid-training
+        except Exception as exc:  # datasets/pyarrow raise many types for a damaged file
+            raise _Damaged(f"{path / name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") \
+                from None
+        splits[name] = ds
+    # datasets cannot save or load a split with no rows: only its schema was kept.
+    try:
+        splits.update({name: Dataset.from_dict({k: [] for k in feats}, features=Features.from_dict(feats))
+                       for name, feats in empty.items()})
+    except Exception as exc:
+        raise _Damaged(f"{stats_file}: {type(exc).__name__}: {exc}") from None
+    return DatasetDict(splits), meta["stats"]
+
+
+def _discard(path: Path) -> None:
+    """Move a damaged entry out of the way (one rename, so no reader sees it half deleted), then delete it."""
+    aside = path.parent / scratch.scratch_name(path.name)
+    try:
+        os.rename(path, aside)
+    except OSError:  # another process moved or replaced it meanwhile
+        return
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def save(cfg: DataConfig, key: str, splits: DatasetDict, stats: dict) -> Path:
@@ -121,7 +164,7 @@ def save(cfg: DataConfig, key: str, splits: DatasetDict, stats: dict) -> Path:
     root = data_cache_dir(cfg)
     root.mkdir(parents=True, exist_ok=True)
     final = root / key
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
+    tmp = scratch.make_scratch_dir(final)
     try:
         saved = [name for name, ds in splits.items() if len(ds)]
         quiet = are_progress_bars_disabled()
@@ -133,11 +176,18 @@ def save(cfg: DataConfig, key: str, splits: DatasetDict, stats: dict) -> Path:
             if not quiet:
                 enable_progress_bars()
         empty = {name: ds.features.to_dict() for name, ds in splits.items() if not len(ds)}
-        (tmp / STATS_FILE).write_text(json.dumps({"stats": stats, "saved": saved, "empty": empty}, indent=1))
+        rows = {name: len(splits[name]) for name in saved}
+        (tmp / STATS_FILE).write_text(json.dumps({"stats": stats, "saved": saved, "empty": empty, "rows": rows},
+                                                 indent=1))
         try:
             tmp.rename(final)
-        except OSError:  # another process won the race with the same content
-            shutil.rmtree(tmp)
+        except OSError:  # another process won the race with the same content, or a damaged entry is in the way
+            try:
+                _read_entry(final)
+                shutil.rmtree(tmp)
+            except _Damaged:
+                _discard(final)
+                tmp.rename(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

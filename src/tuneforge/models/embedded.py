@@ -13,12 +13,13 @@ import importlib.metadata as md
 import logging
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from tuneforge.config.paths import cache_dir
+from tuneforge.runs import scratch
+from tuneforge.runs.checkpoints import file_problem
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +112,32 @@ def resolve(name_or_path: str, cache_override: str | None = None) -> Path:
         return locate_hf_dir(spec)
     gguf = locate_gguf(spec)
     target = cached_path(spec, gguf, cache_dir(cache_override))
-    if (target / "config.json").is_file():
-        return target
+    scratch.remove_stale(target.parent)
+    if target.exists():
+        problem = damage(target)
+        if problem is None:
+            return target
+        log.warning("The converted embedded model is damaged (%s): converting it again.", problem)
+        aside = target.parent / scratch.scratch_name(target.name)
+        try:
+            os.rename(target, aside)  # one rename: no reader sees it half deleted
+            shutil.rmtree(aside, ignore_errors=True)
+        except OSError:  # another process replaced it meanwhile
+            pass
+        if damage(target) is None:
+            return target
     convert(gguf, target)
     return target
+
+
+# What a conversion writes (model weights, config, tokenizer): the files a reader needs whole.
+_CONVERTED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "model.safetensors")
+
+
+def damage(target: Path) -> str | None:
+    """Why a converted model directory cannot be used (the file and what is wrong with it), or None."""
+    return next(filter(None, (file_problem(target / name) for name in _CONVERTED)), None)
 
 
 def convert(gguf: Path, target: Path) -> None:
@@ -125,8 +148,7 @@ def convert(gguf: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     log.info("Converting the embedded model %s once into %s", gguf.name, target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
+    tmp = scratch.make_scratch_dir(target)  # named after this process: removed by the next resolve if it is killed
     try:
         kwargs = {"gguf_file": gguf.name}
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
@@ -143,7 +165,7 @@ def convert(gguf: Path, target: Path) -> None:
         try:
             os.rename(tmp, target)
         except OSError:
-            if not (target / "config.json").is_file():  # not a concurrent conversion that won the race
+            if damage(target) is not None:  # not a concurrent conversion that won the race
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

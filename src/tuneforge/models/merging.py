@@ -17,7 +17,7 @@ from tuneforge.config.errors import ConfigError
 from tuneforge.config.schemas import ModelConfig, QuantConfig
 from tuneforge.models.adapters import load_adapter
 from tuneforge.models.loading import fit_embeddings, load_model, resolve_path
-from tuneforge.models.trained import run_config
+from tuneforge.runs.rundir import run_config
 from tuneforge.runs import rundir
 
 

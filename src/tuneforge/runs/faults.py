@@ -11,6 +11,7 @@ import logging
 import math
 import signal
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
@@ -31,6 +32,15 @@ class Interrupted(RunStopped):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.exit_code = 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+class _Signalled(BaseException):
+    """Raised by signals_end_the_run's handler where the signal arrives; turned into the explained Interrupted. A
+    BaseException, like KeyboardInterrupt, so that no library's `except Exception` swallows it on the way out."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
 
 
 class Diverged(RunStopped):
@@ -164,9 +174,56 @@ class StopOnNaN(TrainerCallback):
         return control
 
 
+class RunPhase:
+    """What the run is doing now (`name`), for the message a signal outside `trainer.train()` ends it with."""
+
+    def __init__(self):
+        self.name = "starting"
+
+
+@contextmanager
+def signals_end_the_run(run_dir, main: bool) -> Iterator[RunPhase]:
+    """SIGTERM / Ctrl-C anywhere in a run outside `trainer.train()` (which saves a checkpoint first, StopOnSignal):
+    the run ends at once as Interrupted, with the same exit code (128 + signal), the manifest's status, and the
+    resume hint where a checkpoint exists. The exception unwinds through the writers, whose cleanup removes what
+    they had half written (a cache entry, the converted model, the adapter). A second signal acts as usual."""
+    from tuneforge.runs import checkpoints, manifest
+
+    phase = RunPhase()
+    signals = StopOnSignal.SIGNALS
+    previous = {s: signal.getsignal(s) for s in signals}
+
+    def restore():
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+    def handle(signum, frame):
+        restore()  # a second signal: the default (or the caller's) behaviour
+        raise _Signalled(f"{signal.Signals(signum).name} while {phase.name}", signum)
+
+    try:
+        for s in signals:
+            signal.signal(s, handle)
+    except ValueError:  # not the main thread (some launchers): the default handlers stay
+        previous = {}
+    try:
+        yield phase
+    except _Signalled as exc:
+        latest = checkpoints.latest_complete_checkpoint(run_dir)
+        if main:
+            manifest.write(run_dir, status="interrupted", stopped_while=phase.name)
+        hint = (f"checkpoint {latest} is kept. Resume with the same command plus: hydra.run.dir={run_dir} "
+                "train.resume_from_checkpoint=auto" if latest else
+                "no checkpoint had been saved; run the command again (nothing half-written was kept)")
+        raise Interrupted(f"{exc}: the run stopped; {hint}", exc.signum) from None
+    finally:
+        restore()
+
+
 def interrupted_message(stopper: StopOnSignal, run_dir, checkpoint) -> str:
     name = signal.Signals(stopper.signum).name
-    return (f"{name}: training stopped after step {stopper.step}; checkpoint saved in {checkpoint}. "
+    when = f"after step {stopper.step}" if stopper.step is not None else "as it ended"  # a signal after the last step
+    return (f"{name}: training stopped {when}; checkpoint saved in {checkpoint}. "
             f"Resume with the same command plus: hydra.run.dir={run_dir} train.resume_from_checkpoint=auto")
 
 
@@ -183,7 +240,7 @@ def diverged_message(guard: StopOnNaN, learning_rate: float, bf16: bool, checkpo
 def train_guarded(trainer, train_cfg, run_dir, bf16: bool):
     """`trainer.train()` with checkpoint resume, the signal and NaN guards and the loss watchdog; raises Interrupted /
     Diverged / LossTooHigh."""
-    from tuneforge.runs import checkpoints, manifest, redaction
+    from tuneforge.runs import checkpoints, manifest, redaction, rundir
 
     checkpoint = checkpoints.resolve_resume(train_cfg.resume_from_checkpoint, run_dir)
     main = trainer.is_world_process_zero()  # several processes: the main one writes the run directory
@@ -192,6 +249,10 @@ def train_guarded(trainer, train_cfg, run_dir, bf16: bool):
     if checkpoint and main:
         manifest.write(run_dir, resumed=manifest.read(run_dir).get("resumed", []) + [
             {"from": checkpoint, "command": redaction.command_line(), "at": manifest.now()}])
+        (Path(run_dir) / rundir.FAILED_FILE).unlink(missing_ok=True)  # the resumed run decides anew
+        rundir.discard_unfinished_adapter(run_dir)
+    if checkpoints.at_last_step(checkpoint, trainer.args.max_steps):
+        return _restore_finished(trainer, checkpoint)
     stopper, guard = StopOnSignal(), StopOnNaN(train_cfg.nan_patience)
     watch = StopOnHighLoss(train_cfg.max_loss, train_cfg.max_loss_patience)
     trainer.add_callback(stopper)
@@ -217,6 +278,20 @@ def train_guarded(trainer, train_cfg, run_dir, bf16: bool):
     if checkpoint:  # the Trainer averages only the steps of this session; report the whole run's mean
         result = result._replace(training_loss=whole_run_loss(trainer.state.log_history, result.training_loss))
     return result
+
+
+def _restore_finished(trainer, checkpoint: str):
+    """A checkpoint at the last step: its weights and state, no step trained (Trainer.train would train one more:
+    "step 3/2"), so the run goes straight to saving and scoring and equals the uninterrupted one."""
+    from transformers.trainer_callback import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    log.info("%s is at the run's last step: nothing left to train, saving and scoring it.", checkpoint)
+    # The Trainer's own loading of a checkpoint's weights (adapter or full model), as its resume does.
+    trainer._load_from_checkpoint(checkpoint)
+    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+    loss = whole_run_loss(trainer.state.log_history, float("nan"))
+    return TrainOutput(trainer.state.global_step, loss, {"train_runtime": 0.0, "train_loss": loss})
 
 
 def whole_run_loss(log_history: list[dict], fallback: float) -> float:

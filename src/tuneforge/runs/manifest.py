@@ -3,7 +3,6 @@ and why one stopped. `tuneforge reproduce` compares the versions; `tuneforge rep
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import subprocess
@@ -13,7 +12,7 @@ from typing import Any, Optional
 
 from tuneforge.config.device import cuda_available
 from tuneforge.runs.redaction import command_line, redact
-from tuneforge.runs.rundir import FAILED_FILE, write_json
+from tuneforge.runs.rundir import FAILED_FILE, read_json, write_json
 
 # Versions recorded in every manifest (and compared by `tuneforge reproduce`).
 PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "hydra-core")
@@ -70,7 +69,7 @@ def write(run_dir: Path, **fields: Any) -> dict:
     """manifest.json: the environment + what identifies this run's inputs; fields merge into an existing one
     (a resumed run keeps its history)."""
     path = Path(run_dir) / MANIFEST_FILE
-    data = json.loads(path.read_text()) if path.is_file() else {}
+    data = read_json(path) if path.is_file() else {}
     if not data:
         data = environment() | {"command": command_line(), "started_at": now()}
     data.update(fields)
@@ -80,7 +79,7 @@ def write(run_dir: Path, **fields: Any) -> dict:
 
 def read(run_dir: Path) -> dict:
     path = Path(run_dir) / MANIFEST_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json(path) if path.is_file() else {}
 
 
 def now() -> str:

@@ -56,6 +56,40 @@ def command_line(argv: Optional[list[str]] = None) -> str:
     return " ".join(argv[:1] + [shlex.quote(redact_arg(a)) for a in argv[1:]])
 
 
+# A secret a command line may carry -> the environment variable its library reads it from.
+SECRET_ENV = {"model.token": "HF_TOKEN"}
+
+
+def withhold_secrets(args: list[str]) -> tuple[list[str], dict[str, Optional[str]]]:
+    """The command line Hydra gets, with the secrets redacted; they go to this process's environment instead (its
+    launched ranks inherit it): Hydra writes its overrides into .hydra/ and multirun.yaml and prints a sweep's job
+    list before any tuneforge code runs in a job, and on a sweep it refuses, no job ever runs to redact them.
+    Returns (args, the environment's previous values, for `restore_environment`)."""
+    kept, previous = [], {}
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        env = SECRET_ENV.get(key.lstrip("+~"))
+        if not eq or env is None:
+            kept.append(arg)
+            continue
+        value = value.strip("'\"")
+        if not value or value.lower() in ("null", "none", REDACTED.lower()):
+            kept.append(arg)
+            continue
+        previous.setdefault(env, os.environ.get(env))
+        os.environ[env] = value
+        kept.append(f"{key}='{REDACTED}'")  # what every file and the job list show: a secret was given
+    return kept, previous
+
+
+def restore_environment(previous: dict[str, Optional[str]]) -> None:
+    for env, value in previous.items():
+        if value is None:
+            os.environ.pop(env, None)
+        else:
+            os.environ[env] = value
+
+
 def use_token(model_cfg) -> None:
     """model.token -> HF_TOKEN for this process only (huggingface_hub reads it); never written anywhere."""
     token = getattr(model_cfg, "token", None)

@@ -8,9 +8,7 @@ import json
 import logging
 import os
 import re
-import secrets
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -18,7 +16,9 @@ from typing import Any, Iterator, Optional
 from omegaconf import OmegaConf
 
 from tuneforge.config.errors import ConfigError
+from tuneforge.runs import checkpoints
 from tuneforge.runs.checkpoints import resume_requested
+from tuneforge.runs import scratch
 from tuneforge.runs.redaction import redact
 
 log = logging.getLogger(__name__)
@@ -67,8 +67,7 @@ def claim_run_dir(run_dir: Path, resume: Any = None) -> Path:
     check_run_dir_free(run_dir, resume)  # a finished run is refused before anything is written into it
     _lock(run_dir)
     check_run_dir_free(run_dir, resume)  # again under the lock: the process that held it may have finished
-    if resume_requested(resume):
-        (run_dir / FAILED_FILE).unlink(missing_ok=True)  # the resumed run decides anew
+    scratch.remove_stale(run_dir)  # what a killed writer left half-written (an adapter, a file)
     if not os.access(run_dir, os.W_OK):
         raise ConfigError(f"{run_dir} is not writable.")
     return run_dir
@@ -115,13 +114,13 @@ def release_run_dir(run_dir: Optional[Path] = None) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write to a temporary file beside the target, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    tmp = path.parent / scratch.scratch_name(path.name)  # named after this process: see scratch.remove_stale
     try:
-        with os.fdopen(fd, "w") as fh:
+        with open(tmp, "x") as fh:
             fh.write(text)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -182,8 +181,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     final = Path(final)
     refuse_non_empty(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}-{secrets.token_hex(4)}"
-    tmp.mkdir()  # not mkdtemp: its 0700 would become the final directory's mode, ignoring the umask
+    tmp = scratch.make_scratch_dir(final)
     try:
         yield tmp
         try:
@@ -195,6 +193,17 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def discard_unfinished_adapter(run_dir: Path) -> None:
+    """A resumed run's adapter/ without metrics.json is this run's own, saved before a signal stopped its scoring:
+    the resume saves it again from the same checkpoint (a finished run, with metrics.json, is never resumed)."""
+    adapter = Path(run_dir) / ADAPTER_DIR
+    if adapter.is_dir() and not (Path(run_dir) / METRICS_FILE).exists():
+        aside = adapter.parent / scratch.scratch_name(adapter.name)
+        os.rename(adapter, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+        log.info("Resuming: %s of the interrupted run is saved again.", adapter)
 
 
 def save_adapter(trainer, tokenizer, run_dir: Path, initial_adapter: Optional[str] = None) -> bool:
@@ -227,10 +236,64 @@ def _drop_frozen_adapters(model, adapter_dir: Path) -> None:
 
 
 def read_config(run_dir: Path):
+    """RUN/config.yaml, checked on read: a missing or damaged file is one line naming it."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a tuneforge run directory (no {CONFIG_FILE}).")
-    return OmegaConf.load(path)
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as exc:  # yaml's and OmegaConf's errors for a truncated or edited file
+        raise ConfigError(f"{path} is damaged ({str(exc).splitlines()[0]}); restore it from the run's "
+                          ".hydra/config.yaml or a backup.") from None
+    # write_config writes every section: one missing is a truncated file (which can still parse).
+    missing = [k for k in ("task", "model", "data", "train", "eval") if not OmegaConf.is_dict(cfg) or k not in cfg]
+    if missing:
+        raise ConfigError(f"{path} is damaged (no {', '.join(missing)} section); restore it from the run's "
+                          ".hydra/config.yaml or a backup.")
+    return cfg
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file a run wrote (metrics, manifest), checked on read: damage is one line naming the file."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path} is missing: the run did not finish, or the file was removed.") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path} is damaged ({type(exc).__name__}: {exc}).") from None
+
+
+def run_config(run_dir: Path):
+    """A run's config.yaml as the validated config it ran with (TuneforgeConfig); a file that no longer validates
+    (edited, damaged, or from another tuneforge) is one line naming it."""
+    from tuneforge.config.compose import to_validated
+    from tuneforge.config.schemas import TuneforgeConfig
+
+    path = Path(run_dir) / CONFIG_FILE
+    saved = read_config(run_dir)
+    try:
+        return to_validated(OmegaConf.merge(OmegaConf.structured(TuneforgeConfig), saved))
+    except ConfigError as exc:
+        raise ConfigError(f"{path} cannot be read back ({exc}): it was edited, damaged, or written by another "
+                          "tuneforge version.") from None
+    except Exception as exc:  # OmegaConf's merge errors: a key or type the schema lacks
+        raise ConfigError(f"{path} cannot be read back ({str(exc).splitlines()[0]}): it was edited, damaged, or "
+                          "written by another tuneforge version.") from None
+
+
+def check_resume_matches(run_dir: Path, cfg) -> None:
+    """A resume may not change what the run's checkpoints hold (checkpoints.HELD_BY_CHECKPOINT): refused in one
+    line before anything is written, so the run's config.yaml and manifest stay those of its checkpoints."""
+    from dataclasses import asdict
+
+    if not resume_requested(cfg.train.resume_from_checkpoint) or not (Path(run_dir) / CONFIG_FILE).is_file():
+        return
+    changes = checkpoints.resume_changes(asdict(run_config(run_dir)), asdict(cfg))
+    if changes:
+        raise ConfigError(f"train.resume_from_checkpoint: this resume changes what the checkpoints in {run_dir} "
+                          f"hold ({'; '.join(changes)}); resume with the run's own values, or start a new run in "
+                          "another hydra.run.dir.")
 
 
 def write_predictions(path: Path, rows: list[dict]) -> None:

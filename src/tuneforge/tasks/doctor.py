@@ -91,23 +91,41 @@ def _trained_runs(labels: list[int]) -> list[tuple[int, int]]:
 def eos_trained(ctx: Context) -> list[Check]:
     stops = set(stop_token_ids(ctx.tokenizer))
     rows = ctx.data.train.select(range(min(SAMPLE, len(ctx.data.train))))
-    bad = doubled = 0
-    for ids, labels in zip(rows["input_ids"], rows["labels"]):
+    bad = doubled = cut = 0
+    example = None
+    columns = rows.column_names
+    for i, (ids, labels) in enumerate(zip(rows["input_ids"], rows["labels"])):
         if ctx.cfg.collator.name == "lm":
             ok = any(t in stops and l != IGNORE for t, l in zip(ids, labels))
         else:
-            # Each trained stretch (an answer) must end with a trained end-of-turn / EOS token,
-            # unless truncation cut it off (counted under truncation).
+            # Each trained stretch (an answer) must end with a trained end-of-turn / EOS token. A stretch reaching
+            # the row's end is excused only when truncation really cut the row (its `truncated` flag): a template
+            # whose turns carry no end-of-turn token also ends its last answer at the row's end.
+            truncated = bool(rows[i]["truncated"]) if "truncated" in columns else False
             runs = _trained_runs(labels)
-            ok = all(ids[b - 1] in stops or b == len(ids) for _, b in runs)
+            ends = [b for _, b in runs if ids[b - 1] not in stops]
+            cut += bool(ends) and truncated and all(b == len(ids) for b in ends)
+            ok = not ends or (truncated and all(b == len(ids) for b in ends))
+            if not ok and example is None:
+                a, b = next((a, b) for a, b in runs if b in ends)
+                example = ctx.tokenizer.decode(ids[a:b])
         bad += not ok
         doubled += any(a in stops and b in stops and la != IGNORE and lb != IGNORE
                        for a, b, la, lb in zip(ids, ids[1:], labels, labels[1:]))
     names = ", ".join(ctx.tokenizer.convert_ids_to_tokens(sorted(stops)))
+    template = f"tokenizer.chat_template={ctx.cfg.tokenizer.chat_template}"
+    if ctx.cfg.tokenizer.chat_template == "keep":
+        template += " (the model's own template)"
+    detail = (f"{bad} of {len(rows)} sampled rows have an answer not ending in a trained {names}"
+              + (f", e.g. the trained span {example[-60:]!r}" if example is not None else "")
+              + f": the chat template ({template}) or the format ends assistant turns without it, so the model "
+              f"never learns to stop. Use a template whose assistant turns end with {names} (e.g. "
+              "tokenizer.chat_template=chatml), or format.append_eos=true for text formats")
+    ok_detail = f"every sampled answer ends with a trained {names}" + (
+        f" ({cut} cut by truncation at train.max_length={ctx.cfg.train.max_length}: counted under truncation)"
+        if cut else "")
     out = [Check("EOS / end-of-turn trained", ERROR if bad else OK,
-                 "an untrained end-of-turn token means the model never learns to stop",
-                 f"{bad} of {len(rows)} sampled rows have an answer not ending in a trained {names}; check the "
-                 "format/template" if bad else f"every sampled answer ends with a trained {names}")]
+                 "an untrained end-of-turn token means the model never learns to stop", detail if bad else ok_detail)]
     if doubled:
         out.append(Check("no doubled EOS", WARNING, "two EOS in a row teaches the model to emit EOS after EOS",
                          f"{doubled} sampled rows; set format.append_eos=false when the text already ends with EOS"))

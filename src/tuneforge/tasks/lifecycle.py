@@ -6,7 +6,6 @@ failure a user can cause to the documented exit code.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -52,12 +51,22 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any, callbacks: Op
     main = state.is_main_process
     if main:
         rundir.claim_run_dir(run_dir, cfg.train.resume_from_checkpoint)
+        rundir.check_resume_matches(run_dir, cfg)  # before the run's config is rewritten
         rundir.write_config(run_dir, resolved_config)
+    # SIGTERM / Ctrl-C outside trainer.train() (preparing, converting, scoring, saving) end the run the same way
+    # as during it: exit 128 + signal, the manifest's status, the resume hint, half-written files removed.
+    with faults.signals_end_the_run(run_dir, main) as phase:
+        return _run(cfg, run_dir, state, main, phase, callbacks)
+
+
+def _run(cfg: TuneforgeConfig, run_dir: Path, state, main: bool, phase, callbacks) -> dict:
     use_token(cfg.model)
     task = stages_class(cfg.task)(cfg, run_dir, main)
+    phase.name = "preparing the tokenizer, the model and the data"
     with state.main_process_first():  # the model conversion and the data cache are built once
         identity = task.prepare()
     # On every rank after the barrier: a check that fails on the main rank alone inside it would hang the others.
+    phase.name = "checking the data"
     task.check()
     if main:
         manifest.write(run_dir, seed=cfg.train.seed, **identity)
@@ -67,7 +76,9 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any, callbacks: Op
     # LoRA's A matrices and a new head are drawn while the model is built, before the Trainer seeds: seed now,
     # or no two runs start alike.
     set_seed(cfg.train.seed)
+    phase.name = "loading the model"
     model = task.build_model()
+    phase.name = "scoring the base model"
     baseline = task.baseline(model)
     args = library_args.trainer_arguments(cfg, run_dir)
     trainer = task.build_trainer(model, args, [*user_callbacks(cfg.callbacks), *(callbacks or [])])
@@ -76,12 +87,16 @@ def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any, callbacks: Op
     console.attach(trainer)
     # TRL writes its generic model card at every checkpoint; the run's own card is written once it has scores.
     trainer.create_model_card = lambda *args, **kwargs: None
+    phase.name = "training"
     result = faults.train_guarded(trainer, cfg.train, run_dir, args.bf16)
+    phase.name = "saving the adapter"
     saved = rundir.save_adapter(trainer, task.tokenizer, run_dir, task.initial_adapter)  # every rank calls it
+    phase.name = "scoring the trained model"
     evaluation = task.evaluate(model, trainer)
     if not saved:
         return {}
 
+    phase.name = "writing the metrics"
     metrics = task.metrics(result, trainer, baseline, evaluation) | {"world_size": trainer.args.world_size}
     rundir.write_json(run_dir / rundir.METRICS_FILE, metrics)
     task.report(baseline, evaluation, metrics)
@@ -107,7 +122,7 @@ def sweep_value(cfg: TuneforgeConfig, metrics: dict) -> Optional[float]:
 def read_metrics(run_dir: Path) -> dict:
     """metrics.json of a finished run ({} when it wrote none)."""
     path = Path(run_dir) / rundir.METRICS_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return rundir.read_json(path) if path.is_file() else {}
 
 
 def exit_code(exc: BaseException) -> Optional[int]:

@@ -195,7 +195,7 @@ def kto(cfg: TuneforgeConfig, run_dir: Path, main: bool) -> Preference:
 def sft_adapter_dir(cfg: TuneforgeConfig) -> Path:
     """model.adapter: an SFT run directory or its adapter/ directory; refused unless it holds a LoRA adapter
     trained on this config's base model."""
-    from tuneforge.models.trained import run_config
+    from tuneforge.runs.rundir import run_config
 
     path = Path(cfg.model.adapter).expanduser()
     adapter = path / rundir.ADAPTER_DIR if (path / rundir.ADAPTER_DIR).is_dir() else path
