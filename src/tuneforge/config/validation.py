@@ -129,6 +129,7 @@ def validate(cfg: TuneforgeConfig) -> TuneforgeConfig:
     validate_task_batches(cfg)
     validate_data(cfg.data, cfg.format)
     validate_launcher(cfg)
+    validate_signs(cfg)
     return cfg
 
 
@@ -185,17 +186,22 @@ def _numbers(node: Any, default: Any, prefix: str):
         yield prefix, node, default
 
 
-def validate_finite_and_signs(cfg: TuneforgeConfig) -> None:
-    """Every number of every section (the libraries' keys included): finite (a NaN learning rate or dropout
-    trains garbage without an error); seeds in numpy's range; no negative value unless it is the key's own
-    negative default (-1 for max_steps: by epochs): the libraries read a negative max_grad_norm, warmup, limit or
-    noise as "off", or fail late."""
+def validate_finite(cfg: TuneforgeConfig) -> None:
+    """Every number of every section (the libraries' keys included) is finite: a NaN learning rate or dropout trains
+    garbage without an error. First, so no range rule meets a NaN (which compares False both ways)."""
     import math
 
+    for key, value, _ in _numbers(cfg, TuneforgeConfig(), ""):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key.lstrip('.')}={value} is not a finite number; give a finite value.")
+
+
+def validate_signs(cfg: TuneforgeConfig) -> None:
+    """Seeds in numpy's range; no negative value unless it is the key's own negative default (-1 for max_steps: by
+    epochs): the libraries read a negative max_grad_norm, warmup, limit or noise as "off", or fail late. Last: the
+    section rules name a key's own limits (peft.r > 0, a mix weight > 0) more precisely."""
     for key, value, default in _numbers(cfg, TuneforgeConfig(), ""):
         key = key.lstrip(".")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{key}={value} is not a finite number; give a finite value.")
         leaf = key.rsplit(".", 1)[-1]
         if (leaf == "seed" or leaf.endswith("_seed")) and not 0 <= value < SEED_RANGE:
             raise ConfigError(f"{key}={value} is out of range: a seed is an integer in [0, 2**32).")
@@ -207,7 +213,7 @@ def validate_finite_and_signs(cfg: TuneforgeConfig) -> None:
 
 def validate_numbers(cfg: TuneforgeConfig) -> None:
     """Counts and sizes that must be positive, fractions in range."""
-    validate_finite_and_signs(cfg)
+    validate_finite(cfg)
     t = cfg.train
     positive = {
         "train.learning_rate": t.learning_rate,
