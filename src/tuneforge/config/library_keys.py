@@ -323,6 +323,8 @@ TRAIN = Section(
                             "one"),
         "gradient_checkpointing_every_n_layers": Own(int, 1, "checkpoint one decoder layer in n (1: all); the "
                                                      "others keep their activations (speed for memory)"),
+        "no_signal_patience": Own(int, 3, "task=grpo|rloo: stop (exit code 4) when every group of completions "
+                                  "scored alike (no learning signal) for this many logged steps in a row; 0: never"),
         "gradient_checkpointing_offload": Own(bool, False, "checkpointed layers' saved inputs wait in pinned "
                                               "host memory (frees layers x tokens x hidden on the GPU)"),
     },
@@ -371,6 +373,7 @@ TRAIN = Section(
         "do_train": "the command (tuneforge train)",
         "do_eval": "train.eval_strategy, or the command tuneforge eval",
         "do_predict": "the command tuneforge eval",
+        "reward_weights": "rewards[].weight (one weight per entry of the rewards list)",
     },
     applied={
         "gradient_checkpointing": "applied to the model (non-reentrant, with the layer policy) before LoRA",
