@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
-from tuneforge.config.errors import ConfigError
+from tuneforge.config.errors import ConfigError, closest
 from tuneforge.config.user_code import is_path, load_function
 from tuneforge.eval.metrics import normalize
 
@@ -199,8 +199,6 @@ def load_rewards(entries: Sequence[Any], columns: Sequence[str], defaults: Optio
             params = inspect.signature(fn).parameters
             kwargs = {k: v for k, v in (defaults or {}).items() if k in params and k not in kwargs} | kwargs
         else:
-            from tuneforge.config.errors import closest
-
             raise ConfigError(f"{key}.name={name!r} is neither a built-in reward ({', '.join(BUILTIN)}) nor "
                               f"module:function.{closest(name, list(BUILTIN))}")
         _check_signature(fn, name, key, kwargs, columns)
@@ -218,13 +216,16 @@ def _check_signature(fn: Callable, name: str, key: str, kwargs: dict, columns: S
     except (TypeError, ValueError):
         return  # a builtin without a signature (C code): its first batch's output check still applies
     params = signature.parameters
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    # A built-in's **columns takes the rows' columns only: its own keywords are named, so a misspelt one is refused.
+    takes_any = fn not in BUILTIN.values() and any(p.kind is p.VAR_KEYWORD for p in params.values())
     for k in kwargs:
         if k in TRL_ARGUMENTS or k in columns:
             raise ConfigError(f"{key}.kwargs.{k}: {k} is already an argument of every reward call (a TRL argument "
                               "or a column of the prompt rows); rename the keyword.")
         if k not in params and not takes_any:
-            raise ConfigError(f"{key}.kwargs.{k}: {name} takes no {k!r} (its parameters: {', '.join(params)}).")
+            own = [p for p, v in params.items() if v.kind is v.KEYWORD_ONLY or (v.default is not v.empty)]
+            raise ConfigError(f"{key}.kwargs.{k}: {name} takes no {k!r} (its keywords: {', '.join(own) or 'none'})."
+                              f"{closest(k, own)}")
     column = kwargs.get("column", params["column"].default if "column" in params else None)
     if isinstance(column, str) and "column" in params and column not in columns:
         raise ConfigError(f"{key} ({name}) reads column {column!r}, but the prompt rows have "
