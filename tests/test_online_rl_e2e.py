@@ -12,6 +12,7 @@ model never writes a date, so the runs that must learn are rewarded by a user's 
 from __future__ import annotations
 
 import json
+import os
 import signal
 from pathlib import Path
 
@@ -137,27 +138,28 @@ def test_a_reward_that_does_not_import_is_refused_before_weights_load(tiny_model
     result = cli_in_process(*_args(tiny_model, tmp_path / "run", "rewards=[{name:'rl_test_rewards:missing'}]"),
                             cwd=workdir)
     assert result.returncode == 2
-    assert "rewards[0].name: module 'rl_test_rewards'" in result.stderr and "has no 'missing'" in result.stderr
-    assert "Loaded" not in result.stderr + result.stdout  # no weights loaded
+    out = result.stdout + result.stderr
+    assert "rewards[0].name: module 'rl_test_rewards'" in out and "has no 'missing'" in out
+    assert "Loaded" not in out  # no weights loaded
 
 
 def test_a_wrong_reward_output_stops_at_the_first_batch_naming_the_reward(tiny_model, workdir, tmp_path):
     result = cli_in_process(*_args(tiny_model, tmp_path / "run", "doctor.reward_prompts=0",
                                    "rewards=[{name:'rl_test_rewards:wrong_length'}]"), cwd=workdir)
     assert result.returncode == 2
-    assert "reward 'wrong_length' (rewards[0]) at step 0 returned 2 values for 4 completions" in result.stderr
+    assert "reward 'wrong_length' (rewards[0]) at step 0 returned 2 values for 4 completions" in result.stdout + result.stderr
 
 
 def test_a_constant_reward_is_refused_by_the_reward_doctor_and_stopped_in_training(tiny_model, workdir, tmp_path):
     constant = "rewards=[{name:'rl_test_rewards:constant'}]"
     refused = cli_in_process(*_args(tiny_model, tmp_path / "a", constant), cwd=workdir)
     assert refused.returncode == 2
-    assert "the reward doctor: 100% of 2 prompt groups (2 completions each) scored alike" in refused.stderr
+    assert "the reward doctor: 100% of 2 prompt groups (2 completions each) scored alike" in refused.stdout + refused.stderr
     assert not list((tmp_path / "a").glob("checkpoint-*"))  # refused before training
     stopped = cli_in_process(*_args(tiny_model, tmp_path / "b", constant, "doctor.reward_prompts=0",
                                     "train.no_signal_patience=2", "train.logging_steps=1"), cwd=workdir)
     assert stopped.returncode == 4, stopped.stderr[-3000:]
-    assert "no learning signal: from step 1 to step 2" in stopped.stderr
+    assert "no learning signal: from step 1 to step 2" in stopped.stdout + stopped.stderr
     assert json.loads((tmp_path / "b" / "manifest.json").read_text())["status"] == "no_signal"
 
 
@@ -165,8 +167,9 @@ def test_sigkill_then_resume_equals_the_uninterrupted_grpo_run(grpo_run, tiny_mo
     baseline, _ = grpo_run
     run_dir = tmp_path / "run"
     args = _args(tiny_model, run_dir)
+    # The fault hook imports from the repository; the package from its src/ (this checkout's, not another install).
     killed = run_cli(*args, "callbacks=[tests.fault_hooks:KillAfterCheckpoint2]", cwd=workdir,
-                     env_extra={"PYTHONPATH": str(REPO)})
+                     env_extra={"PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert (run_dir / "checkpoint-2" / "trainer_state.json").is_file() and not (run_dir / "adapter").exists()
     resumed = cli_in_process(*args, "train.resume_from_checkpoint=auto", cwd=workdir)
