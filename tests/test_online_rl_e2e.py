@@ -42,7 +42,9 @@ def workdir(tmp_path_factory):
 
 
 def _args(model: str, run_dir: Path, *extra: str) -> list[str]:
-    return ["train", "recipe=grpo-demo", f"model.name_or_path={model}", "train.max_steps=4", "train.save_steps=2",
+    # QLoRA (the demo recipe trains unquantized on a CPU for speed): the 4-bit path is the one to test.
+    return ["train", "recipe=grpo-demo", "quant=nf4", f"model.name_or_path={model}", "train.max_steps=4",
+            "train.save_steps=2",
             "train.num_generations=2", "train.per_device_train_batch_size=4", "train.max_completion_length=6",
             "data.builtin_rows=40", "doctor.reward_prompts=2", "eval.num_samples=2", "eval.max_new_tokens=6",
             "rewards=[{name:iso_date,kwargs:{column:answer}},{name:'rl_test_rewards:length',weight:0.5}]",
@@ -51,7 +53,8 @@ def _args(model: str, run_dir: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def grpo_run(tmp_path_factory, tiny_model, workdir):
-    """The demo recipe (4-bit base, LoRA, the iso_date reward) plus the user's reward, four steps on the tiny model."""
+    """The demo recipe on a 4-bit base (LoRA, the iso_date reward) plus the user's reward, four steps on the tiny
+    model."""
     run_dir = tmp_path_factory.mktemp("grpo") / "run"
     result = cli_in_process(*_args(tiny_model, run_dir), cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -156,6 +159,9 @@ def test_a_constant_reward_is_refused_by_the_reward_doctor_and_stopped_in_traini
     assert refused.returncode == 2
     assert "the reward doctor: 100% of 2 prompt groups (2 completions each) scored alike" in refused.stdout + refused.stderr
     assert not list((tmp_path / "a").glob("checkpoint-*"))  # refused before training
+    doctor = cli_in_process(*["doctor" if a == "train" else a for a in _args(tiny_model, tmp_path / "d", constant)],
+                            cwd=workdir)
+    assert doctor.returncode == 1 and "reward signal" in doctor.stdout and "scored alike" in doctor.stdout
     stopped = cli_in_process(*_args(tiny_model, tmp_path / "b", constant, "doctor.reward_prompts=0",
                                     "train.no_signal_patience=2", "train.logging_steps=1"), cwd=workdir)
     assert stopped.returncode == 4, stopped.stderr[-3000:]
