@@ -222,3 +222,10 @@ def test_no_signal_for_patience_logged_steps_stops_the_run():
     inert = StopOnNoSignal(patience=1)  # other tasks log no such key
     inert.on_log(None, SimpleNamespace(global_step=1), control, logs={"loss": math.nan})
     assert inert.tripped_at is None
+
+
+def test_a_sweep_optimizes_a_reward():
+    from tuneforge.runs.objective import objective
+
+    metrics = {"eval_after": {"reward": 0.6, "rewards/iso_date": 0.5, "exact_match": 0.25}}
+    assert objective(metrics, "rewards/iso_date") == 0.5 and objective(metrics, "reward") == 0.6

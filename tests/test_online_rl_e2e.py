@@ -91,14 +91,15 @@ def test_demo_recipe_plumbing(grpo_run):
     assert json.loads((run_dir / "manifest.json").read_text())["status"] == "finished"
 
 
-def _trained(tiny_model: str, workdir: Path, run_dir: Path, *overrides: str, steps: int = 3):
+def _trained(tiny_model: str, workdir: Path, run_dir: Path, *overrides: str, steps: int = 2):
     """The online-RL stages as lifecycle.run calls them, trained `steps` steps in this process: (task, model, trainer,
     the adapter and base weights before training)."""
     import os
 
     from tuneforge.config import library_args
     from tuneforge.config.compose import load_config
-    from tuneforge.tasks.online_rl import OnlineRL, grpo
+    from tuneforge.tasks.online_rl import OnlineRL
+    from tuneforge.tasks.stages import stages_class
 
     cfg = load_config(["recipe=grpo-demo", f"model.name_or_path={tiny_model}", "quant=none",
                        f"train.max_steps={steps}", "train.learning_rate=5e-2", "train.warmup_steps=0",
@@ -110,7 +111,7 @@ def _trained(tiny_model: str, workdir: Path, run_dir: Path, *overrides: str, ste
     previous = Path.cwd()
     os.chdir(workdir)
     try:
-        task: OnlineRL = grpo(cfg, run_dir, True)
+        task: OnlineRL = stages_class(cfg.task)(cfg, run_dir, True)
         task.prepare()
         task.check()
         set_seed(cfg.train.seed)
@@ -123,10 +124,13 @@ def _trained(tiny_model: str, workdir: Path, run_dir: Path, *overrides: str, ste
     return task, model, trainer, before
 
 
-def test_every_lora_parameter_changes_and_the_base_does_not(tiny_model, workdir, tmp_path):
-    """TRL's own test of its GRPO trainer with PEFT, with beta > 0: the reference is the base (adapter off), never a
-    second copy, and the KL to it is logged."""
-    _, model, trainer, before = _trained(tiny_model, workdir, tmp_path, "train.beta=0.1")
+@pytest.mark.parametrize("task", ["grpo", "rloo"])
+def test_every_lora_parameter_changes_and_the_base_does_not(tiny_model, workdir, tmp_path, task):
+    """TRL's own test of its GRPO/RLOO trainers with PEFT (two steps: LoRA's B starts at 0, so A moves from the
+    second), with beta > 0: the reference is the base (adapter off), never a second copy, and the KL to it is
+    logged."""
+    _, model, trainer, before = _trained(tiny_model, workdir, tmp_path, f"task={task}", "train.beta=0.1")
+    assert type(trainer).__name__ == {"grpo": "GRPOTrainer", "rloo": "RLOOTrainer"}[task]
     assert "ref" not in model.peft_config  # TRL's copy of a fresh adapter is not kept: adapter off is the base
     changed = {n: not torch.equal(before[n], p) for n, p in model.named_parameters()}
     lora = [n for n in changed if "lora_" in n]
