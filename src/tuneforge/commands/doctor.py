@@ -45,10 +45,10 @@ def reward_checks(cfg: TuneforgeConfig, stages) -> list:
     set_seed(cfg.train.seed)
     model = stages.build_model()
     with stages.start_policy(model):
-        report = reward_doctor.examine(model, stages.tokenizer, stages.doctor_rows(), stages.rewards, cfg.train,
-                                       cfg.eval.batch_size)
+        report = reward_doctor.examine(model, stages.tokenizer, stages.doctor_rows(), stages.rewards, stages.args,
+                                       cfg.train.max_length, cfg.eval.batch_size)
     reward_doctor.print_report(report)
-    return reward_doctor.checks(report, cfg.doctor.max_no_signal, cfg.train.max_completion_length)
+    return reward_doctor.checks(report, cfg.doctor.max_no_signal, stages.args.max_completion_length)
 
 
 def app(dcfg) -> None:

@@ -247,10 +247,11 @@ def validate_rewards(cfg: TuneforgeConfig) -> None:
         if not isinstance(entry.name, str) or not (is_path(entry.name) or entry.name.isidentifier()):
             raise ConfigError(f"rewards[{i}].name={entry.name!r}: give a built-in reward's name or module:function.")
     t, d = cfg.train, cfg.doctor
-    if t.num_generations < 2:
+    # null: the task's library default (GRPOConfig 8, RLOOConfig 2).
+    if t.num_generations is not None and t.num_generations < 2:
         raise ConfigError(f"train.num_generations={t.num_generations}: a group needs at least 2 completions (the "
                           "advantage compares them).")
-    if t.max_completion_length <= 0:
+    if t.max_completion_length is not None and t.max_completion_length <= 0:
         raise ConfigError(f"train.max_completion_length={t.max_completion_length} must be > 0.")
     if d.reward_prompts < 0 or not 0.0 <= d.max_no_signal <= 1.0 or t.no_signal_patience < 0:
         raise ConfigError("doctor.reward_prompts must be >= 0, doctor.max_no_signal in [0, 1] and "

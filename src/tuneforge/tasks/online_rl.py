@@ -22,6 +22,7 @@ from pathlib import Path
 from peft import PeftModel
 from trl import GRPOTrainer, RLOOTrainer
 
+from tuneforge.config import library_args
 from tuneforge.config.schemas import TuneforgeConfig
 from tuneforge.data.prompts import PROMPT, prepare_prompts, reward_columns
 from tuneforge.eval.inference import GenerationSettings, Rendered, generate
@@ -61,8 +62,11 @@ class OnlineRL:
         self.model_path, self.tokenizer, self.tok_report = prepare_tokenizer(cfg, source, tokenizer_cfg)
         self.data = prepare_prompts(cfg.data, cfg.format, cfg.train, self.tokenizer)
         # User code is imported and its signature checked here, before any weights load (exit 2 on a mismatch).
+        # The trainer config as the library completes it (train.num_generations=null: its own default), for the
+        # reward doctor's sampling; the lifecycle builds the same one for the trainer.
+        self.args = library_args.trainer_arguments(cfg, self.run_dir or Path("/nonexistent/tuneforge-doctor"))
         self.rewards = load_rewards(cfg.rewards, reward_columns(self.data),
-                                    defaults={"max_tokens": cfg.train.max_completion_length})
+                                    defaults={"max_tokens": self.args.max_completion_length})
         return run_identity(self.data, content_hash(self.tokenizer)) | (
             {"sft_adapter": str(self.sft_adapter)} if self.sft_adapter else {}) | {
             "rewards": [{"name": e.name, "weight": e.weight} for e in cfg.rewards]}
@@ -100,7 +104,7 @@ class OnlineRL:
         with self.start_policy(model):
             if cfg.doctor.enabled and cfg.doctor.reward_prompts > 0:
                 self.doctor_report = reward_doctor.before_training(model, self.tokenizer, self.doctor_rows(),
-                                                                   self.rewards, cfg)
+                                                                   self.rewards, cfg, self.args)
                 if self.main:
                     rundir.write_json(self.run_dir / REWARD_DOCTOR_FILE, self.doctor_report.as_dict())
             return self._scores(model)

@@ -56,13 +56,14 @@ def _alike(values: Sequence[float]) -> bool:
     return len(values) < 2 or math.isclose(statistics.pstdev(values), 0.0, abs_tol=1e-8)
 
 
-def examine(model, tokenizer, rows: list[dict], rewards: Sequence[Reward], train_cfg, batch_size: int,
-            prompt_column: str = "prompt") -> RewardDoctorReport:
-    """Sample and score `rows` (prompt rows of the data stage) with the model as it is now."""
-    g = train_cfg.num_generations
-    settings = GenerationSettings(max_new_tokens=train_cfg.max_completion_length, max_input_tokens=train_cfg.max_length,
-                                  batch_size=batch_size, do_sample=True, temperature=train_cfg.temperature,
-                                  top_p=train_cfg.top_p, top_k=train_cfg.top_k, seed=train_cfg.seed)
+def examine(model, tokenizer, rows: list[dict], rewards: Sequence[Reward], args, max_prompt_tokens: int,
+            batch_size: int, prompt_column: str = "prompt") -> RewardDoctorReport:
+    """Sample and score `rows` (prompt rows of the data stage) with the model as it is now; `args`: the trainer's
+    config (GRPOConfig/RLOOConfig, the library defaults filled in), whose sampling settings training uses."""
+    g = args.num_generations
+    settings = GenerationSettings(max_new_tokens=args.max_completion_length, max_input_tokens=max_prompt_tokens,
+                                  batch_size=batch_size, do_sample=True, temperature=args.temperature,
+                                  top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     prompts = [row[prompt_column] for row in rows for _ in range(g)]
     expanded = [{k: v for k, v in row.items() if k != prompt_column} for row in rows for _ in range(g)]
     done = generate_completions(model, tokenizer, [Rendered(p) for p in prompts], settings)
@@ -118,12 +119,12 @@ def print_report(report: RewardDoctorReport, console: Console | None = None) -> 
                   f"cut at the limit: {report.clipped_fraction:.0%}")
 
 
-def before_training(model, tokenizer, rows: list[dict], rewards: Sequence[Reward], cfg) -> RewardDoctorReport:
+def before_training(model, tokenizer, rows: list[dict], rewards: Sequence[Reward], cfg, args) -> RewardDoctorReport:
     """The reward doctor at the start of `train`: printed, refused when no group has a signal, warned above the
     threshold."""
-    report = examine(model, tokenizer, rows, rewards, cfg.train, cfg.eval.batch_size)
+    report = examine(model, tokenizer, rows, rewards, args, cfg.train.max_length, cfg.eval.batch_size)
     print_report(report)
-    verdicts = checks(report, cfg.doctor.max_no_signal, cfg.train.max_completion_length)
+    verdicts = checks(report, cfg.doctor.max_no_signal, args.max_completion_length)
     for c in verdicts:
         if c.status == ERROR:
             raise ConfigError(f"the reward doctor: {c.action}. (doctor.reward_prompts=0 skips this check.)")
