@@ -33,8 +33,8 @@ class ModelConfig:
     # Hub token for gated/private models. Prefer the HF_TOKEN environment variable; a value set here is used
     # for this process only and is redacted from every file tuneforge writes.
     token: Optional[str] = None
-    # task=dpo|kto: an SFT run directory (or its adapter/ directory) to start from: its adapter trains on, with
-    # its tokenizer and chat template; the reference model is that SFT policy. None: a fresh adapter on the base.
+    # task=dpo|kto|grpo|rloo: an SFT run directory (or its adapter/ directory) to start from: its adapter trains on,
+    # with its tokenizer and chat template; the reference model is that SFT policy. None: a fresh adapter on the base.
     adapter: Optional[str] = None
 
 
