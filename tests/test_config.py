@@ -67,6 +67,8 @@ def test_every_shipped_option_composes(group, tmp_path):
             overrides.append("task=classification")  # the padding collator builds no LM labels
         if (group, option) in (("format", "preference"), ("format", "unpaired")):
             overrides.append(f"task={'dpo' if option == 'preference' else 'kto'}")  # preference rows, preference tasks
+        if (group, option) == ("format", "prompt"):  # prompt rows: the online-RL tasks, which need rewards
+            overrides += ["task=grpo", "rewards=[{name:exact_match}]"]
         load_config(overrides)
 
 

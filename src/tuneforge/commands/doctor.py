@@ -1,5 +1,7 @@
 """`tuneforge doctor [overrides] [--json]`: the doctor's checks (tasks/doctor.py) on the tokenizer, the model's config
-(no weights) and the prepared data, exactly as `train` would prepare them; exit 1 when a check fails."""
+(no weights) and the prepared data, exactly as `train` would prepare them; exit 1 when a check fails. For the tasks
+that learn from rewards (task=grpo|rloo) the reward doctor follows (tasks/reward_doctor.py): it loads the weights and
+samples from the starting policy."""
 
 from __future__ import annotations
 
@@ -26,10 +28,27 @@ def run(cfg: TuneforgeConfig) -> list:
     stages.prepare()
     checks = doctor.run_checks(doctor.Context(cfg, stages.tokenizer, stages.tok_report,
                                               load_config(stages.model_path, cfg.model), stages.data))
+    if task(cfg.task).rewards and cfg.doctor.reward_prompts > 0 and not doctor.has_errors(checks):
+        checks += reward_checks(cfg, stages)
     doctor.print_table(checks)
     if cfg.doctor.json_path:
         doctor.write_json(checks, Path(cfg.doctor.json_path))
     return checks
+
+
+def reward_checks(cfg: TuneforgeConfig, stages) -> list:
+    """Online RL: the reward doctor on the starting policy (the one check that needs the weights: it samples)."""
+    from transformers import set_seed
+
+    from tuneforge.tasks import reward_doctor
+
+    set_seed(cfg.train.seed)
+    model = stages.build_model()
+    with stages.start_policy(model):
+        report = reward_doctor.examine(model, stages.tokenizer, stages.doctor_rows(), stages.rewards, stages.args,
+                                       cfg.train.max_length, cfg.eval.batch_size)
+    reward_doctor.print_report(report)
+    return reward_doctor.checks(report, cfg.doctor.max_no_signal, stages.args.max_completion_length)
 
 
 def app(dcfg) -> None:

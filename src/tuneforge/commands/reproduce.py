@@ -52,7 +52,8 @@ def version_differences(manifest: dict, now: dict) -> list[str]:
 
 # Values that measure the machine, not the run (runtimes, throughputs): never compared.
 def _timing(key: str) -> bool:
-    return "runtime" in key or "per_second" in key or key.endswith("_load_s")
+    # step_time: TRL's online-RL trainers log each step's wall time.
+    return "runtime" in key or "per_second" in key or key.endswith(("_load_s", "step_time"))
 
 
 def _number(value) -> bool:

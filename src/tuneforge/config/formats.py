@@ -31,6 +31,8 @@ class Format:
     text: bool = False
     # Rules of its own keys, checked with the rest of the config (fmt, its dotted key prefix).
     check: Callable[[Any, str], None] = lambda fmt, key: None
+    # Every column of the row reaches the task (online RL: the reward functions read them), not only its own.
+    keeps_columns: bool = False
 
 
 def template_fields(template: str) -> list[str]:
@@ -68,6 +70,9 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            optional=lambda f: [f.prompt_column]),
     Format("unpaired", "", lambda f: [("prompt", f.prompt_column), ("completion", f.completion_column),
                                       ("label", f.label_column)]),
+    # Prompts only (online RL): a prompt column, or messages without a final assistant turn (data/prompts.py
+    # checks which each row has); the other columns go to the reward functions.
+    Format("prompt", "", lambda f: [], optional=lambda f: [f.prompt_column, f.messages_column], keeps_columns=True),
 )}
 
 # Format strategies that produce plain text (no chat-template assistant turns).

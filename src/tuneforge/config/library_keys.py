@@ -326,6 +326,8 @@ TRAIN = Section(
         "max_loss_patience": Own(int, 3, "logged steps in a row above train.max_loss before the watchdog stops the run"),
         "gradient_checkpointing_every_n_layers": Own(int, 1, "checkpoint one decoder layer in n (1: all); the "
                                                      "others keep their activations (speed for memory)"),
+        "no_signal_patience": Own(int, 3, "task=grpo|rloo: stop (exit code 5) when every group of completions "
+                                  "scored alike (no learning signal) for this many logged steps in a row; 0: never"),
         "gradient_checkpointing_offload": Own(bool, False, "checkpointed layers' saved inputs wait in pinned "
                                               "host memory (frees layers x tokens x hidden on the GPU)"),
     },
@@ -380,6 +382,7 @@ TRAIN = Section(
                      "launcher.deepspeed_config=FILE.json)",
         "fsdp": "launcher=fsdp (launcher.fsdp_* keys, or your own FSDP settings: launcher.fsdp_config=FILE)",
         "fsdp_config": "launcher=fsdp (launcher.fsdp_* keys, or your own FSDP settings: launcher.fsdp_config=FILE)",
+        "reward_weights": "rewards[].weight (one weight per entry of the rewards list)",
     },
     applied={
         "gradient_checkpointing": "applied to the model (non-reentrant, with the layer policy) before LoRA",

@@ -33,8 +33,8 @@ class ModelConfig:
     # Hub token for gated/private models. Prefer the HF_TOKEN environment variable; a value set here is used
     # for this process only and is redacted from every file tuneforge writes.
     token: Optional[str] = None
-    # task=dpo|kto: an SFT run directory (or its adapter/ directory) to start from: its adapter trains on, with
-    # its tokenizer and chat template; the reference model is that SFT policy. None: a fresh adapter on the base.
+    # task=dpo|kto|grpo|rloo: an SFT run directory (or its adapter/ directory) to start from: its adapter trains on,
+    # with its tokenizer and chat template; the reference model is that SFT policy. None: a fresh adapter on the base.
     adapter: Optional[str] = None
 
 
@@ -56,7 +56,8 @@ class TokenizerConfig:
 @dataclass
 class FormatConfig:
     # instruction | conversational | alpaca | text | template | preference (task=dpo: prompt/chosen/rejected)
-    # | unpaired (task=kto: prompt/completion/label)
+    # | unpaired (task=kto: prompt/completion/label) | prompt (task=grpo|rloo: a prompt column, or messages without a
+    # final assistant turn; every other column reaches the reward functions)
     strategy: str = "instruction"
     prompt_column: str = "prompt"
     completion_column: str = "completion"
@@ -83,6 +84,9 @@ class FormatConfig:
     # with the prompt's turns when the row has no prompt column).
     chosen_column: str = "chosen"
     rejected_column: str = "rejected"
+    # format.strategy=prompt: the column holding a reference answer, when rows have one: the held-out table scores
+    # exact match / ROUGE-L against it (the reward functions read it, like every other column, by its name).
+    reference_column: str = "answer"
 
 
 @dataclass
@@ -203,11 +207,31 @@ class PreviewConfig:
 
 
 @dataclass
+class RewardConfig:
+    """One reward function of an online-RL run (task=grpo|rloo): `rewards=[{name: iso_date, weight: 1.0}]`."""
+
+    # A built-in reward (eval/rewards.py: exact_match, regex, overlong, iso_date, number) or your own function as
+    # module:function, called as f(prompts, completions, **columns, **kwargs) and returning one float per completion
+    # (None: no opinion on that one). Files next to your recipe import from the working directory.
+    name: str = MISSING
+    # Its weight in the sum of rewards (GRPOConfig/RLOOConfig reward_weights).
+    weight: float = 1.0
+    # Keyword arguments of the function, e.g. {column: answer} or {pattern: '^\\d{4}-\\d{2}-\\d{2}$'}.
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class DoctorConfig:
     # Run the checks at the start of `train` (errors stop it before any weights load).
     enabled: bool = True
     # Error when more than this fraction of rows has every label -100.
     max_fully_masked: float = 0.01
+    # task=grpo|rloo, the reward doctor: completions sampled for this many training prompts (train.num_generations
+    # each) from the starting policy and scored before training; 0 skips it.
+    reward_prompts: int = 8
+    # Warn when more than this fraction of those prompts' groups score all alike (no learning signal); every group
+    # alike refuses the run.
+    max_no_signal: float = 0.5
     # Also write the report as JSON here (`tuneforge doctor --json` writes doctor.json).
     json_path: Optional[str] = None
 
@@ -273,10 +297,12 @@ def _tuneforge_config() -> type:
         preview: PreviewConfig = field(default_factory=PreviewConfig)
         doctor: DoctorConfig = field(default_factory=DoctorConfig)
         launcher: LauncherConfig = field(default_factory=LauncherConfig)
-        # A name in the task table (config/tasks.py): sft | classification | dpo | kto.
+        # A name in the task table (config/tasks.py): sft | classification | dpo | kto | grpo | rloo.
         task: str = "sft"
         # Your own transformers TrainerCallback classes, as module:Class (config/user_code.py).
         callbacks: list[str] = field(default_factory=list)
+        # task=grpo|rloo: the reward functions that score sampled completions (RewardConfig).
+        rewards: list[RewardConfig] = field(default_factory=list)
         # Print what would run, load nothing.
         dry_run: bool = False
 

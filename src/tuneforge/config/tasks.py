@@ -49,6 +49,9 @@ class Task:
     fixed_train: dict[str, tuple[Any, str]] = field(default_factory=dict)
     # What tuneforge sets in the trainer config for this task (over the user's keys), from the config.
     trainer_settings: Callable[[Any], dict[str, Any]] = lambda cfg: {}
+    # It learns online from the `rewards` list (reward functions score sampled completions): the list must be set,
+    # and the reward doctor samples from the starting policy before training (tasks/reward_doctor.py).
+    rewards: bool = False
 
     @property
     def generates(self) -> bool:
@@ -79,6 +82,23 @@ def _classification_settings(cfg) -> dict[str, Any]:
     return {"eval_strategy": "epoch"} if cfg.train.eval_strategy == "no" else {}
 
 
+def _online_rl_settings(cfg) -> dict[str, Any]:
+    return {
+        # Every column of a prompt row besides the prompt reaches the reward functions (a reference answer, tests).
+        "remove_unused_columns": False,
+        # One weight per entry of `rewards` (its `weight`), in the list's order.
+        "reward_weights": [float(r.weight) for r in cfg.rewards],
+        "shuffle_dataset": cfg.data.shuffle,
+        **({"pad_to_multiple_of": cfg.collator.pad_to_multiple_of} if cfg.collator.pad_to_multiple_of else {}),
+    }
+
+
+# Online RL with verifiable rewards: the policy samples completions of prompt rows, `rewards` scores them.
+_ONLINE_RL = dict(
+    head=CAUSAL_LM, formats=("prompt",), collators=("completion_only",), doctor="prompts", needs_adapter=True,
+    starts_from_run=True, rewards=True, sweep_metric="", trainer_settings=_online_rl_settings,
+)
+
 _PREFERENCE = dict(
     head=CAUSAL_LM, collators=("completion_only",), doctor="preference", needs_adapter=True, starts_from_run=True,
     fixed_train={"truncation_mode": ("keep_start", "the preference data keeps the prompt and cuts the answers' ends "
@@ -97,6 +117,8 @@ TASKS: dict[str, Task] = {t.name: t for t in (
          trainer_settings=_classification_settings),
     Task("dpo", "tuneforge.tasks.preference:dpo", "trl:DPOConfig", formats=("preference",), **_PREFERENCE),
     Task("kto", "tuneforge.tasks.preference:kto", "trl:KTOConfig", formats=("unpaired",), **_PREFERENCE),
+    Task("grpo", "tuneforge.tasks.online_rl:grpo", "trl:GRPOConfig", **_ONLINE_RL),
+    Task("rloo", "tuneforge.tasks.online_rl:rloo", "trl:RLOOConfig", **_ONLINE_RL),
 )}
 
 # Tasks people ask for that tuneforge does not run, and why (with what to use instead).

@@ -319,6 +319,55 @@ def validate_task(cfg: TuneforgeConfig) -> None:
                           f"({spec.trainer_config.partition(':')[2].replace('Config', 'Trainer')}) computes the loss "
                           "through its own fused LM head, which Liger's fused linear cross-entropy would replace; "
                           "leave it out (Liger's other kernels still apply with train.use_liger_kernel).")
+    validate_rewards(cfg)
+
+
+def validate_rewards(cfg: TuneforgeConfig) -> None:
+    """The `rewards` list belongs to the tasks that learn from rewards (its entries are imported when the run
+    starts, before any weights load: eval/rewards.load_rewards), and their sampling settings."""
+    from tuneforge.config.user_code import is_path
+
+    spec, learners = task(cfg.task), "|".join(t.name for t in TASKS.values() if t.rewards)
+    if cfg.rewards and not spec.rewards:
+        raise ConfigError(f"rewards are for task={learners} (online RL); task={cfg.task} does not sample completions.")
+    if not spec.rewards:
+        return
+    if not cfg.rewards:
+        raise ConfigError(f"task={cfg.task} learns from rewards, and `rewards` is empty: add at least one, e.g. "
+                          "rewards='[{name:exact_match,kwargs:{column:answer}}]' (built-ins: exact_match, regex, "
+                          "overlong, iso_date, number, date_equivalent; or your own module:function).")
+    for i, entry in enumerate(cfg.rewards):
+        if not isinstance(entry.name, str) or not (is_path(entry.name) or entry.name.isidentifier()):
+            raise ConfigError(f"rewards[{i}].name={entry.name!r}: give a built-in reward's name or module:function.")
+    t, d = cfg.train, cfg.doctor
+    # null: the task's library default (GRPOConfig 8, RLOOConfig 2).
+    if t.num_generations is not None and t.num_generations < 2:
+        raise ConfigError(f"train.num_generations={t.num_generations}: a group needs at least 2 completions (the "
+                          "advantage compares them).")
+    if t.max_completion_length is not None and t.max_completion_length <= 0:
+        raise ConfigError(f"train.max_completion_length={t.max_completion_length} must be > 0.")
+    if d.reward_prompts < 0 or not 0.0 <= d.max_no_signal <= 1.0 or t.no_signal_patience < 0:
+        raise ConfigError("doctor.reward_prompts must be >= 0, doctor.max_no_signal in [0, 1] and "
+                          "train.no_signal_patience >= 0 (0: never stop).")
+    if t.use_vllm:
+        validate_vllm(cfg)
+
+
+def validate_vllm(cfg: TuneforgeConfig) -> None:
+    """train.use_vllm (TRL's vLLM generation, vllm_mode=colocate|server) needs CUDA and the vllm package."""
+    import importlib.util
+
+    from tuneforge.config.device import cuda_available
+
+    if not cuda_available():
+        raise ConfigError("train.use_vllm=true: vLLM generates on CUDA GPUs only, and this machine has none; remove "
+                          "it (TRL then generates with transformers).")
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError("train.use_vllm=true: the vllm package is not installed; `pip install vllm` (a version TRL "
+                          "supports, see `trl env`), or remove train.use_vllm.")
+    if cfg.train.vllm_mode not in ("colocate", "server"):
+        raise ConfigError(f"train.vllm_mode={cfg.train.vllm_mode!r}: colocate (in this process) or server "
+                          "(`trl vllm-serve` on other GPUs).")
 
 
 def validate_task_batches(cfg: TuneforgeConfig) -> None:

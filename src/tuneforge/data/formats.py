@@ -206,6 +206,11 @@ def used_columns(cfg: FormatConfig) -> list[str]:
     return required_columns(cfg) + FORMATS[cfg.strategy].optional(cfg)
 
 
+def keeps_columns(cfg: FormatConfig) -> bool:
+    """Every column of the row reaches the task (format.strategy=prompt: the reward functions read them)."""
+    return FORMATS[cfg.strategy].keeps_columns
+
+
 def check_columns(cfg: FormatConfig, have: list[str], where: str, renames: Optional[dict[str, str]] = None) -> None:
     """Fail before formatting when the strategy's columns are missing, naming the mapping that would fix it."""
     missing = {column: role for role, column in required_roles(cfg) if column not in have}

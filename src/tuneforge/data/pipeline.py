@@ -27,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 from tuneforge.config.errors import ConfigError
 from tuneforge.config.schemas import CollatorConfig, DataConfig, FormatConfig, MixSourceConfig, TrainConfig
 from tuneforge.data import cache
-from tuneforge.data.formats import BadRow, FormatContext, formatter, renders_chat, used_columns
+from tuneforge.data.formats import BadRow, FormatContext, formatter, keeps_columns, renders_chat, used_columns
 from tuneforge.data.mix import mix_counts
 from tuneforge.data.render import render_conversations
 from tuneforge.data.sources import ROW, SKIPPED_EXAMPLES, SkippedLines, data_sources, load_source
@@ -176,7 +176,8 @@ class LoadedSources:
             ds = raw[split].select(range(self.counts[i])) if split == "train" else raw[split]
             label = f"mix[{i}] {src.path}" if len(self.sources) > 1 else ""
             _count_skipped(self.skipped[i].get(split), st, label)
-            ds = ds.select_columns([c for c in ds.column_names if c in used_columns(src.format) or c == ROW])
+            if not keeps_columns(src.format):
+                ds = ds.select_columns([c for c in ds.column_names if c in used_columns(src.format) or c == ROW])
             yield i, src, ds, f"{split} split of {src.path!r}", label
 
     def merge(self, parts: list[Dataset], split: str, st: DataStats) -> Dataset:

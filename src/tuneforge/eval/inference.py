@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
@@ -36,6 +36,8 @@ class GenerationSettings:
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
+    # None: the model's generation config decides; 0 turns top-k off (TRL's sampling for online RL).
+    top_k: Optional[int] = None
     seed: int = 0
 
 
@@ -86,20 +88,38 @@ def _device(model: PreTrainedModel) -> torch.device:
     return next(p.device for p in model.parameters())
 
 
+@dataclass
+class Completion:
+    """One generated completion: its text (special tokens skipped, stripped), its token ids up to and excluding the
+    stop token, and whether it stopped (False: cut at max_new_tokens)."""
+
+    text: str
+    ids: list[int]
+    stopped: bool
+
+
 @torch.inference_mode()
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt],
              settings: GenerationSettings | None = None, stream: bool = False) -> list[str]:
     """Completions (prompt stripped, special tokens skipped), one per prompt, in order."""
+    return [c.text for c in generate_completions(model, tokenizer, prompts, settings, stream)]
+
+
+@torch.inference_mode()
+def generate_completions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt],
+                         settings: GenerationSettings | None = None, stream: bool = False) -> list[Completion]:
+    """`generate` with each completion's token ids and whether it stopped (what the reward doctor measures)."""
     settings = settings or GenerationSettings()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stops = stop_token_ids(tokenizer)
     encoded = [prompt_ids(tokenizer, p, settings.max_input_tokens) for p in prompts]
     device = _device(model)
-    outputs: list[str] = []
+    outputs: list[Completion] = []
     if settings.do_sample:
         torch.manual_seed(settings.seed)
     sampling = (
-        {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p}
+        {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p,
+         **({"top_k": settings.top_k} if settings.top_k is not None else {})}
         if settings.do_sample else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     )
     with eval_mode(model):
@@ -119,8 +139,11 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
             )
             # Every row was padded to the same width on the left, so the completion starts there.
             completions = out[:, input_ids.shape[1]:]
-            outputs.extend(tokenizer.batch_decode(completions, skip_special_tokens=True))
-    return [o.strip() for o in outputs]
+            texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+            for row, text in zip(completions.tolist(), texts):
+                end = next((i for i, t in enumerate(row) if t in stops), None)
+                outputs.append(Completion(text.strip(), row[:end] if end is not None else row, end is not None))
+    return outputs
 
 
 @torch.inference_mode()

@@ -52,9 +52,31 @@ def silence_library_noise() -> None:
             logger.addFilter(_DropMessage(prefix))
 
 
+# Online RL's logged step (TRL's GRPOTrainer/RLOOTrainer log ~30 keys): what shows progress, in this order.
+_RL_KEYS = (("frac_reward_zero_std", "no-signal"), ("kl", "kl"), ("completions/mean_length", "length"),
+            ("completions/clipped_ratio", "clipped"), ("loss", "loss"), ("learning_rate", "lr"))
+# Said once, before the first online-RL line: the loss column confuses everyone.
+RL_LOSS_NOTE = ("online RL: the loss is ~0 by construction (advantages are rewards minus their group's mean): watch "
+                "the reward; no-signal = share of prompt groups whose completions all scored alike (they teach "
+                "nothing)")
+
+
+def _rl_line(logs: dict) -> str:
+    parts = [f"reward {logs['reward']:.3f}±{logs.get('reward_std', float('nan')):.3f}"]
+    per = sorted(k[len("rewards/"):-len("/mean")] for k in logs if k.startswith("rewards/") and k.endswith("/mean"))
+    if len(per) > 1:
+        parts[0] += " (" + ", ".join(f"{n} {logs[f'rewards/{n}/mean']:.3f}±{logs.get(f'rewards/{n}/std', float('nan')):.3f}"
+                                     for n in per) + ")"
+    parts += [f"{label} {logs[key]:.4g}" for key, label in _RL_KEYS if isinstance(logs.get(key), (int, float))]
+    return ", ".join(parts)
+
+
 def step_line(step: int, max_steps: int, logs: dict) -> str:
     """`step 5/30: loss 0.6669, grad_norm 0.9922, ...`, and the Trainer's end-of-training summary as
-    `trained 30 steps: train_loss 0.1967, ...` (total_flos, a Trainer internal, left out)."""
+    `trained 30 steps: train_loss 0.1967, ...` (total_flos, a Trainer internal, left out). An online-RL step (its
+    logs carry `reward`) shows the reward first and only what tells progress (metrics.json keeps every key)."""
+    if "reward" in logs and "train_runtime" not in logs:
+        return f"step {step}/{max_steps}: {_rl_line(logs)}"
     shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                       for k, v in logs.items() if k != "total_flos")
     if "train_runtime" in logs and "train_loss" in logs:
@@ -68,8 +90,13 @@ def attach(trainer) -> None:
     from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 
     class StepLog(TrainerCallback):
+        explained = False
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and state.is_world_process_zero:
+                if "reward" in logs and not self.explained:
+                    log.info("%s", RL_LOSS_NOTE)
+                    self.explained = True
                 log.info("%s", step_line(state.global_step, state.max_steps, logs))
 
     class ProgressBar(ProgressCallback):

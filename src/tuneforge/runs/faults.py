@@ -1,5 +1,6 @@
 """Faults during training: SIGTERM/Ctrl-C save a checkpoint and stop cleanly; NaN/inf stops early; the loss
-watchdog (train.max_loss) saves a checkpoint and stops a run whose loss stays too high.
+watchdog (train.max_loss) saves a checkpoint and stops a run whose loss stays too high; online RL stops when its
+rewards give no learning signal.
 
 Both are TrainerCallbacks (the Trainer already knows how to save and stop between steps); `lifecycle.run` turns
 what they saw into an exit code and a message that says how to resume or what to check.
@@ -53,6 +54,12 @@ class LossTooHigh(RunStopped):
     """The logged loss stayed above `train.max_loss` for `train.max_loss_patience` logged steps (the watchdog)."""
 
     exit_code = 4
+
+
+class NoSignal(RunStopped):
+    """Online RL: every group of completions scored alike for `train.no_signal_patience` logged steps in a row."""
+
+    exit_code = 5
 
 
 class StopOnHighLoss(TrainerCallback):
@@ -218,6 +225,42 @@ def signals_end_the_run(run_dir, main: bool) -> Iterator[RunPhase]:
         raise Interrupted(f"{exc}: the run stopped; {hint}", exc.signum) from None
     finally:
         restore()
+class StopOnNoSignal(TrainerCallback):
+    """Online RL (DESIGN rule 12): the advantage is a reward minus its group's mean, so a step whose every group
+    scored alike (TRL's frac_reward_zero_std = 1.0) teaches nothing. `patience` such logged steps in a row stop the
+    run (a failed run, not a slow one); the checkpoint of the last step is kept. Inert where no step logs it."""
+
+    KEY = "frac_reward_zero_std"
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.in_a_row = 0
+        self.first_step: Optional[int] = None
+        self.tripped_at: Optional[int] = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        value = (logs or {}).get(self.KEY)
+        if value is None or self.patience <= 0:
+            return control
+        if value >= 1.0:
+            self.in_a_row += 1
+            self.first_step = state.global_step if self.in_a_row == 1 else self.first_step
+            log.warning("step %d: every group of completions scored alike: no learning signal (%d/%d logged steps "
+                        "in a row, train.no_signal_patience)", state.global_step, self.in_a_row, self.patience)
+        else:
+            self.in_a_row = 0
+        if self.in_a_row >= self.patience and self.tripped_at is None:
+            self.tripped_at = state.global_step
+            control.should_training_stop = True
+        return control
+
+
+def no_signal_message(guard: StopOnNoSignal) -> str:
+    return (f"no learning signal: from step {guard.first_step} to step {guard.tripped_at} every group of completions "
+            f"got equal rewards ({guard.patience} logged steps in a row, train.no_signal_patience), so every "
+            "advantage was 0. Change what the rewards can tell apart: a shaped reward (partial credit), an SFT start "
+            "(model.adapter=SFT_RUN), more generations (train.num_generations) or a higher train.temperature; "
+            "`tuneforge doctor` measures it before training.")
 
 
 def interrupted_message(stopper: StopOnSignal, run_dir, checkpoint) -> str:
@@ -238,8 +281,8 @@ def diverged_message(guard: StopOnNaN, learning_rate: float, bf16: bool, checkpo
 
 
 def train_guarded(trainer, train_cfg, run_dir, bf16: bool):
-    """`trainer.train()` with checkpoint resume, the signal and NaN guards and the loss watchdog; raises Interrupted /
-    Diverged / LossTooHigh."""
+    """`trainer.train()` with checkpoint resume, the signal and NaN guards, the loss watchdog and online RL's
+    no-signal stop; raises Interrupted / Diverged / LossTooHigh / NoSignal."""
     from tuneforge.runs import checkpoints, manifest, redaction, rundir
 
     checkpoint = checkpoints.resolve_resume(train_cfg.resume_from_checkpoint, run_dir)
@@ -258,6 +301,8 @@ def train_guarded(trainer, train_cfg, run_dir, bf16: bool):
     trainer.add_callback(stopper)
     trainer.add_callback(guard)
     trainer.add_callback(watch)
+    no_signal = StopOnNoSignal(train_cfg.no_signal_patience)
+    trainer.add_callback(no_signal)
     from tuneforge.runs.console import training_output
 
     with stopper.installed(), training_output():
@@ -271,6 +316,10 @@ def train_guarded(trainer, train_cfg, run_dir, bf16: bool):
         if main:
             manifest.write(run_dir, status="loss_too_high", stopped_at_step=watch.tripped_at)
         raise LossTooHigh(loss_too_high_message(watch, latest, run_dir))
+    if no_signal.tripped_at is not None:
+        if main:
+            manifest.write(run_dir, status="no_signal", stopped_at_step=no_signal.tripped_at)
+        raise NoSignal(no_signal_message(no_signal))
     if stopper.signum is not None:
         if main:
             manifest.write(run_dir, status="interrupted", stopped_at_step=stopper.step)

@@ -48,6 +48,9 @@ def render(cfg: Any, metrics: dict, command: str, run_dir: Path, embedding_rows:
         f"| steps | {metrics.get('train_steps', '-')} (learning rate {cfg.train.learning_rate:g}, "
         f"batch {cfg.train.per_device_train_batch_size} x {cfg.train.gradient_accumulation_steps} accumulation) |",
         f"| train loss | {metrics['train_loss']:.4f} |" if isinstance(metrics.get("train_loss"), float) else "| train loss | - |",
+        *([f"| rewards | {', '.join(f'`{r.name}` x{r.weight:g}' for r in cfg.rewards)} (mean reward "
+           f"{metrics.get('first_logged_reward', float('nan')):.3f} at the first logged step, "
+           f"{metrics.get('last_logged_reward', float('nan')):.3f} at the last) |"] if getattr(cfg, "rewards", None) else []),
         "",
         "## Command",
         "",

@@ -294,6 +294,19 @@ def preference_eos(ctx: Context) -> list[Check]:
                   if missing else f"all {total} sampled answers end with EOS / end-of-turn")]
 
 
+def prompt_rows(ctx: Context) -> list[Check]:
+    """task=grpo|rloo: the prompt rows the policy completes (data/prompts.py lists what it dropped), and the columns
+    the reward functions will receive."""
+    st = ctx.data.stats["train"]
+    bad = sum(st.bad_rows.values())
+    columns = [c for c in ctx.data.train.column_names if c != "prompt"]
+    action = _dropped(st, ctx.cfg.data.on_bad_row) if bad else f"{st.rows_kept} of {st.rows_in} prompts usable"
+    return [Check("prompt rows", WARNING if bad else OK, "a row without a prompt, ending in an answer, or longer than "
+                  "train.max_length cannot be sampled", action),
+            Check("reward columns", OK, "every column besides the prompt reaches the reward functions by its name",
+                  ", ".join(columns) if columns else "none: the rewards see only prompts and completions")]
+
+
 CHECKS: list[Callable[[Context], list[Check]]] = [
     special_tokens, eos_trained, chat_template, response_templates, malformed_rows, masking_and_lengths, vocabulary,
     padding_sides,
@@ -302,8 +315,11 @@ CHECKS: list[Callable[[Context], list[Check]]] = [
 PREFERENCE_CHECKS: list[Callable[[Context], list[Check]]] = [
     special_tokens, preference_eos, preference_rows, vocabulary, padding_sides,
 ]
+# Prompt rows (task=grpo|rloo) hold rendered prompts and the reward functions' columns; the reward doctor
+# (tasks/reward_doctor.py) samples from the starting policy once the weights are loaded.
+PROMPT_CHECKS: list[Callable[[Context], list[Check]]] = [special_tokens, prompt_rows, vocabulary, padding_sides]
 # The check list each task names (config/tasks.Task.doctor).
-CHECK_LISTS = {"sft": CHECKS, "preference": PREFERENCE_CHECKS}
+CHECK_LISTS = {"sft": CHECKS, "preference": PREFERENCE_CHECKS, "prompts": PROMPT_CHECKS}
 
 
 def run_checks(ctx: Context) -> list[Check]:
