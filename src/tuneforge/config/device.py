@@ -6,6 +6,12 @@ Measured on an H100 (benchmarks/README.md, `benchmarks/gpu_train.py`): bfd packi
 non-pad tokens/s of a plain padded TRL run at 1B and 8B and cut peak memory to 0.53-0.64x; Liger's
 RMSNorm/RoPE/SwiGLU kernels on top gave 1.84-1.90x at 0.51-0.62x memory. On a CPU neither helps
 (Liger needs Triton on CUDA; the demo's rows are all about the same length), so `auto` keeps them off.
+
+TRL 1.16's fused, chunked LM head + loss (`train.fused_lm_head`, tasks/sft_trainer.py) never builds the
+(batch, length, vocab) logits: on a GPU that is memory (49152 x 4096 fp32 logits and their gradient are 1.5 GiB
+per row of a 4k batch), so `auto` keeps it on CUDA, as TRL does (not yet measured against the model's own head
+there: `benchmarks/step_time.py --arms tuneforge,tuneforge_fused` on the next lent GPU). On a CPU it only costs:
+FUSED_HEAD_CPU below.
 """
 
 from __future__ import annotations
@@ -84,13 +90,17 @@ def check_packed_attention(mode: str, attn: str, cuda: bool) -> None:
             "or packing=none.")
 
 
+# Measured with benchmarks/step_time.py (README "Defaults that differ"): FIGURES_PENDING
+FUSED_HEAD_CPU = "FIGURES_PENDING"
+
+
 def resolve(cfg: TuneforgeConfig, cuda: bool | None = None) -> TuneforgeConfig:
-    """A copy of `cfg` with `packing.mode=auto` and `train.use_liger_kernel=null` decided for this device, and
-    the packing rules that depend on the device checked."""
+    """A copy of `cfg` with `packing.mode=auto`, `train.use_liger_kernel=null` and `train.fused_lm_head=null`
+    decided for this device, and the packing rules that depend on the device checked."""
     auto = cfg.packing.mode == AUTO
     flex_packed = (not auto and packing_mode(cfg.packing.mode).shares_rows
                    and cfg.model.attn_implementation == "flex_attention")
-    needs_device = auto or cfg.train.use_liger_kernel is None or flex_packed
+    needs_device = auto or cfg.train.use_liger_kernel is None or cfg.train.fused_lm_head is None or flex_packed
     cuda = (cuda_available() if needs_device else False) if cuda is None else cuda
     packing, train = cfg.packing, cfg.train
     if auto:
@@ -101,4 +111,7 @@ def resolve(cfg: TuneforgeConfig, cuda: bool | None = None) -> TuneforgeConfig:
     elif train.use_liger_kernel and not liger_installed():
         raise ConfigError("train.use_liger_kernel=true needs the liger-kernel package (pip install 'tuneforge[gpu]'), "
                           "or leave it unset (auto: on where CUDA and liger-kernel are available).")
+    if train.fused_lm_head is None:
+        # On CUDA the fused head saves the logits' memory; on a CPU it is slower (FUSED_HEAD_CPU).
+        train = dataclasses.replace(train, fused_lm_head=cuda)
     return dataclasses.replace(cfg, packing=packing, train=train)
