@@ -4,7 +4,8 @@
     python benchmarks/step_time.py --repeats 5 --steps 10 --arms lean,tuneforge
     python benchmarks/step_time.py --batch 16 --max-length 512 --model DIR    # a GPU: the same script, other sizes
 
-Arms (each run in a fresh process; arms alternate within every repeat, so load changes hit all alike):
+Arms (--mode interleaved, the default: each repeat is one fresh process training every arm in threads that
+take turns, one optimizer step each, so load changes hit all alike; --mode separate: one process per arm):
 
   lean             transformers `Trainer` + PEFT, no tuneforge code: the model loaded with BitsAndBytesConfig,
                    `prepare_model_for_kbit_training`, `get_peft_model`, `DataCollatorForSeq2Seq` (pads to the
@@ -41,6 +42,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -71,6 +73,7 @@ class StepTimer:
         self.current: dict | None = None
         self.step_start = None
         self.tokens = 0
+        self.baton, self.name = None, ""
 
     def now(self) -> float:
         if self.sync:
@@ -97,6 +100,10 @@ class StepTimer:
             self.current["tokens"] = self.current.pop("_tokens", 0)
             self.current["other"] = self.current["wall"] - sum(self.current.get(p, 0.0) for p in PARTS if p != "other")
             self.steps.append(self.current)
+        if self.baton is not None:  # interleaved: the next arm runs its step now; the wait is nobody's time
+            self.baton.pass_on(self.name)
+            self.baton.wait(self.name)
+            t = self.now()
         self.current, self.step_start = {"_tokens": self.tokens}, t
         self.tokens = 0
 
@@ -108,6 +115,35 @@ class StepTimer:
             finally:
                 self.pop()
         return timed
+
+
+class Baton:
+    """Arms training in threads of one process take turns, one optimizer step each: every arm's steps see the
+    same machine load (other users' jobs come and go), which separate processes one after another do not."""
+
+    def __init__(self, names: list[str]):
+        self.order, self.turn, self.done = list(names), 0, set()
+        self.cond = threading.Condition()
+
+    def wait(self, name: str) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.order[self.turn] == name)
+
+    def pass_on(self, name: str) -> None:
+        with self.cond:
+            i = self.order.index(name)
+            for k in range(1, len(self.order) + 1):
+                j = (i + k) % len(self.order)
+                if self.order[j] not in self.done or k == len(self.order):
+                    self.turn = j
+                    break
+            self.cond.notify_all()
+
+    def finish(self, name: str) -> None:
+        with self.cond:
+            self.done.add(name)
+            if self.order[self.turn] == name:
+                self.pass_on(name)
 
 
 def instrument(trainer, sync: bool) -> StepTimer:
@@ -181,7 +217,7 @@ def losses(trainer) -> dict:
 
 # --- workers -----------------------------------------------------------------------------------------------
 
-def lean_worker(spec: dict) -> dict:
+def lean_arm(spec: dict):
     """transformers Trainer + PEFT on the prepared rows: no tuneforge import."""
     import torch
     from datasets import Dataset
@@ -219,11 +255,10 @@ def lean_worker(spec: dict) -> dict:
     trainer = Trainer(model=model, args=args, train_dataset=dataset,
                       data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True))
     timer = instrument(trainer, spec["sync"])
-    trainer.train()
-    return {"steps": timer.steps, "losses": losses(trainer), "peak_gib": peak_memory_gib()}
+    return timer, trainer.train, lambda: {"steps": timer.steps, "losses": losses(trainer), "peak_gib": peak_memory_gib()}
 
 
-def tuneforge_worker(spec: dict) -> dict:
+def tuneforge_arm(spec: dict):
     """tuneforge's SFT stages and trainer, as tasks/lifecycle.run builds them (saving and scoring left out)."""
     from transformers import set_seed
 
@@ -246,15 +281,42 @@ def tuneforge_worker(spec: dict) -> dict:
     console.attach(trainer)
     trainer.create_model_card = lambda *a, **k: None
     timer = instrument(trainer, spec["sync"])
-    faults.train_guarded(trainer, cfg.train, run_dir, args.bf16)
-    return {"steps": timer.steps, "losses": losses(trainer), "peak_gib": peak_memory_gib(),
-            "fused_lm_head": cfg.train.fused_lm_head, "token_metrics": cfg.train.token_metrics}
+    return (timer, lambda: faults.train_guarded(trainer, cfg.train, run_dir, args.bf16),
+            lambda: {"steps": timer.steps, "losses": losses(trainer), "peak_gib": peak_memory_gib(),
+                     "fused_lm_head": cfg.train.fused_lm_head, "token_metrics": cfg.train.token_metrics})
 
 
 def worker(spec_path: str) -> int:
+    """One process: one arm, or (interleaved) every arm of the spec, each in its own thread, one step per turn."""
     spec = json.loads(Path(spec_path).read_text())
-    out = lean_worker(spec) if spec["arm"] == "lean" else tuneforge_worker(spec)
-    Path(spec["result"]).write_text(json.dumps(out))
+    specs = spec["arms"]
+    built = {s["arm"]: (lean_arm(s) if s["arm"] == "lean" else tuneforge_arm(s)) for s in specs}
+    baton = Baton(list(built)) if len(built) > 1 else None
+    errors = {}
+
+    def train(name, timer, run):
+        try:
+            if baton is not None:
+                baton.wait(name)
+            run()
+        except BaseException as exc:  # noqa: BLE001 -- reported below; the other arms must not wait forever
+            errors[name] = repr(exc)
+            raise
+        finally:
+            if baton is not None:
+                baton.finish(name)
+
+    threads = []
+    for name, (timer, run, _) in built.items():
+        timer.baton, timer.name = baton, name
+        threads.append(threading.Thread(target=train, args=(name, timer, run), name=name))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise SystemExit(f"arms failed: {errors}")
+    Path(spec["result"]).write_text(json.dumps({name: result() for name, (_, _, result) in built.items()}))
     return 0
 
 
@@ -299,21 +361,24 @@ def prepare(args, work: Path) -> dict:
     }
 
 
-def run_arm(arm: str, common: dict, args, work: Path, index: int) -> dict:
-    out_dir = work / f"{arm}-{index}"
-    spec = {**common, "arm": arm, "out_dir": str(out_dir), "result": str(work / f"{arm}-{index}.json"),
-            "sync": not args.no_sync, "overrides": overrides_for(args) + ARMS[arm] if ARMS[arm] is not None else []}
-    spec_path = work / f"{arm}-{index}.spec.json"
+def run_process(arms: list[str], common: dict, args, work: Path, index: int) -> dict:
+    """One fresh process training `arms` (interleaved when several); {arm: its result}."""
+    tag = f"{'+'.join(arms)}-{index}"
+    specs = [{**common, "arm": arm, "out_dir": str(work / f"{arm}-{index}"), "sync": not args.no_sync,
+              "overrides": overrides_for(args) + ARMS[arm] if ARMS[arm] is not None else []} for arm in arms]
+    spec = {"arms": specs, "result": str(work / f"{tag}.json")}
+    spec_path = work / f"{tag}.spec.json"
     spec_path.write_text(json.dumps(spec))
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, __file__, "--worker", str(spec_path)], capture_output=True, text=True,
                           timeout=args.timeout)
     if proc.returncode != 0:
-        raise SystemExit(f"arm {arm} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    result = json.loads(Path(spec["result"]).read_text())
-    result["process_s"] = time.perf_counter() - started
-    result["timed"] = result["steps"][args.warmup:]
-    return result
+        raise SystemExit(f"{tag} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    results = json.loads(Path(spec["result"]).read_text())
+    for result in results.values():
+        result["process_s"] = time.perf_counter() - started
+        result["timed"] = result["steps"][args.warmup:]
+    return results
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -381,6 +446,9 @@ def main() -> int:
     p.add_argument("--model", default="embedded", help="embedded (SmolLM2-135M-Instruct) or a model directory")
     p.add_argument("--quant", choices=("nf4", "none"), default="nf4", help="nf4: QLoRA NF4 + double quant")
     p.add_argument("--set", action="append", default=[], help="an extra tuneforge override for every arm's job")
+    p.add_argument("--mode", choices=("interleaved", "separate"), default="interleaved",
+                   help="interleaved: every repeat is one process training all arms in turns, one step each "
+                        "(the same load for all; peak memory is the process's); separate: one process per arm")
     p.add_argument("--no-sync", action="store_true", help="on CUDA, do not synchronise at part boundaries")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--work", default=None, help="working directory (default: a fresh temporary one)")
@@ -402,19 +470,21 @@ def main() -> int:
     runs: dict[str, list] = {a: [] for a in arms}
     loads = []
     for i in range(args.repeats):
-        for arm in (arms if i % 2 == 0 else arms[::-1]):  # alternate the order too
-            r = run_arm(arm, common, args, work, i)
-            runs[arm].append(r)
-            loads.append(os.getloadavg()[0])
-            print(f"repeat {i} {arm}: median step {statistics.median(s['wall'] for s in r['timed']):.3f} s, "
-                  f"load {loads[-1]:.2f}", flush=True)
+        order = arms[i % len(arms):] + arms[:i % len(arms)]  # rotate which arm goes first
+        groups = [order] if args.mode == "interleaved" else [[arm] for arm in order]
+        for group in groups:
+            for arm, r in run_process(group, common, args, work, i).items():
+                runs[arm].append(r)
+                loads.append(os.getloadavg()[0])
+                print(f"repeat {i} {arm}: median step {statistics.median(s['wall'] for s in r['timed']):.3f} s, "
+                      f"load {loads[-1]:.2f}", flush=True)
     summary = {arm: summarise(rs) for arm, rs in runs.items()}
     reference = "lean" if "lean" in summary else arms[0]
     print(table(summary, reference))
     record = {
         "command": "python " + " ".join(sys.argv), "versions": versions(), "machine": machine(), **git_commit(),
         "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "loadavg_after_each_run": loads,
-        "job": common["settings"], "reference": reference,
+        "mode": args.mode, "job": common["settings"], "reference": reference,
         "ratios": {arm: s["wall"] / summary[reference]["wall"] for arm, s in summary.items()},
         "summary": summary, "runs": runs,
     }
