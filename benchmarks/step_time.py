@@ -453,6 +453,8 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--work", default=None, help="working directory (default: a fresh temporary one)")
     p.add_argument("--out", default=None)
+    p.add_argument("--from-work", action="store_true",
+                   help="write the table and record from the results already in --work (an interrupted run)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -466,10 +468,21 @@ def main() -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="step_time-"))
     work.mkdir(parents=True, exist_ok=True)
     load_start = os.getloadavg()
-    common = prepare(args, work)
     runs: dict[str, list] = {a: [] for a in arms}
     loads = []
-    for i in range(args.repeats):
+    if args.from_work:
+        common = {"settings": None}
+        for path in sorted(work.glob("*-[0-9]*.json")):
+            if path.name.endswith(".spec.json"):
+                continue
+            common["settings"] = json.loads(path.with_name(path.name[:-5] + ".spec.json").read_text())["arms"][0]["settings"]
+            for arm, r in json.loads(path.read_text()).items():
+                r["timed"] = r["steps"][args.warmup:]
+                runs[arm].append(r)
+        runs = {a: rs for a, rs in runs.items() if rs}
+    for i in range(0 if args.from_work else args.repeats):
+        if i == 0:
+            common = prepare(args, work)
         order = arms[i % len(arms):] + arms[:i % len(arms)]  # rotate which arm goes first
         groups = [order] if args.mode == "interleaved" else [[arm] for arm in order]
         for group in groups:
