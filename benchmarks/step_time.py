@@ -395,6 +395,13 @@ def summarise(runs: list[dict]) -> dict:
     return {k: statistics.median(run[k] for run in per_run) for k in per_run[0]} | {"runs": len(runs)}
 
 
+def paired_ratio(arm_runs: list[dict], ref_runs: list[dict]) -> float:
+    """Median over steps of arm step / reference step, step k of one process against step k of the same
+    process (interleaved: adjacent in time, so under the same load)."""
+    return statistics.median(a["wall"] / r["wall"] for ar, rr in zip(arm_runs, ref_runs)
+                             for a, r in zip(ar["timed"], rr["timed"]))
+
+
 def versions() -> dict:
     import importlib.metadata as md
 
@@ -425,12 +432,12 @@ def git_commit() -> dict:
 
 def table(summary: dict, reference: str) -> str:
     ref = summary.get(reference)
-    head = ("| arm | runs | median step s | vs " + reference + " | tokens/s | "
+    head = ("| arm | runs | median step s | vs " + reference + " | paired | tokens/s | "
             + " | ".join(PARTS) + " | peak GiB |")
-    lines = [head, "|" + "---|" * (6 + len(PARTS))]
+    lines = [head, "|" + "---|" * (7 + len(PARTS))]
     for arm, s in summary.items():
         ratio = f"{s['wall'] / ref['wall']:.3f}" if ref else "-"
-        lines.append(f"| {arm} | {s['runs']} | {s['wall']:.3f} | {ratio} | {s['tokens_per_s']:.0f} | "
+        lines.append(f"| {arm} | {s['runs']} | {s['wall']:.3f} | {ratio} | {s['paired_ratio']:.3f} | {s['tokens_per_s']:.0f} | "
                      + " | ".join(f"{s[p]:.3f}" for p in PARTS) + f" | {s['peak_gib']:.2f} |")
     return "\n".join(lines)
 
@@ -493,12 +500,15 @@ def main() -> int:
                       f"load {loads[-1]:.2f}", flush=True)
     summary = {arm: summarise(rs) for arm, rs in runs.items()}
     reference = "lean" if "lean" in summary else arms[0]
+    for arm in summary:
+        summary[arm]["paired_ratio"] = paired_ratio(runs[arm], runs[reference])
     print(table(summary, reference))
     record = {
         "command": "python " + " ".join(sys.argv), "versions": versions(), "machine": machine(), **git_commit(),
         "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "loadavg_after_each_run": loads,
         "mode": args.mode, "job": common["settings"], "reference": reference,
         "ratios": {arm: s["wall"] / summary[reference]["wall"] for arm, s in summary.items()},
+        "paired_ratios": {arm: s["paired_ratio"] for arm, s in summary.items()},
         "summary": summary, "runs": runs,
     }
     import torch
