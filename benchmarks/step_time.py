@@ -16,6 +16,8 @@ take turns, one optimizer step each, so load changes hit all alike; --mode separ
   tuneforge_fused  tuneforge with TRL 1.16's fused, chunked LM head + per-step token metrics (train.fused_lm_head=
                    true, train.token_metrics=true): what tuneforge ran before issue 40.
   tuneforge_metrics  tuneforge with train.token_metrics=true (entropy, token accuracy on logged steps only).
+  tuneforge_model_head  tuneforge with the model's own LM head and loss (train.fused_lm_head=false): the CPU
+                   default; on CUDA, where the fused head is the default, this arm measures what it costs or saves.
 
 Both sides train the same rows (tuneforge's prepared demo rows, written to a file the lean arm reads), in the
 same order (same seed and data seed), on the same weights (tuneforge's converted SmolLM2 directory, or --model),
@@ -56,6 +58,7 @@ ARMS = {
     "tuneforge": [],
     "tuneforge_fused": ["train.fused_lm_head=true", "train.token_metrics=true"],
     "tuneforge_metrics": ["train.token_metrics=true"],
+    "tuneforge_model_head": ["train.fused_lm_head=false"],
 }
 
 

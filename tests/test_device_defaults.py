@@ -69,7 +69,7 @@ def test_sft_config_carries_the_liger_choice(tmp_path):
 
 def test_fused_lm_head_is_decided_by_the_device():
     """train.fused_lm_head=null: TRL's fused head (no full logits: GPU memory) on CUDA, the model's own head on a
-    CPU, where the fused one made the step slower (config/device.py FUSED_HEAD_CPU)."""
+    CPU, where the fused one made the step slower (config/device.py)."""
     cfg = load_config([])
     raw = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fused_lm_head=None))
     assert device.resolve(raw, cuda=True).train.fused_lm_head is True
