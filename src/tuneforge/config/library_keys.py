@@ -327,7 +327,7 @@ TRAIN = Section(
                                               "host memory (frees layers x tokens x hidden on the GPU)"),
         "fused_lm_head": Own(Optional[bool], None, "SFT: TRL's fused, chunked LM head and loss (no full logits: "
                              "saves GPU memory) instead of the model's own; auto (null): on with CUDA, off elsewhere "
-                             "(on a CPU the demo's step took 1.25x the lean reference's with it, 1.07x without: config/device.py)"),
+                             "(on a CPU the demo's step took 1.26x the lean reference's with it, 1.02x without: config/device.py)"),
         "token_metrics": Own(bool, False, "SFT: log entropy and mean_token_accuracy, computed for the optimizer "
                              "steps that log only (and for evaluation)"),
     },
