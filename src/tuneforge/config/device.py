@@ -10,8 +10,8 @@ RMSNorm/RoPE/SwiGLU kernels on top gave 1.84-1.90x at 0.51-0.62x memory. On a CP
 TRL 1.16's fused, chunked LM head + loss (`train.fused_lm_head`, tasks/sft_trainer.py) never builds the
 (batch, length, vocab) logits: on a GPU that is memory (49152 x 4096 fp32 logits and their gradient are 1.5 GiB
 per row of a 4k batch), so `auto` keeps it on CUDA, as TRL does (not yet measured against the model's own head
-there: `benchmarks/step_time.py --arms tuneforge,tuneforge_fused` on the next lent GPU). On a CPU it only costs:
-the figures above `resolve`.
+there: `benchmarks/step_time.py --arms lean,tuneforge,tuneforge_model_head` on the next lent GPU). On a CPU it
+only costs: the figures above `resolve`.
 """
 
 from __future__ import annotations
@@ -96,43 +96,6 @@ def check_packed_attention(mode: str, attn: str, cuda: bool) -> None:
 # with the model's own head 1.02x (paired medians, 3 processes at load 6-11; head+loss 2.1 vs 1.4-1.5 s, backward
 # 14.2 vs 6.8-7.4 s). On a CPU the fused head scores every position (its compaction of the trained positions runs
 # on Triton devices only) and recomputes the logits in the backward.
-
-
-def resolved_bf16(train) -> bool:
-    """train.bf16=null (auto): bf16 where a CUDA device supports it, else fp32 (config/library_keys.TRAIN's
-    reason)."""
-    return device_supports_bf16() if train.bf16 is None else bool(train.bf16)
-
-
-def liger_installed() -> bool:
-    return importlib.util.find_spec("liger_kernel") is not None
-
-
-def auto_packing_mode(cfg: TuneforgeConfig, cuda: bool) -> str:
-    """packing=auto: bfd on CUDA wherever packing is allowed (causal-LM labels, an attention that honours
-    restarting position ids), none otherwise."""
-    packable = (task(cfg.task).packs and cfg.collator.name != "padding"
-                and cfg.model.attn_implementation in PACKING_ATTENTION)
-    return "bfd" if cuda and packable else "none"  # names in config/packing_modes.MODES
-
-
-def check_packed_attention(mode: str, attn: str, cuda: bool) -> None:
-    """flex_attention keeps packed sequences apart on CUDA, but on a CPU that depends on the processor:
-    measured on an AMD EPYC, its packed loss was NaN (2 layers) and off by 2.5e-3 (1 layer) where sdpa and
-    eager gave 0.0; on an Intel Xeon it was clean. A run must not depend on which CPU it landed on."""
-    if packing_mode(mode).shares_rows and attn == "flex_attention" and not cuda:
-        raise ConfigError(
-            f"packing.mode={mode} with model.attn_implementation=flex_attention on a CPU: whether flex_attention "
-            "keeps packed sequences apart on a CPU depends on the processor (NaN or cross-sequence attention on "
-            "some). Use model.attn_implementation=sdpa (or eager) on a CPU, flex_attention on a CUDA GPU, "
-            "or packing=none.")
-
-
-# train.fused_lm_head on a CPU, measured with benchmarks/step_time.py on the shared 2-core Xeon (AMX), the demo's
-# job (QLoRA NF4, LoRA r=16 on all linear layers, batch 8, max length 128, fp32), all arms in one process taking turns step by step: with the
-# fused head the step took 1.26x the lean transformers Trainer + PEFT reference's, with the model's own head 1.02x
-# (paired medians, 3 processes at load 6-11; head+loss 2.1 vs 1.4-1.5 s, backward 14.2 vs 6.8-7.4 s: the fused head scores
-# every position on a CPU, its compaction runs on Triton devices only, and recomputes the logits in the backward).
 
 
 def resolve(cfg: TuneforgeConfig, cuda: bool | None = None) -> TuneforgeConfig:
