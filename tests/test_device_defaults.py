@@ -65,3 +65,21 @@ def test_sft_config_carries_the_compile_choice(tmp_path):
 
 def test_sft_config_carries_the_liger_choice(tmp_path):
     assert sft_config(TrainConfig(use_liger_kernel=False), tmp_path).use_liger_kernel is False
+
+
+def test_fused_lm_head_is_decided_by_the_device():
+    """train.fused_lm_head=null: TRL's fused head (no full logits: GPU memory) on CUDA, the model's own head on a
+    CPU, where the fused one made the step slower (config/device.py)."""
+    cfg = load_config([])
+    raw = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fused_lm_head=None))
+    assert device.resolve(raw, cuda=True).train.fused_lm_head is True
+    assert device.resolve(raw, cuda=False).train.fused_lm_head is False
+    assert cfg.train.fused_lm_head is False  # this machine: no CUDA
+    explicit = load_config(["train.fused_lm_head=true"])
+    assert device.resolve(explicit, cuda=False).train.fused_lm_head is True
+    assert device.resolve(load_config(["train.fused_lm_head=false"]), cuda=True).train.fused_lm_head is False
+
+
+def test_token_metrics_are_off_unless_asked():
+    assert load_config([]).train.token_metrics is False
+    assert load_config(["train.token_metrics=true"]).train.token_metrics is True

@@ -192,6 +192,15 @@ def test_nan_guard_skips_bad_updates_and_stops_after_patience():
     assert guard.first_bad_step == 6 and guard.tripped_at == 7
 
 
+def test_nan_guard_counts_huge_finite_gradients_as_finite():
+    """The fused norm overflows on finite gradients above ~1e19; the guard then checks tensor by tensor."""
+    from tuneforge.runs.faults import all_finite
+
+    assert all_finite([torch.full((4,), 1e30), torch.ones(3)])
+    assert not all_finite([torch.ones(3), torch.tensor([1.0, math.nan])])
+    assert not all_finite([torch.tensor([math.inf]), torch.ones(3)])
+
+
 # --- reproduce and report ---------------------------------------------------------------------------------
 
 def test_compare_curves_and_version_differences():

@@ -6,6 +6,12 @@ Measured on an H100 (benchmarks/README.md, `benchmarks/gpu_train.py`): bfd packi
 non-pad tokens/s of a plain padded TRL run at 1B and 8B and cut peak memory to 0.53-0.64x; Liger's
 RMSNorm/RoPE/SwiGLU kernels on top gave 1.84-1.90x at 0.51-0.62x memory. On a CPU neither helps
 (Liger needs Triton on CUDA; the demo's rows are all about the same length), so `auto` keeps them off.
+
+TRL 1.16's fused, chunked LM head + loss (`train.fused_lm_head`, tasks/sft_trainer.py) never builds the
+(batch, length, vocab) logits: on a GPU that is memory (49152 x 4096 fp32 logits and their gradient are 1.5 GiB
+per row of a 4k batch), so `auto` keeps it on CUDA, as TRL does (not yet measured against the model's own head
+there: `benchmarks/step_time.py --arms lean,tuneforge,tuneforge_model_head` on the next lent GPU). On a CPU it
+only costs: the figures above `resolve`.
 """
 
 from __future__ import annotations
@@ -84,13 +90,21 @@ def check_packed_attention(mode: str, attn: str, cuda: bool) -> None:
             "or packing=none.")
 
 
+# train.fused_lm_head on a CPU, measured with benchmarks/step_time.py on the shared 2-core Xeon (AMX), the demo's
+# job (QLoRA NF4, LoRA r=16 on all linear layers, batch 8, max length 128, fp32), all arms in one process taking
+# turns step by step: with the fused head the step took 1.26x the lean transformers Trainer + PEFT reference's,
+# with the model's own head 1.02x (paired medians, 3 processes at load 6-11; head+loss 2.1 vs 1.4-1.5 s, backward
+# 14.2 vs 6.8-7.4 s). On a CPU the fused head scores every position (its compaction of the trained positions runs
+# on Triton devices only) and recomputes the logits in the backward.
+
+
 def resolve(cfg: TuneforgeConfig, cuda: bool | None = None) -> TuneforgeConfig:
-    """A copy of `cfg` with `packing.mode=auto` and `train.use_liger_kernel=null` decided for this device, and
-    the packing rules that depend on the device checked."""
+    """A copy of `cfg` with `packing.mode=auto`, `train.use_liger_kernel=null` and `train.fused_lm_head=null`
+    decided for this device, and the packing rules that depend on the device checked."""
     auto = cfg.packing.mode == AUTO
     flex_packed = (not auto and packing_mode(cfg.packing.mode).shares_rows
                    and cfg.model.attn_implementation == "flex_attention")
-    needs_device = auto or cfg.train.use_liger_kernel is None or flex_packed
+    needs_device = auto or cfg.train.use_liger_kernel is None or cfg.train.fused_lm_head is None or flex_packed
     cuda = (cuda_available() if needs_device else False) if cuda is None else cuda
     packing, train = cfg.packing, cfg.train
     if auto:
@@ -101,4 +115,7 @@ def resolve(cfg: TuneforgeConfig, cuda: bool | None = None) -> TuneforgeConfig:
     elif train.use_liger_kernel and not liger_installed():
         raise ConfigError("train.use_liger_kernel=true needs the liger-kernel package (pip install 'tuneforge[gpu]'), "
                           "or leave it unset (auto: on where CUDA and liger-kernel are available).")
+    if train.fused_lm_head is None:
+        # On CUDA the fused head saves the logits' memory; on a CPU it is slower (figures above).
+        train = dataclasses.replace(train, fused_lm_head=cuda)
     return dataclasses.replace(cfg, packing=packing, train=train)

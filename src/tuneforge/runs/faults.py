@@ -132,6 +132,19 @@ class StopOnSignal(TrainerCallback):
         return control
 
 
+def all_finite(grads: list) -> bool:
+    """Whether every gradient is finite. One fused norm over all of them (one device sync) instead of a check and
+    a sync per tensor: on the demo's 420 LoRA gradients, 45-50 ms instead of 170-210 ms a step on the shared 2-core
+    Xeon (benchmarks/step_time.py, the `callbacks` part). The squares of finite gradients above ~1e19 overflow
+    too, so a non-finite norm is confirmed tensor by tensor."""
+    try:
+        if torch.isfinite(torch.nn.utils.get_total_norm(grads, foreach=True)):
+            return True
+    except RuntimeError:  # a device without the foreach kernels
+        pass
+    return all(bool(torch.isfinite(g).all()) for g in grads)
+
+
 class StopOnNaN(TrainerCallback):
     """Checks every optimizer step (not only logged ones): a step whose gradients are NaN/inf is skipped
     (its update would poison the weights), and `patience` such steps in a row stop training without saving,
@@ -154,7 +167,7 @@ class StopOnNaN(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None] if model else []
-        if grads and not all(torch.isfinite(g).all() for g in grads):
+        if grads and not all_finite(grads):
             self._bad(state.global_step + 1, "the loss or its gradient")
             for p in model.parameters():  # AdamW leaves a parameter without a gradient untouched
                 p.grad = None

@@ -6,8 +6,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from trl import SFTTrainer
-
 from tuneforge.config.packing_modes import packing_mode
 from tuneforge.config.schemas import TuneforgeConfig
 from tuneforge.data.collators import TokenCounter, build_collator
@@ -21,6 +19,7 @@ from tuneforge.models.tokenizer import content_hash, new_token_ids
 from tuneforge.runs import launch
 from tuneforge.runs.manifest import run_identity
 from tuneforge.tasks import doctor
+from tuneforge.tasks.sft_trainer import TuneforgeSFTTrainer
 from tuneforge.tasks.stages import (
     generation_metrics,
     load_base,
@@ -71,7 +70,7 @@ class SFT:
         with adapter_off(model):
             return evaluate_generations(model, self.tokenizer, self.held_out, self.gen)
 
-    def build_trainer(self, model, args, callbacks: list) -> SFTTrainer:
+    def build_trainer(self, model, args, callbacks: list) -> TuneforgeSFTTrainer:
         cfg, data = self.cfg, self.data
         # Labels come from the data stage; the collator only pads or flattens, and counts tokens for metrics.
         self.collate = TokenCounter(build_collator(cfg.collator, cfg.packing, self.tokenizer,
@@ -89,8 +88,10 @@ class SFT:
             data_collator = recorder.wrap_collator(self.collate)
         eval_rows = data.eval.select_columns(["input_ids", "labels"]) if cfg.train.eval_strategy != "no" else None
         with adapter_dtypes_kept(model):
-            return SFTTrainer(model=model, args=args, train_dataset=self.train_rows, eval_dataset=eval_rows,
-                              processing_class=self.tokenizer, data_collator=data_collator, callbacks=callbacks)
+            return TuneforgeSFTTrainer(model=model, args=args, train_dataset=self.train_rows, eval_dataset=eval_rows,
+                                       processing_class=self.tokenizer, data_collator=data_collator,
+                                       callbacks=callbacks, fused_lm_head=bool(cfg.train.fused_lm_head),
+                                       token_metrics=cfg.train.token_metrics)
 
     def evaluate(self, model, trainer):
         """The 'after' column; every rank generates (sharded models generate together)."""
