@@ -33,8 +33,8 @@ from tuneforge.models.tokenizer import content_hash, new_token_ids
 from tuneforge.runs import rundir
 from tuneforge.runs.manifest import run_identity
 from tuneforge.tasks import doctor, reward_doctor
-from tuneforge.tasks.preference import REFERENCE_ADAPTER, sft_adapter_dir
-from tuneforge.tasks.stages import generation_metrics, load_base, prepare_tokenizer, report_generations, training_metrics
+from tuneforge.tasks.stages import (REFERENCE_ADAPTER, generation_metrics, load_base, prepare_start, report_generations,
+                                    training_metrics)
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +55,7 @@ class OnlineRL:
 
     def prepare(self) -> dict:
         cfg = self.cfg
-        self.sft_adapter = sft_adapter_dir(cfg) if cfg.model.adapter else None
-        # An SFT start keeps the SFT run's tokenizer (its fixes and chat template): its prompts render as trained.
-        source = str(self.sft_adapter) if self.sft_adapter else None
-        tokenizer_cfg = type(cfg.tokenizer)(chat_template="keep") if self.sft_adapter else None
-        self.model_path, self.tokenizer, self.tok_report = prepare_tokenizer(cfg, source, tokenizer_cfg)
+        self.sft_adapter, self.model_path, self.tokenizer, self.tok_report = prepare_start(cfg)
         self.data = prepare_prompts(cfg.data, cfg.format, cfg.train, self.tokenizer)
         # User code is imported and its signature checked here, before any weights load (exit 2 on a mismatch).
         # The trainer config as the library completes it (train.num_generations=null: its own default), for the

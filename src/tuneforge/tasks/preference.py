@@ -17,7 +17,6 @@ from pathlib import Path
 from peft import PeftModel
 from trl import DPOTrainer, KTOTrainer
 
-from tuneforge.config.errors import ConfigError
 from tuneforge.config.schemas import TuneforgeConfig
 from tuneforge.data.preference import PAIRED, UNPAIRED, prepare_preferences
 from tuneforge.eval.inference import GenerationSettings
@@ -30,20 +29,13 @@ from tuneforge.eval.metrics import (
 )
 from tuneforge.models.adapters import adapter_dtypes_kept, add_lora, keep_input_dtype_under_autocast
 from tuneforge.models.tokenizer import content_hash, new_token_ids
-from tuneforge.runs import rundir
 from tuneforge.runs.manifest import run_identity
 from tuneforge.tasks import doctor
-from tuneforge.tasks.stages import (
-    generation_metrics,
-    load_base,
-    prepare_tokenizer,
-    report_generations,
-    training_metrics,
-)
+from tuneforge.tasks.stages import (REFERENCE_ADAPTER, generation_metrics, load_base, prepare_start, report_generations,
+                                    training_metrics)
 
 log = logging.getLogger(__name__)
 
-REFERENCE_ADAPTER = "ref"  # TRL's name for the frozen copy of a pretrained adapter
 
 
 class _Prepared:
@@ -92,11 +84,7 @@ class Preference:
 
     def prepare(self) -> dict:
         cfg = self.cfg
-        self.sft_adapter = sft_adapter_dir(cfg) if cfg.model.adapter else None
-        # An SFT start keeps the SFT run's tokenizer (its fixes and chat template): its prompts render as trained.
-        source = str(self.sft_adapter) if self.sft_adapter else None
-        tokenizer_cfg = type(cfg.tokenizer)(chat_template="keep") if self.sft_adapter else None
-        self.model_path, self.tokenizer, self.tok_report = prepare_tokenizer(cfg, source, tokenizer_cfg)
+        self.sft_adapter, self.model_path, self.tokenizer, self.tok_report = prepare_start(cfg)
         self.data = prepare_preferences(cfg.data, cfg.format, cfg.train, self.tokenizer)
         return run_identity(self.data, content_hash(self.tokenizer)) | (
             {"sft_adapter": str(self.sft_adapter)} if self.sft_adapter else {})
@@ -190,24 +178,3 @@ def dpo(cfg: TuneforgeConfig, run_dir: Path, main: bool) -> Preference:
 def kto(cfg: TuneforgeConfig, run_dir: Path, main: bool) -> Preference:
     """task=kto: KTOTrainer on (prompt, completion, label) rows."""
     return Preference(cfg, run_dir, main, PreparedKTOTrainer, paired=False)
-
-
-def sft_adapter_dir(cfg: TuneforgeConfig) -> Path:
-    """model.adapter: an SFT run directory or its adapter/ directory; refused unless it holds a LoRA adapter
-    trained on this config's base model."""
-    from tuneforge.runs.rundir import run_config
-
-    path = Path(cfg.model.adapter).expanduser()
-    adapter = path / rundir.ADAPTER_DIR if (path / rundir.ADAPTER_DIR).is_dir() else path
-    if not (adapter / "adapter_config.json").is_file():
-        raise ConfigError(f"model.adapter={cfg.model.adapter}: no LoRA adapter there (expected an SFT run directory "
-                          f"with {rundir.ADAPTER_DIR}/adapter_config.json).")
-    run_dir = adapter.parent
-    if (run_dir / rundir.CONFIG_FILE).is_file():
-        trained = run_config(run_dir)
-        if trained.model.name_or_path != cfg.model.name_or_path:
-            raise ConfigError(f"model.adapter={cfg.model.adapter} was trained on {trained.model.name_or_path}, but "
-                              f"this run loads {cfg.model.name_or_path}: set model.name_or_path="
-                              f"{trained.model.name_or_path}.")
-    return adapter
-

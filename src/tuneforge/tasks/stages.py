@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
+from tuneforge.config.errors import ConfigError
 from tuneforge.config.schemas import TuneforgeConfig
 from tuneforge.config.tasks import task
 from tuneforge.eval.metrics import print_comparison
@@ -68,6 +69,39 @@ def stages_class(name: str) -> type[Stages]:
 
 
 # --- shared by the tasks ---------------------------------------------------------------------------------------
+
+REFERENCE_ADAPTER = "ref"  # TRL's name for the frozen copy of a pretrained adapter
+
+
+def prepare_start(cfg: TuneforgeConfig) -> tuple[Optional[Path], str, Any, TokenizerReport]:
+    """(SFT adapter or None, model path, tokenizer, report) of a task that may start from an SFT run
+    (`model.adapter`): an SFT start keeps the SFT run's tokenizer (its fixes and chat template), so its prompts
+    render as they trained."""
+    sft_adapter = sft_adapter_dir(cfg) if cfg.model.adapter else None
+    source = str(sft_adapter) if sft_adapter else None
+    tokenizer_cfg = type(cfg.tokenizer)(chat_template="keep") if sft_adapter else None
+    return (sft_adapter, *prepare_tokenizer(cfg, source, tokenizer_cfg))
+
+
+def sft_adapter_dir(cfg: TuneforgeConfig) -> Path:
+    """model.adapter: an SFT run directory or its adapter/ directory; refused unless it holds a LoRA adapter
+    trained on this config's base model."""
+    from tuneforge.runs.rundir import run_config
+
+    path = Path(cfg.model.adapter).expanduser()
+    adapter = path / rundir.ADAPTER_DIR if (path / rundir.ADAPTER_DIR).is_dir() else path
+    if not (adapter / "adapter_config.json").is_file():
+        raise ConfigError(f"model.adapter={cfg.model.adapter}: no LoRA adapter there (expected an SFT run directory "
+                          f"with {rundir.ADAPTER_DIR}/adapter_config.json).")
+    run_dir = adapter.parent
+    if (run_dir / rundir.CONFIG_FILE).is_file():
+        trained = run_config(run_dir)
+        if trained.model.name_or_path != cfg.model.name_or_path:
+            raise ConfigError(f"model.adapter={cfg.model.adapter} was trained on {trained.model.name_or_path}, but "
+                              f"this run loads {cfg.model.name_or_path}: set model.name_or_path="
+                              f"{trained.model.name_or_path}.")
+    return adapter
+
 
 def prepare_tokenizer(cfg: TuneforgeConfig, source: Optional[str] = None,
                       tokenizer_cfg: Any = None) -> tuple[str, Any, TokenizerReport]:
