@@ -94,3 +94,27 @@ def test_generation_is_unchanged_by_the_fused_head(tmp_path):
     out = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
     plain = _trainer(tmp_path / "plain", fused=False, metrics=False).model.eval()
     assert torch.equal(out, plain.generate(input_ids=ids, max_new_tokens=4, do_sample=False))
+
+
+@pytest.mark.parametrize("accumulated", [None, 23])
+def test_the_head_scores_only_trained_positions_and_the_loss_and_gradients_are_the_models_own(tmp_path, accumulated):
+    """A batch with prompt tokens, padding, a row without any trained token: the LM head sees exactly the positions
+    whose next token is trained, and the loss and every LoRA gradient equal transformers' full-logits loss (with the
+    accumulated batch's token count when the Trainer passes one)."""
+    trainer = _trainer(tmp_path, fused=False, metrics=False)
+    assert trainer.trained_positions_only
+    model = trainer.model.train()
+    labels = torch.tensor([[-100, -100, 5, 6, 7, -100], [-100, -100, -100, -100, -100, -100], [-100, 9, 10, -100, -100, -100]])
+    inputs = {"input_ids": torch.tensor([[3, 4, 5, 6, 7, 0], [3, 4, 5, 6, 7, 8], [8, 9, 10, 0, 0, 0]]),
+              "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 0], [1] * 6, [1, 1, 1, 0, 0, 0]]), "labels": labels}
+    seen = []
+    hook = model.get_base_model().lm_head.register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+    loss = trainer.compute_loss(model, dict(inputs), num_items_in_batch=accumulated)
+    hook.remove()
+    assert [tuple(s) for s in seen] == [(5, 32)]  # 3 + 0 + 2 trained next tokens, never the 18 positions
+    grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+    own = model(**inputs, **({} if accumulated is None else {"num_items_in_batch": accumulated})).loss
+    own_grads = torch.autograd.grad(own, [p for p in model.parameters() if p.requires_grad])
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(own.item(), rel=1e-6)
+    for a, b in zip(grads, own_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

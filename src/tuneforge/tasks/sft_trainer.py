@@ -7,7 +7,11 @@ included, its compaction runs on Triton devices only), re-computes the logits in
 metrics are computed whether or not the step logs them. Here:
 
 - `train.fused_lm_head` (auto: on with CUDA, off elsewhere; config/device.py has the figures) picks TRL's fused
-  head or the model's own forward and loss, the one transformers' Trainer uses;
+  head or the model's own forward, with its LM head applied only at the positions whose next token is trained
+  (transformers' `logits_to_keep` mask): the prompt's and the padding's logits, most of a row with a short
+  answer (70 of the demo's 82 tokens), are never computed, in the forward or the backward. The loss is the one
+  transformers' Trainer computes from the full logits (summed cross-entropy over the trained tokens, divided by
+  their count in the accumulated batch); models whose forward cannot take the mask get the full logits;
 - `train.token_metrics` (opt-in) logs `entropy` and `mean_token_accuracy`, computed only for the micro-batches
   of the optimizer steps that log (and for evaluation), so their cost is paid once per logged step.
 
@@ -17,8 +21,12 @@ keep TRL's compute_loss, with its fused head and per-step metrics.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
+import torch.nn.functional as F
 from transformers import Trainer
+from transformers.modeling_utils import slice_logits_to_keep
 from trl import SFTTrainer
 from trl.trainer.utils import add_fused_lm_head
 
@@ -37,6 +45,7 @@ class TuneforgeSFTTrainer(SFTTrainer):
             return
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         self.head_model = base
+        self.trained_positions_only = takes_position_mask(base)
         # TRL's patch is an instance attribute: removing it restores the class's own forward.
         base.__dict__.pop("forward", None)
         self.fused_forwards = {}
@@ -70,12 +79,19 @@ class TuneforgeSFTTrainer(SFTTrainer):
             if measure:
                 self._log_token_metrics(mode, outputs.label_mask.sum(), outputs.entropy.detach().sum(),
                                         outputs.is_top1.sum())
+        elif self.trained_positions_only and not return_outputs:
+            loss, logits, targets = self._trained_positions_loss(model, inputs, num_items_in_batch)
+            if measure:
+                self._log_token_metrics(mode, *token_statistics(logits, targets))
         else:
-            # The model's own loss over the full logits, as transformers' Trainer computes it.
+            # The model's own loss over the full logits, as transformers' Trainer computes it (and the logits a
+            # caller of return_outputs expects, shaped (batch, length, vocab)).
             loss, outputs = Trainer.compute_loss(self, model, inputs, return_outputs=True,
                                                  num_items_in_batch=num_items_in_batch)
             if measure:
-                self._log_token_metrics(mode, *token_statistics(outputs.logits, inputs["labels"]))
+                labels = inputs["labels"][:, 1:].to(outputs.logits.device)
+                self._log_token_metrics(mode, *token_statistics(outputs.logits[:, :-1][labels != -100],
+                                                                labels[labels != -100]))
         self._count_tokens(mode, inputs)
         if return_outputs:
             if self.fused_lm_head:
@@ -83,6 +99,25 @@ class TuneforgeSFTTrainer(SFTTrainer):
                     outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
             return loss, outputs
         return loss
+
+    def _trained_positions_loss(self, model, inputs, num_items_in_batch):
+        """(loss, the logits of the trained positions, their targets): the model's forward with its LM head applied
+        only where the next token is trained. The sum over tokens divided by the accumulated batch's trained-token
+        count is transformers' causal-LM loss exactly (upcast to fp32, the same shift: position p predicts p + 1)."""
+        labels = inputs["labels"]
+        keep = torch.zeros_like(labels, dtype=torch.bool)
+        keep[:, :-1] = labels[:, 1:] != -100
+        targets = labels[:, 1:][keep[:, :-1]]
+        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=keep)
+        logits = outputs.logits.float()
+        loss = F.cross_entropy(logits, targets.to(logits.device), reduction="sum")
+        if num_items_in_batch is None:
+            loss = loss / max(targets.numel(), 1)
+        else:
+            loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
+            if self.args.average_tokens_across_devices:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        return loss, logits, targets
 
     def _log_token_metrics(self, mode: str, valid, entropy_sum, correct) -> None:
         gather = self.accelerator.gather_for_metrics
@@ -101,13 +136,19 @@ class TuneforgeSFTTrainer(SFTTrainer):
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
 
+def takes_position_mask(model) -> bool:
+    """Whether the model's forward slices its hidden states with transformers' shared helper, the one that takes a
+    (batch, length) boolean `logits_to_keep` (257 of transformers 5's 260 models that take the argument)."""
+    module = inspect.getmodule(type(model).forward)
+    return "logits_to_keep" in inspect.signature(type(model).forward).parameters and \
+        getattr(module, "slice_logits_to_keep", None) is slice_logits_to_keep
+
+
 @torch.no_grad()
-def token_statistics(logits, labels):
-    """(valid tokens, summed entropy, correct top-1 guesses) of next-token predictions where the label is trained."""
-    logits, labels = logits[:, :-1], labels[:, 1:].to(logits.device)
-    mask = labels != -100
-    picked = logits[mask].float()
-    log_p = torch.log_softmax(picked, dim=-1)
+def token_statistics(logits, targets):
+    """(valid tokens, summed entropy, correct top-1 guesses) of next-token predictions at the trained positions:
+    logits (tokens, vocab) and their targets (tokens,)."""
+    log_p = torch.log_softmax(logits.float(), dim=-1)
     entropy = -(log_p.exp() * log_p).sum(-1)
-    correct = picked.argmax(-1) == labels[mask]
-    return mask.sum(), entropy.sum(), correct.sum()
+    correct = log_p.argmax(-1) == targets.to(logits.device)
+    return torch.tensor(targets.numel(), device=logits.device), entropy.sum(), correct.sum()
