@@ -229,3 +229,20 @@ def test_a_sweep_optimizes_a_reward():
 
     metrics = {"eval_after": {"reward": 0.6, "rewards/iso_date": 0.5, "exact_match": 0.25}}
     assert objective(metrics, "rewards/iso_date") == 0.5 and objective(metrics, "reward") == 0.6
+
+
+def test_held_out_answers_reach_length_rewards_as_token_ids(smollm_dir):
+    """The held-out table scores length rewards (overlong) on the answers' token ids, as TRL passes them in training:
+    an answer that ended gets its EOS, one cut at max_new_tokens does not (it was 0 for every answer before)."""
+    from transformers import AutoTokenizer
+
+    from tuneforge.eval.inference import GenerationSettings
+    from tuneforge.tasks.online_rl import OnlineRL
+
+    task = object.__new__(OnlineRL)
+    task.tokenizer, task.gen = AutoTokenizer.from_pretrained(smollm_dir), GenerationSettings(max_new_tokens=12)
+    ids = task._answer_ids(["2001-02-03", "2001-02-03 is the date you asked for"])
+    eos = task.tokenizer.eos_token_id
+    assert ids[0] == task.tokenizer("2001-02-03", add_special_tokens=False)["input_ids"] + [eos] and len(ids[0]) == 11
+    assert len(ids[1]) == 12 and eos not in ids[1]
+    assert R.overlong([""] * 2, ["", ""], completion_ids=ids, max_tokens=12, buffer=1) == [0.0, -1.0]

@@ -12,7 +12,7 @@ import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
-log = logging.getLogger("tuneforge.tasks.sft")
+log = logging.getLogger(__name__)  # tuneforge.runs.console: the step lines of every task
 
 # (category, message regex) of warnings raised inside libraries on every run, that no setting of the user's
 # changes; each filter is this narrow so that a new warning still shows.

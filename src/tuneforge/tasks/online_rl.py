@@ -120,6 +120,13 @@ class OnlineRL:
     def evaluate(self, model, trainer):
         return self._scores(model)
 
+    def _answer_ids(self, predictions: list[str]) -> list[list[int]]:
+        """The token ids a reward reads as `completion_ids` (length rewards: overlong), as TRL passes them in
+        training: the answer's tokens, ending with EOS where the answer ended before max_new_tokens."""
+        ids = self.tokenizer(predictions, add_special_tokens=False)["input_ids"]
+        limit, eos = self.gen.max_new_tokens, self.tokenizer.eos_token_id
+        return [i[:limit] if len(i) >= limit else i + [eos] for i in ids]
+
     def _scores(self, model):
         """Greedy answers to the held-out prompts through the shared inference helper: each reward's mean, the
         weighted total, and exact match / ROUGE-L against format.reference_column where rows have it."""
@@ -129,7 +136,7 @@ class OnlineRL:
         prompts = [r[PROMPT] for r in rows]
         predictions = generate(model, self.tokenizer, [Rendered(p) for p in prompts], self.gen)
         columns = [{k: v for k, v in r.items() if k != PROMPT} for r in rows]
-        values = score(self.rewards, prompts, predictions, columns)
+        values = score(self.rewards, prompts, predictions, columns, self._answer_ids(predictions))
         total = weighted_total(self.rewards, values)
         ref_column = self.cfg.format.reference_column
         has_ref = all(r.get(ref_column) is not None for r in rows)
