@@ -5,6 +5,7 @@ instead of training runs; test_runs_e2e-style training lives in the one CLI test
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, cli_in_process
 
 optuna = pytest.importorskip("optuna")
 
@@ -214,3 +215,26 @@ def test_pruning_callback_reports_losses_and_stops_a_bad_trial(tmp_path):
     first, second = study.trials
     assert first.intermediate_values == {1: 2.0, 2: 1.0, 3: 0.5} and st.PRUNED_AT not in first.user_attrs
     assert second.user_attrs[st.PRUNED_AT] == 2 and second.intermediate_values == {1: 2.0, 2: 3.0}
+
+
+@pytest.mark.slow
+def test_cli_sweep_prunes_from_logged_losses_and_reports(tiny_model, tmp_path):
+    """The real `tuneforge train -m hydra/sweeper=optuna` with a median pruner: the grid's second trial (a learning
+    rate too small to learn) logs a worse loss than the first at step 2 and is stopped there; `report` says so."""
+    sweep = tmp_path / "sweep"
+    result = cli_in_process("train", "-m", "hydra/sweeper=optuna", "hydra/sweeper/sampler=grid",
+                            "hydra.sweeper.sampler.seed=1", "hydra.sweeper.n_jobs=1", "hydra/sweeper/pruner=median",
+                            "hydra.sweeper.pruner.n_startup_trials=1", f"model.name_or_path={tiny_model}", "quant=none",
+                            "train.max_steps=4", "train.per_device_train_batch_size=2", "train.logging_steps=1",
+                            "train.warmup_steps=0", "data.max_samples=16", "eval.before_after=false",
+                            "eval.metric=last_logged_loss", "train.learning_rate=choice(3e-2,1e-9)",
+                            f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    study = _study(sweep)
+    assert [t.params["train.learning_rate"] for t in study.trials] == [3e-2, 1e-9]  # the grid's order for seed 1
+    first, second = study.trials
+    assert first.state.name == "COMPLETE" and sorted(first.intermediate_values) == [1, 2, 3, 4]
+    assert second.state.name == "PRUNED" and second.user_attrs[st.PRUNED_AT] == 2
+    assert json.loads((sweep / "1" / "metrics.json").read_text())["train_steps"] == 2  # stopped, then saved
+    rows = report.report(sweep)["rows"]
+    assert [(r[1], r[2], r[3]) for r in rows] == [("0", "ok", "COMPLETE"), ("1", "pruned", "PRUNED at step 2")]

@@ -115,8 +115,9 @@ class TuneforgeOptunaSweeperConf:
     _target_: str = "hydra_plugins.tuneforge_optuna_sweeper.sweeper.TuneforgeOptunaSweeper"
     defaults: List[Any] = field(default_factory=lambda: [{"sampler": "tpe"}, {"pruner": "none"}])
     sampler: Any = MISSING
-    # None: trials run to the end. A pruner reads the losses jobs log (eval.metric=last_logged_loss / eval_loss).
-    pruner: Any = None
+    # hydra/sweeper/pruner=none: trials run to the end. A pruner reads the losses jobs log (eval.metric=
+    # last_logged_loss / eval_loss).
+    pruner: Any = MISSING
     direction: str = "minimize"  # minimize | maximize
     # None: sqlite:///SWEEP_DIR/study.db. Any SQLAlchemy URL, or journal:PATH (a journal file).
     storage: Optional[str] = None
@@ -307,7 +308,7 @@ class TuneforgeOptunaSweeper(Sweeper):
             if not (dead_here or time.time() - beat > self.grace_period_s):
                 continue
             Trial(study, t._trial_id).set_user_attr(CRASHED, True)  # noqa: SLF001 (Optuna has no public id lookup)
-            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+            _told(study, t.number, state=TrialState.FAIL, skip_if_finished=True)
             study.enqueue_trial(dict(t.params), user_attrs={"tuneforge_retry_of": t.number})
             log.warning("trial %d was running in a worker that is gone (%s): its parameters run again", t.number,
                         worker or "unknown")
@@ -347,7 +348,7 @@ class TuneforgeOptunaSweeper(Sweeper):
                     before = [t for t in study.get_trials(deepcopy=False) if t.number <= trial.number and st.counted(t)]
                     if len(before) > self.n_trials:
                         trial.set_user_attr(st.SURPLUS, True)
-                        study.tell(trial, state=TrialState.FAIL)
+                        _told(study, trial, state=TrialState.FAIL)
                         break
                     batch.append(trial)
                 if not batch:
@@ -387,7 +388,7 @@ class TuneforgeOptunaSweeper(Sweeper):
 
         if ret.status != JobStatus.COMPLETED:
             error = ret._return_value  # noqa: SLF001 (reading .return_value re-raises it)
-            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            _told(study, trial, state=TrialState.FAIL, skip_if_finished=True)
             # A person's Ctrl-C / SIGTERM stops the sweep (faults is loaded when a tuneforge job raised it; importing
             # it here would cost seconds of transformers imports in every sweep).
             faults = sys.modules.get("tuneforge.runs.faults")
@@ -398,12 +399,12 @@ class TuneforgeOptunaSweeper(Sweeper):
         value = ret.return_value
         pruned = study._storage.get_trial(trial._trial_id).user_attrs.get(st.PRUNED_AT)  # noqa: SLF001
         if pruned is not None:
-            study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
+            _told(study, trial, state=TrialState.PRUNED, skip_if_finished=True)
         elif isinstance(value, (int, float)) and value == value and abs(value) != float("inf"):
-            study.tell(trial, float(value), skip_if_finished=True)
+            _told(study, trial, float(value), skip_if_finished=True)
         else:  # tuneforge's job returns None when it failed (its failed.json says why) or scored nothing
             log.error("trial %d returned %r: recorded as failed", trial.number, value)
-            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            _told(study, trial, state=TrialState.FAIL, skip_if_finished=True)
 
     def _check_failures(self, study) -> None:
         from optuna.trial import TrialState
@@ -416,6 +417,16 @@ class TuneforgeOptunaSweeper(Sweeper):
             raise RuntimeError(f"{failed} of {len(finished)} trials failed (more than hydra.sweeper.max_failure_rate="
                                f"{self.max_failure_rate}); see the failed jobs' failed.json. The same command resumes "
                                "the study.")
+
+
+def _told(study, trial, *args, **kwargs) -> None:
+    """study.tell, where the grid sampler's "grid complete" stop is no error: it calls Study.stop, which Optuna
+    allows only inside study.optimize, after the trial's result is stored (the sweep ends by n_trials = grid size)."""
+    try:
+        study.tell(trial, *args, **kwargs)
+    except RuntimeError as exc:
+        if "Study.stop" not in str(exc):
+            raise
 
 
 def _alive(pid: int) -> bool:

@@ -24,7 +24,7 @@ from tuneforge.runs.objective import objective
 class Job:
     name: str
     path: Path
-    status: str  # ok | failed | running/incomplete
+    status: str  # ok | failed | pruned (an Optuna pruner stopped it) | incomplete
     overrides: dict[str, str] = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     error: str = ""
@@ -60,6 +60,8 @@ def load_jobs(sweep_dir: Path) -> list[Job]:
     trials = study.read_trials(sweep_dir)
     for job in jobs:
         job.trial = trials.get(job.name, {}).get("state", "")
+        if job.status == "ok" and job.trial.startswith("PRUNED"):
+            job.status = "pruned"  # stopped early: its numbers are not comparable with finished jobs'
     return jobs
 
 
@@ -189,7 +191,8 @@ def report(sweep_dir: Path, metric: Optional[str] = None, direction: Optional[st
     header, rows, metric, direction = build_table(jobs, metric, direction, sweep_dir)
     md = (f"# Sweep report: {sweep_dir}\n\n{len(jobs)} jobs: {sum(j.status == 'ok' for j in jobs)} finished, "
           f"{sum(j.status == 'failed' for j in jobs)} failed, {sum(j.status == 'incomplete' for j in jobs)} "
-          f"incomplete. Sorted by {metric} ({direction}), best first.\n\n" + _study_line(sweep_dir)
+          f"incomplete" + (f", {sum(j.status == 'pruned' for j in jobs)} pruned" if any(j.trial for j in jobs) else "")
+          + f". Sorted by {metric} ({direction}), best first.\n\n" + _study_line(sweep_dir)
           + (f"Common to every job: `{' '.join(common_overrides(jobs))}`\n\n" if len(jobs) > 1 else "")
           + to_markdown(header, rows)
           + "\n![loss curves and final metric](report.png)\n")
