@@ -107,9 +107,64 @@ def test_launcher_rules(overrides, message):
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU-only error")
 @pytest.mark.parametrize("name", ["fsdp", "deepspeed_zero2", "deepspeed_zero3"])
 def test_sharding_launchers_need_cuda_except_dry_run(name):
-    with pytest.raises(ConfigError, match="has none; use launcher=ddp"):
+    """One line each: DeepSpeed not installed (it is not, on the CI machines), else no accelerator; the dry run
+    composes and prints everything either way."""
+    import importlib.util
+
+    missing_ds = name.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None
+    with pytest.raises(ConfigError, match=(r"needs DeepSpeed, which is not installed: pip install 'tuneforge\[deepspeed\]'"
+                                           if missing_ds else "has none .Accelerate runs FSDP and DeepSpeed only on")):
         load_config([f"launcher={name}"])
     load_config([f"launcher={name}", "dry_run=true"])
+
+
+FSDP_PROBE = """
+import json, os
+import torch
+from accelerate import Accelerator
+
+acc = Accelerator()  # as transformers' Trainer builds it in a launched rank
+model = acc.prepare(torch.nn.Linear(4, 4))
+print(json.dumps({"rank": acc.process_index, "distributed_type": str(acc.distributed_type).split(".")[-1],
+                  "wrapped_as": type(model).__name__, "fsdp_env": os.environ.get("ACCELERATE_USE_FSDP"),
+                  "sharding": os.environ.get("FSDP_SHARDING_STRATEGY")}), flush=True)
+"""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="shows what a CPU-only machine does")
+def test_fsdp_on_cpus_is_refused_because_accelerate_would_run_ddp(tmp_path):
+    """Why launcher=fsdp is refused on a CPU: Accelerate's launcher takes tuneforge's FSDP config (every rank gets
+    the FSDP settings), but Accelerate enables FSDP only for accelerator processes: on CPUs each rank is plain gloo
+    DDP (MULTI_CPU) and the sharding settings are ignored. (torch's own FSDP2 does run on gloo; Accelerate, and so
+    the Trainer, does not use it there. With the preset's fsdp_cpu_ram_efficient_loading=true, Accelerate stops
+    instead: "FSDP parameter initialization with `sync_module_states=True` is not supported on cpu".)"""
+    from tuneforge.runs.launch import launch_env
+
+    cfg = load_config(["launcher=fsdp", "quant=none", "launcher.fsdp_cpu_ram_efficient_loading=false", "dry_run=true"])
+    config_file = tmp_path / "accelerate_config.yaml"
+    config_file.write_text(yaml.safe_dump(accelerate_config(cfg, cuda=False)))
+    (tmp_path / "probe.py").write_text(FSDP_PROBE)
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
+                             "--num_processes", "2", "--main_process_port", str(free_port()), str(tmp_path / "probe.py")],
+                            env=launch_env(cuda=False), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = sorted((json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")),
+                   key=lambda r: r["rank"])
+    assert [r["rank"] for r in ranks] == [0, 1]
+    for r in ranks:
+        assert r["fsdp_env"] == "true" and r["sharding"] in ("FULL_SHARD", "1")  # the config reached the rank ...
+        assert (r["distributed_type"], r["wrapped_as"]) == ("MULTI_CPU", "DistributedDataParallel")  # ... unused
+    with pytest.raises(ConfigError, match="on CPUs its processes would silently be plain DDP"):
+        load_config(["launcher=fsdp", "quant=none"])
 
 
 def test_full_fine_tune_on_a_4bit_free_fsdp_needs_no_storage_rule():

@@ -169,14 +169,6 @@ def launch_command(cfg: TuneforgeConfig, overrides: list[str], run_dir: Path, co
     return cmd + ["-m", "tuneforge.cli", "train", *kept, f"hydra.run.dir={run_dir}"]
 
 
-def _check_runtime(cfg: TuneforgeConfig) -> None:
-    if cfg.launcher.name.startswith("deepspeed"):
-        import importlib.util
-
-        if importlib.util.find_spec("deepspeed") is None:
-            raise ConfigError(f"launcher={cfg.launcher.name} needs DeepSpeed: pip install 'tuneforge[deepspeed]'.")
-
-
 def launch(cfg: TuneforgeConfig, run_dir: Path, overrides: list[str]) -> int:
     """Write the Accelerate config into the run directory and run the job through `accelerate launch`
     (dry_run: print the command and the config instead). Returns the launcher's exit status."""
@@ -193,7 +185,6 @@ def launch(cfg: TuneforgeConfig, run_dir: Path, overrides: list[str]) -> int:
             print(f"{'accelerate config':>22}: ({config_file})")
             print("\n".join("    " + line for line in yaml.safe_dump(config, sort_keys=False).splitlines()))
         return 0
-    _check_runtime(cfg)
     if cfg.launcher.num_machines > 1 and "SLURM_JOB_ID" not in os.environ and not any(
             o.startswith("hydra.run.dir=") for o in _hydra_overrides()):
         log.warning("launcher.num_machines=%d: pass the same hydra.run.dir=DIR (on a shared file system) on every "
