@@ -192,19 +192,27 @@ def test_dry_run_prints_launch_command_and_plan(tmp_path):
     assert not (run_dir / "accelerate_config.yaml").exists() and not (run_dir / "config.yaml").exists()
 
 
-@pytest.mark.slow
-def test_two_process_cpu_ddp_run(tmp_path, tiny_model):
-    """launcher=ddp with 2 gloo processes (a small random model: the launch is under test, not learning):
-    different data shards, identical LoRA weights, one run directory."""
-    outputs = tmp_path / "outputs"
+DDP_ARGS = ("launcher=ddp", "launcher.num_processes=2", "launcher.record_ranks=true", "train.max_steps=3",
+            "train.learning_rate=3e-3", "train.per_device_train_batch_size=4", "train.logging_steps=1",
+            "data.max_samples=48", "eval.before_after=false")
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, tiny_model) -> tuple[Path, float]:
+    """launcher=ddp with 2 gloo processes (a small random model: the launch is under test, not learning)."""
+    outputs = tmp_path_factory.mktemp("ddp") / "outputs"
     start = time.perf_counter()
     # The launching command in this process; the ranks are the fresh processes that `accelerate launch` starts.
-    result = cli_in_process("train", "launcher=ddp", "launcher.num_processes=2", "launcher.record_ranks=true",
-                            f"model.name_or_path={tiny_model}", "train.max_steps=3", "train.learning_rate=3e-3",
-                            "train.per_device_train_batch_size=4", "train.logging_steps=1", "data.max_samples=48",
-                            "eval.before_after=false", f"hydra.run.dir={outputs}/run")
-    wall = time.perf_counter() - start
+    result = cli_in_process("train", *DDP_ARGS, f"launcher.main_process_port={free_port()}",
+                            f"model.name_or_path={tiny_model}", f"hydra.run.dir={outputs}/run")
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return outputs, time.perf_counter() - start
+
+
+@pytest.mark.slow
+def test_two_process_cpu_ddp_run(ddp_run):
+    """Different data shards, identical LoRA weights, one run directory."""
+    outputs, wall = ddp_run
     assert [p.name for p in outputs.iterdir()] == ["run"]  # exactly one run directory
     run_dir = outputs / "run"
     ranks = json.loads((run_dir / "ranks.json").read_text())
@@ -224,6 +232,36 @@ def test_two_process_cpu_ddp_run(tmp_path, tiny_model):
     print(json.dumps({"wall_s": round(wall, 1), "losses": {r["rank"]: [s["losses"] for s in r["steps"]]
                                                            for r in ranks},
                       "weights": [r["trainable_weight_digest"] for r in ranks]}))
+
+
+@pytest.mark.slow
+def test_two_nodes_on_localhost_equal_the_ddp_run(ddp_run, tiny_model, tmp_path):
+    """Multi-node, simulated: the command a user runs on each of two machines (machine rank, main address and port,
+    one shared run directory), started as two one-process "nodes" on localhost. Both join (global ranks 0 and 1,
+    each local rank 0), and the run equals the 2-process DDP run: the same shards, per-rank losses and weights."""
+    run_dir = tmp_path / "run"
+    node = [*DDP_ARGS, "launcher.num_machines=2", "launcher.main_process_ip=127.0.0.1",
+            f"launcher.main_process_port={free_port()}", f"model.name_or_path={tiny_model}", f"hydra.run.dir={run_dir}"]
+    # Machine 1 in a fresh process; machine 0 in this one (a tuneforge start costs seconds of imports).
+    other = subprocess.Popen([str(Path(sys.executable).with_name("tuneforge")), "train", *node,
+                              "launcher.machine_rank=1"], cwd=tmp_path, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    main = cli_in_process("train", *node, "launcher.machine_rank=0", cwd=tmp_path)
+    other_out = other.communicate(timeout=600)[0]
+    assert (main.returncode, other.returncode) == (0, 0), (main.stdout + main.stderr)[-3000:] + other_out[-3000:]
+    ranks = json.loads((run_dir / "ranks.json").read_text())
+    assert [(r["rank"], r["local_rank"], r["world_size"]) for r in ranks] == [(0, 0, 2), (1, 0, 2)]
+    assert (run_dir / "accelerate_config.yaml").is_file() and (run_dir / "accelerate_config.machine1.yaml").is_file()
+    ddp = json.loads((ddp_run[0] / "run" / "ranks.json").read_text())
+    for key in ("first_batch_digest", "batch_digests", "trainable_weight_digest"):
+        assert [r[key] for r in ranks] == [r[key] for r in ddp], key
+    # Per-rank micro-batch losses: equal to 1e-6 relative (identical on the CPUs measured).
+    for nodes_rank, ddp_rank in zip(ranks, ddp):
+        got = [x for s in nodes_rank["steps"] for x in s["losses"]]
+        want = [x for s in ddp_rank["steps"] for x in s["losses"]]
+        assert got == pytest.approx(want, rel=1e-6)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["train_steps"] == 3
 
 
 def test_sharded_qlora_skips_the_fp32_upcast(monkeypatch):

@@ -57,6 +57,8 @@ def precheck(cfg: TuneforgeConfig, overrides: list[str], multirun: bool) -> None
     # A launched rank shares the run directory its launching job resolved (and rank 0 may claim it first).
     if not explicit or multirun or launch.in_launched_process():
         return
+    if cfg.launcher.machine_rank != 0:  # another machine of a multi-node run: the run directory is machine 0's
+        return
     if not launch.needs_launch(cfg):
         rundir.claim_run_dir(Path(explicit[-1]), cfg.train.resume_from_checkpoint)
     else:  # the launched main rank claims it, in its own process

@@ -147,6 +147,11 @@ def accelerate_config(cfg: TuneforgeConfig, cuda: bool) -> dict[str, Any]:
     return out
 
 
+def config_file_name(machine_rank: int) -> str:
+    """Each machine of a multi-node run writes its own Accelerate config into the shared run directory."""
+    return ACCELERATE_CONFIG_FILE if machine_rank == 0 else f"accelerate_config.machine{machine_rank}.yaml"
+
+
 def launch_env(cuda: bool) -> dict[str, str]:
     env = {**os.environ, LAUNCHED_ENV: "1"}
     if not cuda:
@@ -176,7 +181,7 @@ def launch(cfg: TuneforgeConfig, run_dir: Path, overrides: list[str]) -> int:
     cfg.launcher = resolve_machines(cfg.launcher)
     config = accelerate_config(cfg, cuda)
     config_file = Path(cfg.launcher.accelerate_config) if cfg.launcher.accelerate_config else (
-        run_dir / ACCELERATE_CONFIG_FILE)
+        run_dir / config_file_name(cfg.launcher.machine_rank))
     cmd = launch_command(cfg, overrides, run_dir, config_file)
     env_note = "" if cuda else "ACCELERATE_USE_CPU=true "
     if cfg.dry_run:
@@ -191,7 +196,7 @@ def launch(cfg: TuneforgeConfig, run_dir: Path, overrides: list[str]) -> int:
                     "machine, or each machine makes its own run directory name.", cfg.launcher.num_machines)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not cfg.launcher.accelerate_config:
-        (run_dir / ACCELERATE_CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+        config_file.write_text(yaml.safe_dump(config, sort_keys=False))
     log.info("launching %d processes: %s%s", cfg.launcher.num_processes, env_note, shlex.join(cmd))
     return subprocess.run(cmd, env=launch_env(cuda)).returncode
 
