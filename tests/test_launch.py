@@ -288,3 +288,63 @@ def test_sharded_qlora_skips_the_fp32_upcast(monkeypatch):
     assert not loading.sharded_training()
     if torch.cuda.is_available() and torch.cuda.device_count() > 1:
         assert loading.device_map_for(None) == {"": 1}
+
+
+def test_slurm_multi_node_sbatch_script_in_a_dry_run(tmp_path):
+    """`-m hydra/launcher=slurm ... dry_run=true` prints the sbatch script submitit would submit for each job (one task
+    per node, the nodes and GPUs asked for) and submits nothing; a node count that disagrees is one line."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep = tmp_path / "sweep"
+    args = ["train", "-m", "hydra/launcher=slurm", "hydra.launcher.nodes=2", "hydra.launcher.partition=gpu",
+            "launcher=ddp", "launcher.num_machines=2", "launcher.num_processes=16", "train.learning_rate=1e-4,2e-4",
+            f"hydra.sweep.dir={sweep}"]
+    result = cli_in_process(*args, "dry_run=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --partition=gpu", "#SBATCH --time=720", "#SBATCH --cpus-per-task=32"):
+        assert line in out, line
+    assert "srun --unbuffered" in out and "-m submitit.core._submit" in out and f"{sweep}/.submitit/" in out
+    assert "launcher.machine_rank = $SLURM_NODEID" in out and "launcher.num_processes=16" in out
+    assert not sweep.exists()  # nothing submitted, nothing written
+    bad = cli_in_process(*[a.replace("launcher.num_machines=2", "launcher.num_machines=4") for a in args],
+                         "dry_run=true")
+    assert bad.returncode == 2 and "hydra.launcher.nodes=2 but launcher.num_machines=4" in bad.stderr
+
+
+@pytest.mark.slow
+def test_submitit_jobs_run_and_a_failed_one_is_reported(tiny_model, tmp_path):
+    """Hydra's submitit launcher with submitit's local executor (what runs on Slurm, on this machine): each job is
+    a submitit job in its own process; results come back to the sweep, and `report` lists the failed job."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from tuneforge.commands import report
+
+    sweep = tmp_path / "sweep"
+    result = cli_in_process("train", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+                            f"model.name_or_path={tiny_model},{tmp_path / 'no-such-model'}", "quant=none",
+                            "train.max_steps=2", "train.per_device_train_batch_size=2", "train.logging_steps=1",
+                            "data.max_samples=16", "eval.before_after=false", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert len(list((sweep / ".submitit").iterdir())) >= 2  # submitit's own job folders: they ran through it
+    rows = {row[1]: row for row in report.report(sweep)["rows"]}
+    assert rows["0"][2] == "ok" and json.loads((sweep / "0" / "metrics.json").read_text())["train_steps"] == 2
+    assert rows["1"][2] == "failed" and "no-such-model" in rows["1"][-1]
+
+
+def test_deepspeed_presets_and_a_users_json_in_a_dry_run(tmp_path):
+    """ZeRO-2/3 presets and the user's own DeepSpeed JSON compose and print their Accelerate config without DeepSpeed
+    or a GPU; a JSON whose ZeRO stage is not the launcher's is one line."""
+    ds = tmp_path / "ds_zero3.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}},
+                              "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}))
+    for args in (["launcher=deepspeed_zero2"], ["launcher=deepspeed_zero3"],
+                 ["launcher=deepspeed_zero3", f"launcher.deepspeed_config={ds}"]):
+        result = cli_in_process("train", *args, "dry_run=true", f"hydra.run.dir={tmp_path / 'run'}")
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "distributed_type: DEEPSPEED" in result.stdout
+        if "launcher.deepspeed_config" in args[-1]:
+            assert f"deepspeed_config_file: {ds}" in result.stdout and "zero_stage" not in result.stdout
+        else:
+            assert f"zero_stage: {args[0][-1]}" in result.stdout
+    wrong = cli_in_process("train", "launcher=deepspeed_zero2", f"launcher.deepspeed_config={ds}", "dry_run=true")
+    assert wrong.returncode == 2 and "has zero_optimization.stage=3; launcher=deepspeed_zero2 is stage 2" in wrong.stderr

@@ -201,6 +201,29 @@ def launch(cfg: TuneforgeConfig, run_dir: Path, overrides: list[str]) -> int:
     return subprocess.run(cmd, env=launch_env(cuda)).returncode
 
 
+def slurm_script(launcher: dict[str, Any]) -> str:
+    """The sbatch script that Hydra's submitit launcher (`hydra/launcher=slurm`, its settings `launcher`) submits for
+    each job, written by submitit's own Slurm executor on any machine: nothing is submitted (a dry run)."""
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from omegaconf import OmegaConf
+    from submitit.slurm.slurm import SlurmExecutor
+
+    class DrySlurmExecutor(SlurmExecutor):
+        @classmethod
+        def affinity(cls) -> int:  # submitit refuses a machine without `srun`; a dry run needs none
+            return 1
+
+    # The same mapping as hydra_submitit_launcher's launch(): its generic keys (submitit's names: timeout_min,
+    # tasks_per_node, ...) through the executor's equivalences, the others as Slurm's own.
+    generic = set(OmegaConf.structured(BaseQueueConf).keys())
+    equivalent = SlurmExecutor._equivalence_dict()  # noqa: SLF001
+    params = {equivalent.get(k, k) if k in generic else k: v for k, v in launcher.items()
+              if k not in ("_target_", "submitit_folder", "max_num_timeout") and v is not None}
+    executor = DrySlurmExecutor(folder=launcher["submitit_folder"])
+    executor.update_parameters(**params)
+    return executor._make_submission_file_text(executor._submitit_command_str, "DRYRUN")  # noqa: SLF001
+
+
 def _hydra_overrides() -> list[str]:
     from hydra.core.hydra_config import HydraConfig
 
