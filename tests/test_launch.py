@@ -194,7 +194,7 @@ def test_dry_run_prints_launch_command_and_plan(tmp_path):
 
 DDP_ARGS = ("launcher=ddp", "launcher.num_processes=2", "launcher.record_ranks=true", "train.max_steps=3",
             "train.learning_rate=3e-3", "train.per_device_train_batch_size=4", "train.logging_steps=1",
-            "data.max_samples=48", "eval.before_after=false")
+            "data.max_samples=48", "eval.before_after=false", "eval.sample_every_steps=0")
 
 
 @pytest.fixture(scope="module")
@@ -323,7 +323,8 @@ def test_submitit_jobs_run_and_a_failed_one_is_reported(tiny_model, tmp_path):
     result = cli_in_process("train", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
                             f"model.name_or_path={tiny_model},{tmp_path / 'no-such-model'}", "quant=none",
                             "train.max_steps=2", "train.per_device_train_batch_size=2", "train.logging_steps=1",
-                            "data.max_samples=16", "eval.before_after=false", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+                            "data.max_samples=16", "eval.before_after=false", "eval.sample_every_steps=0",
+                            f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert len(list((sweep / ".submitit").iterdir())) >= 2  # submitit's own job folders: they ran through it
     rows = {row[1]: row for row in report.report(sweep)["rows"]}
@@ -337,14 +338,13 @@ def test_deepspeed_presets_and_a_users_json_in_a_dry_run(tmp_path):
     ds = tmp_path / "ds_zero3.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}},
                               "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}))
-    for args in (["launcher=deepspeed_zero2"], ["launcher=deepspeed_zero3"],
-                 ["launcher=deepspeed_zero3", f"launcher.deepspeed_config={ds}"]):
-        result = cli_in_process("train", *args, "dry_run=true", f"hydra.run.dir={tmp_path / 'run'}")
-        assert result.returncode == 0, result.stderr[-2000:]
-        assert "distributed_type: DEEPSPEED" in result.stdout
-        if "launcher.deepspeed_config" in args[-1]:
-            assert f"deepspeed_config_file: {ds}" in result.stdout and "zero_stage" not in result.stdout
-        else:
-            assert f"zero_stage: {args[0][-1]}" in result.stdout
+    for stage in (2, 3):
+        config = accelerate_config(load_config([f"launcher=deepspeed_zero{stage}", "dry_run=true"]), cuda=False)
+        assert config["distributed_type"] == "DEEPSPEED" and config["deepspeed_config"]["zero_stage"] == stage
+    result = cli_in_process("train", "launcher=deepspeed_zero3", f"launcher.deepspeed_config={ds}", "dry_run=true",
+                            f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "distributed_type: DEEPSPEED" in result.stdout and f"deepspeed_config_file: {ds}" in result.stdout
+    assert "zero_stage" not in result.stdout  # the user's JSON replaces the generated ZeRO settings
     wrong = cli_in_process("train", "launcher=deepspeed_zero2", f"launcher.deepspeed_config={ds}", "dry_run=true")
     assert wrong.returncode == 2 and "has zero_optimization.stage=3; launcher=deepspeed_zero2 is stage 2" in wrong.stderr

@@ -226,7 +226,7 @@ def test_cli_sweep_prunes_from_logged_losses_and_reports(tiny_model, tmp_path):
                             "hydra.sweeper.sampler.seed=1", "hydra.sweeper.n_jobs=1", "hydra/sweeper/pruner=median",
                             "hydra.sweeper.pruner.n_startup_trials=1", f"model.name_or_path={tiny_model}", "quant=none",
                             "train.max_steps=4", "train.per_device_train_batch_size=2", "train.logging_steps=1",
-                            "train.warmup_steps=0", "data.max_samples=16", "eval.before_after=false",
+                            "train.warmup_steps=0", "data.max_samples=16", "eval.before_after=false", "eval.sample_every_steps=0",
                             "eval.metric=last_logged_loss", "train.learning_rate=choice(3e-2,1e-9)",
                             f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]

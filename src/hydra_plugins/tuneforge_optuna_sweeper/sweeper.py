@@ -257,6 +257,11 @@ class TuneforgeOptunaSweeper(Sweeper):
         self.hydra_context: Optional[HydraContext] = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        import importlib.util
+
+        if importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None:
+            log.warning("hydra-optuna-sweeper is installed too: it registers the same hydra/sweeper=optuna names and "
+                        "pins optuna<3; remove it (pip uninstall hydra-optuna-sweeper).")
         self.config, self.hydra_context = config, hydra_context
         self.launcher = Plugins.instance().instantiate_launcher(config=config, hydra_context=hydra_context,
                                                                 task_function=task_function)
