@@ -18,6 +18,8 @@ def test_wheel_ships_configs_and_recipes_and_composes_outside_the_checkout(tmp_p
     wheel = next(wheel_dir.glob("tuneforge-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "tuneforge/_conf/config.yaml" in names and "tuneforge/_recipes/demo.yaml" in names
+    # The Optuna sweeper, in Hydra's plugin namespace (no hydra_plugins/__init__.py: it would hide other plugins).
+    assert "hydra_plugins/tuneforge_optuna_sweeper/sweeper.py" in names and "hydra_plugins/__init__.py" not in names
 
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from tuneforge.commands.base import Command, argparse_main, parser
 from tuneforge.config.errors import ConfigError
-from tuneforge.runs import rundir
+from tuneforge.runs import rundir, study
 from tuneforge.runs.objective import objective
 
 
@@ -24,11 +24,12 @@ from tuneforge.runs.objective import objective
 class Job:
     name: str
     path: Path
-    status: str  # ok | failed | running/incomplete
+    status: str  # ok | failed | pruned (an Optuna pruner stopped it) | incomplete
     overrides: dict[str, str] = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     error: str = ""
     eval_metric: Optional[str] = None
+    trial: str = ""  # the Optuna trial's state (tuneforge's Optuna sweeper: the job directory is the trial number)
 
 
 def _job_dirs(sweep_dir: Path) -> list[Path]:
@@ -56,6 +57,11 @@ def load_jobs(sweep_dir: Path) -> list[Job]:
             failed = rundir.read_json(d / rundir.FAILED_FILE)
             job.status, job.error = "failed", failed.get("error", "")
         jobs.append(job)
+    trials = study.read_trials(sweep_dir)
+    for job in jobs:
+        job.trial = trials.get(job.name, {}).get("state", "")
+        if job.status == "ok" and job.trial.startswith("PRUNED"):
+            job.status = "pruned"  # stopped early: its numbers are not comparable with finished jobs'
     return jobs
 
 
@@ -97,11 +103,13 @@ def build_table(jobs: list[Job], metric: Optional[str] = None, direction: Option
         return (0 if ok else 1, sign * value if ok else 0, job.name)
 
     extra = [k for k in ("train_loss", "last_logged_loss", "train_steps", "train_runtime_s") if k != metric]
-    header = ["rank", "job", "status", *keys, metric, *extra, "error"]
+    trial = ["trial"] if any(j.trial for j in jobs) else []
+    header = ["rank", "job", "status", *trial, *keys, metric, *extra, "error"]
     rows = []
     for rank, job in enumerate(sorted(jobs, key=order), 1):
         m = job.metrics
-        rows.append([rank if job.status == "ok" else "", job.name, job.status, *[job.overrides.get(k, "") for k in keys],
+        rows.append([rank if job.status == "ok" else "", job.name, job.status, *([job.trial] if trial else []),
+                     *[job.overrides.get(k, "") for k in keys],
                      objective(m, metric) if job.status == "ok" else None, *[m.get(k) for k in extra],
                      job.error[:160]])
     return header, rows, metric, direction
@@ -183,7 +191,8 @@ def report(sweep_dir: Path, metric: Optional[str] = None, direction: Optional[st
     header, rows, metric, direction = build_table(jobs, metric, direction, sweep_dir)
     md = (f"# Sweep report: {sweep_dir}\n\n{len(jobs)} jobs: {sum(j.status == 'ok' for j in jobs)} finished, "
           f"{sum(j.status == 'failed' for j in jobs)} failed, {sum(j.status == 'incomplete' for j in jobs)} "
-          f"incomplete. Sorted by {metric} ({direction}), best first.\n\n"
+          f"incomplete" + (f", {sum(j.status == 'pruned' for j in jobs)} pruned" if any(j.trial for j in jobs) else "")
+          + f". Sorted by {metric} ({direction}), best first.\n\n" + _study_line(sweep_dir)
           + (f"Common to every job: `{' '.join(common_overrides(jobs))}`\n\n" if len(jobs) > 1 else "")
           + to_markdown(header, rows)
           + "\n![loss curves and final metric](report.png)\n")
@@ -192,6 +201,27 @@ def report(sweep_dir: Path, metric: Optional[str] = None, direction: Optional[st
     by_name = {j.name: j for j in jobs}
     plot([by_name[row[1]] for row in rows], metric, sweep_dir / "report.png")  # bars best first, like the table
     return {"header": header, "rows": rows, "metric": metric, "direction": direction, "jobs": jobs}
+
+
+def _study_line(sweep_dir: Path) -> str:
+    """What the sweep's Optuna study holds (trials by state, the best one), when it has one."""
+    trials = study.read_trials(sweep_dir)
+    if not trials:
+        return ""
+    states: dict[str, int] = {}
+    for t in trials.values():
+        states[t["state"].split(" ")[0]] = states.get(t["state"].split(" ")[0], 0) + 1
+    where = study.sweep_storage(sweep_dir)
+    from tuneforge.runs.redaction import redact_url
+
+    line = (f"Optuna study `{where[1]}` in `{redact_url(where[0])}`: {len(trials)} trials ("
+            + ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())) + ")")
+    done = [(n, t) for n, t in trials.items() if t["state"] == "COMPLETE" and t["value"] is not None]
+    if done:
+        sign = -1 if _direction(sweep_dir, "loss") == "maximize" else 1
+        n, best = min(done, key=lambda item: sign * item[1]["value"])
+        line += f"; best trial {n}: {best['value']:.6g} with {best['params']}"
+    return line + ".\n\n"
 
 
 def _print(result: dict) -> None:

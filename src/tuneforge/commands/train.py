@@ -53,9 +53,13 @@ def precheck(cfg: TuneforgeConfig, overrides: list[str], multirun: bool) -> None
     from tuneforge.config import library_args
 
     library_args.check(cfg)
+    if multirun:
+        check_slurm(cfg, overrides)
     explicit = [o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")]
     # A launched rank shares the run directory its launching job resolved (and rank 0 may claim it first).
     if not explicit or multirun or launch.in_launched_process():
+        return
+    if cfg.launcher.machine_rank != 0:  # another machine of a multi-node run: the run directory is machine 0's
         return
     if not launch.needs_launch(cfg):
         rundir.claim_run_dir(Path(explicit[-1]), cfg.train.resume_from_checkpoint)
@@ -63,6 +67,37 @@ def precheck(cfg: TuneforgeConfig, overrides: list[str], multirun: bool) -> None
         rundir.check_run_dir_free(Path(explicit[-1]), cfg.train.resume_from_checkpoint)
     # Before Hydra rewrites RUN/.hydra/ with this command's overrides.
     rundir.check_resume_matches(Path(explicit[-1]), cfg)
+
+
+def check_slurm(cfg: TuneforgeConfig, overrides: list[str]) -> None:
+    """`-m hydra/launcher=slurm`: one Slurm task per node (it starts the node's processes itself) and as many nodes
+    as launcher.num_machines; with dry_run=true, print the sbatch script each job would be submitted with and stop
+    (no Slurm needed, and no jobs submitted that would only print their plans)."""
+    import shlex
+
+    from omegaconf import OmegaConf
+
+    from tuneforge.config.compose import compose_config, first_job_overrides
+    from tuneforge.config.errors import ConfigError
+
+    first = first_job_overrides(overrides)
+    hydra_launcher = compose_config(first, return_hydra=True).hydra.launcher
+    if not str(hydra_launcher.get("_target_", "")).endswith(".SlurmLauncher"):
+        return
+    if hydra_launcher.tasks_per_node != 1:
+        raise ConfigError(f"hydra.launcher.tasks_per_node={hydra_launcher.tasks_per_node}: tuneforge runs one Slurm "
+                          "task per node, which starts launcher.num_processes / launcher.num_machines processes itself.")
+    if hydra_launcher.nodes != cfg.launcher.num_machines:
+        raise ConfigError(f"hydra.launcher.nodes={hydra_launcher.nodes} but launcher.num_machines="
+                          f"{cfg.launcher.num_machines}: set both to the number of nodes of each job.")
+    if not cfg.dry_run:
+        return
+    print("sbatch script of each job (Hydra submits a multirun as one job array; nothing submitted: dry_run=true):\n")
+    print(launch.slurm_script(OmegaConf.to_container(hydra_launcher, resolve=True)))
+    print(f"On each node the first job runs: tuneforge train {shlex.join(o for o in first if not o.startswith('hydra'))}"
+          + ("\nwith launcher.machine_rank = $SLURM_NODEID and launcher.main_process_ip = the job's first node."
+             if cfg.launcher.num_machines > 1 else ""))
+    raise SystemExit(0)
 
 
 def cleanup() -> None:

@@ -126,6 +126,11 @@ def recipe_files(overrides: list[str]) -> list[str]:
     return out
 
 
+def first_job_overrides(overrides: list[str]) -> list[str]:
+    """A multirun's overrides with every sweep at its first value: what its first job composes."""
+    return _sweep_variants(overrides)[0][1]
+
+
 def _sweep_variants(overrides: list[str]) -> list[tuple[str, list[str]]]:
     """For a multirun: the overrides with every sweep at its first value, then once per other value of each sweep
     (the rest at their first), each labelled with the value it checks: every value a job would get is validated

@@ -463,11 +463,20 @@ def validate_launcher(cfg: TuneforgeConfig) -> None:
         raise ConfigError("launcher=deepspeed_zero3 with a 4-bit base (QLoRA) needs launcher.zero3_init_flag=true "
                           "(the quantized model must be built already partitioned).")
     if la.name in ("fsdp", "deepspeed_zero2", "deepspeed_zero3") and not cfg.dry_run:
+        import importlib.util
+
         from tuneforge.config.device import cuda_available
 
+        if la.name.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError(f"launcher={la.name} needs DeepSpeed, which is not installed: pip install "
+                              "'tuneforge[deepspeed]' (dry_run=true prints the launch command and config without it).")
         if not cuda_available():
-            raise ConfigError(f"launcher={la.name} shards over CUDA GPUs and this machine has none; use launcher=ddp "
-                              "(gloo processes on CPUs), or dry_run=true to print the launch command.")
+            # Accelerate turns FSDP / DeepSpeed on only for accelerator processes (accelerate/state.py): on a CPU the
+            # ranks would run as plain gloo DDP (MULTI_CPU) with the sharding settings silently ignored.
+            raise ConfigError(f"launcher={la.name} shards over CUDA GPUs and this machine has none (Accelerate runs "
+                              "FSDP and DeepSpeed only on accelerators; on CPUs its processes would silently be plain "
+                              "DDP); use launcher=ddp (gloo processes on CPUs), or dry_run=true to print the launch "
+                              "command.")
 
 
 def launcher_file(key: str, path: str) -> dict:

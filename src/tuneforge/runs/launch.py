@@ -147,6 +147,11 @@ def accelerate_config(cfg: TuneforgeConfig, cuda: bool) -> dict[str, Any]:
     return out
 
 
+def config_file_name(machine_rank: int) -> str:
+    """Each machine of a multi-node run writes its own Accelerate config into the shared run directory."""
+    return ACCELERATE_CONFIG_FILE if machine_rank == 0 else f"accelerate_config.machine{machine_rank}.yaml"
+
+
 def launch_env(cuda: bool) -> dict[str, str]:
     env = {**os.environ, LAUNCHED_ENV: "1"}
     if not cuda:
@@ -169,14 +174,6 @@ def launch_command(cfg: TuneforgeConfig, overrides: list[str], run_dir: Path, co
     return cmd + ["-m", "tuneforge.cli", "train", *kept, f"hydra.run.dir={run_dir}"]
 
 
-def _check_runtime(cfg: TuneforgeConfig) -> None:
-    if cfg.launcher.name.startswith("deepspeed"):
-        import importlib.util
-
-        if importlib.util.find_spec("deepspeed") is None:
-            raise ConfigError(f"launcher={cfg.launcher.name} needs DeepSpeed: pip install 'tuneforge[deepspeed]'.")
-
-
 def launch(cfg: TuneforgeConfig, run_dir: Path, overrides: list[str]) -> int:
     """Write the Accelerate config into the run directory and run the job through `accelerate launch`
     (dry_run: print the command and the config instead). Returns the launcher's exit status."""
@@ -184,7 +181,7 @@ def launch(cfg: TuneforgeConfig, run_dir: Path, overrides: list[str]) -> int:
     cfg.launcher = resolve_machines(cfg.launcher)
     config = accelerate_config(cfg, cuda)
     config_file = Path(cfg.launcher.accelerate_config) if cfg.launcher.accelerate_config else (
-        run_dir / ACCELERATE_CONFIG_FILE)
+        run_dir / config_file_name(cfg.launcher.machine_rank))
     cmd = launch_command(cfg, overrides, run_dir, config_file)
     env_note = "" if cuda else "ACCELERATE_USE_CPU=true "
     if cfg.dry_run:
@@ -193,16 +190,38 @@ def launch(cfg: TuneforgeConfig, run_dir: Path, overrides: list[str]) -> int:
             print(f"{'accelerate config':>22}: ({config_file})")
             print("\n".join("    " + line for line in yaml.safe_dump(config, sort_keys=False).splitlines()))
         return 0
-    _check_runtime(cfg)
     if cfg.launcher.num_machines > 1 and "SLURM_JOB_ID" not in os.environ and not any(
             o.startswith("hydra.run.dir=") for o in _hydra_overrides()):
         log.warning("launcher.num_machines=%d: pass the same hydra.run.dir=DIR (on a shared file system) on every "
                     "machine, or each machine makes its own run directory name.", cfg.launcher.num_machines)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not cfg.launcher.accelerate_config:
-        (run_dir / ACCELERATE_CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+        config_file.write_text(yaml.safe_dump(config, sort_keys=False))
     log.info("launching %d processes: %s%s", cfg.launcher.num_processes, env_note, shlex.join(cmd))
     return subprocess.run(cmd, env=launch_env(cuda)).returncode
+
+
+def slurm_script(launcher: dict[str, Any]) -> str:
+    """The sbatch script that Hydra's submitit launcher (`hydra/launcher=slurm`, its settings `launcher`) submits for
+    each job, written by submitit's own Slurm executor on any machine: nothing is submitted (a dry run)."""
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from omegaconf import OmegaConf
+    from submitit.slurm.slurm import SlurmExecutor
+
+    class DrySlurmExecutor(SlurmExecutor):
+        @classmethod
+        def affinity(cls) -> int:  # submitit refuses a machine without `srun`; a dry run needs none
+            return 1
+
+    # The same mapping as hydra_submitit_launcher's launch(): its generic keys (submitit's names: timeout_min,
+    # tasks_per_node, ...) through the executor's equivalences, the others as Slurm's own.
+    generic = set(OmegaConf.structured(BaseQueueConf).keys())
+    equivalent = SlurmExecutor._equivalence_dict()  # noqa: SLF001
+    params = {equivalent.get(k, k) if k in generic else k: v for k, v in launcher.items()
+              if k not in ("_target_", "submitit_folder", "max_num_timeout") and v is not None}
+    executor = DrySlurmExecutor(folder=launcher["submitit_folder"])
+    executor.update_parameters(**params)
+    return executor._make_submission_file_text(executor._submitit_command_str, "DRYRUN")  # noqa: SLF001
 
 
 def _hydra_overrides() -> list[str]:

@@ -51,6 +51,14 @@ def redact_arg(arg: str) -> str:
     return _PAIR.sub(lambda m: f"{m.group(1)}={REDACTED}" if is_secret_key(m.group(1)) else m.group(0), arg)
 
 
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")
+
+
+def redact_url(url: str) -> str:
+    """`postgresql://user:pw@host/db` -> `postgresql://user:***REDACTED***@host/db` (a storage URL in a file)."""
+    return _URL_PASSWORD.sub(lambda m: f"{m.group(1)}{REDACTED}@", url)
+
+
 def command_line(argv: Optional[list[str]] = None) -> str:
     argv = list(sys.argv if argv is None else argv)
     return " ".join(argv[:1] + [shlex.quote(redact_arg(a)) for a in argv[1:]])

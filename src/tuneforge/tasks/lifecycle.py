@@ -20,7 +20,7 @@ from tuneforge.config.schemas import TuneforgeConfig
 from tuneforge.config.tasks import task as task_spec
 from tuneforge.config.user_code import load as user_callbacks
 from tuneforge.models.estimate import preflight, print_estimate
-from tuneforge.runs import console, faults, launch, manifest, model_card, plots, rundir
+from tuneforge.runs import console, faults, launch, manifest, model_card, plots, rundir, study
 from tuneforge.runs.objective import objective
 from tuneforge.runs.redaction import command_line, use_token
 from tuneforge.tasks.stages import stages_class
@@ -38,7 +38,8 @@ def job(dcfg, run_dir: Path, callbacks: Optional[list] = None) -> tuple[Tuneforg
         launch.run_from_hydra(cfg, run_dir)
         if not cfg.dry_run:
             return cfg, read_metrics(run_dir)
-    return cfg, run(cfg, run_dir, dcfg, callbacks)
+    # In a tuneforge Optuna sweep with a pruner: the logged losses go to this job's trial (runs/study.py).
+    return cfg, run(cfg, run_dir, dcfg, [*(callbacks or []), *study.trial_callbacks(sweep_metric(cfg))])
 
 
 def run(cfg: TuneforgeConfig, run_dir: Path, resolved_config: Any, callbacks: Optional[list] = None) -> dict:
@@ -108,10 +109,14 @@ def _run(cfg: TuneforgeConfig, run_dir: Path, state, main: bool, phase, callback
     return metrics
 
 
+def sweep_metric(cfg: TuneforgeConfig) -> str:
+    return task_spec(cfg.task).sweep_metric or cfg.eval.metric
+
+
 def sweep_value(cfg: TuneforgeConfig, metrics: dict) -> Optional[float]:
     """What a sweeper optimizes for this job: the task's metric (config/tasks.py; `eval.metric` by default) in its
     metrics."""
-    metric = task_spec(cfg.task).sweep_metric or cfg.eval.metric
+    metric = sweep_metric(cfg)
     value = objective(metrics, metric)
     if value is None and metrics:
         log.warning("%s is not among this run's metrics (held-out scores need eval.before_after=true; or use "
