@@ -194,7 +194,8 @@ def test_sigkill_then_resume_equals_the_uninterrupted_grpo_run(grpo_run, tiny_mo
 
 def test_reproduce_check_of_a_grpo_run(grpo_run, workdir, tmp_path):
     baseline, _ = grpo_run
-    same = run_cli("reproduce", str(baseline), "--check", f"hydra.run.dir={tmp_path / 'same'}", cwd=workdir)
+    # In this process, as the baseline was: reproduce runs the job in the process that checks it.
+    same = cli_in_process("reproduce", str(baseline), "--check", f"hydra.run.dir={tmp_path / 'same'}", cwd=workdir)
     assert same.returncode == 0, same.stdout[-3000:] + same.stderr[-3000:]
     assert "reproduce --check: MATCH" in same.stdout
     compared = {(r["kind"], r["metric"]) for r in json.loads((tmp_path / "same" / "reproduce.json").read_text())["rows"]}
