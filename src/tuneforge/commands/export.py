@@ -146,14 +146,13 @@ def run(cfg: ExportCommandConfig) -> dict:
                 reading = verify.read_hf_fresh(tmp, ref, work)
             finally:
                 shutil.rmtree(work, ignore_errors=True)
-            checks = [verify.check("hf (fresh process)", True, reading, ref, eot)]
+            checks = [verify.check("hf", "transformers in a fresh process", True, reading, ref, eot)]
         else:
             checks = _write_gguf(cfg, run_cfg, merged, tokenizer, tmp, quant, eot, ref, report)
         report["checks"] = [asdict(c) for c in checks]
         report["seconds"] = round(time.perf_counter() - start, 1)
         verify.table(ref, checks, run_cfg.eval.metric,
-                     f"tuneforge export {e.format}{f' {quant}' if quant else ''}: {len(pairs)} held-out prompts vs "
-                     "the adapter on its training base")
+                     f"export vs the adapter: {len(pairs)} held-out prompts")
         problems = [p for c in checks for p in c.problems]
         if problems:
             raise verify.ExportMismatch("export refused, nothing written: " + "; ".join(problems))
@@ -183,8 +182,8 @@ def _write_gguf(cfg, run_cfg, merged, tokenizer, tmp: Path, quant: str, eot: int
                       "pre_tokenizer": written.pre_tokenizer, "notes": written.notes, "end_of_turn_id": eot,
                       "bytes": (tmp / name).stat().st_size}
     reading = verify.read_gguf(tmp, name, ref)
-    checks = [verify.check(f"gguf {quant} (transformers' reader)", gguf_writer.is_unquantized(quant), reading, ref,
-                           eot)]
+    checks = [verify.check(f"gguf {quant}", "transformers' GGUF loader", gguf_writer.is_unquantized(quant),
+                           reading, ref, eot)]
     if cfg.export.format == "ollama":
         from tuneforge.models.tokenizer import stop_token_ids
 

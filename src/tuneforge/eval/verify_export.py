@@ -132,6 +132,8 @@ class FormCheck:
     """One exported form against the reference: one row of the table and of export.json."""
 
     form: str
+    # Who read the export back (transformers' GGUF loader, a fresh process).
+    reader: str
     unquantized: bool
     agreement: float
     scores: dict[str, float]
@@ -160,12 +162,12 @@ class FormCheck:
         return out
 
 
-def check(form: str, unquantized: bool, reading: Reading, ref: Reference, end_of_turn: int) -> FormCheck:
+def check(form: str, reader: str, unquantized: bool, reading: Reading, ref: Reference, end_of_turn: int) -> FormCheck:
     scored = score_predictions(ref.pairs, reading.answers, "")
     same = [a == b for a, b in zip(ref.answers, reading.answers)]
     diff = (ref.logits - reading.logits).abs() if reading.logits.shape == ref.logits.shape else None
     return FormCheck(
-        form, unquantized, sum(same) / max(len(same), 1), scored.scores,
+        form, reader, unquantized, sum(same) / max(len(same), 1), scored.scores,
         float(diff.max()) if diff is not None else float("nan"),
         float((ref.logits.argmax(-1) != reading.logits.argmax(-1)).float().mean()) if diff is not None else float("nan"),
         sum(a == b for a, b in zip(ref.texts, reading.texts)), sum(a == b for a, b in zip(ref.ids, reading.ids)),
@@ -176,19 +178,24 @@ def check(form: str, unquantized: bool, reading: Reading, ref: Reference, end_of
 
 
 def table(ref: Reference, checks: list[FormCheck], metric: str, title: str) -> None:
-    """form | agreement | the run's metric | max |Δlogit| | template renders (the held-out prompts)."""
+    """form | agreement | the run's metric | max |Δlogit| | argmax differs | template renders like training (of the
+    held-out prompts)."""
     from rich.console import Console
     from rich.table import Table
 
     t = Table(title=title)
-    for column in ("form", "agreement", metric, "max |Δlogit|", "argmax differs", "template = training"):
+    for column in ("form", "agree", metric, "max |Δlogit|", "argmax ≠", "template"):
         t.add_column(column, justify="left" if column == "form" else "right")
-    t.add_row("adapter on its training base", "-", f"{ref.scores.get(metric, float('nan')):.3f}", "-", "-", "-")
+    t.add_row("adapter (reference)", "-", f"{ref.scores.get(metric, float('nan')):.3f}", "-", "-", "-")
     for c in checks:
         t.add_row(c.form, f"{c.agreement:.3f}", f"{c.scores.get(metric, float('nan')):.3f}",
                   f"{c.max_abs_logit_diff:.3g}", f"{c.argmax_disagreement:.2%}",
                   f"{c.template_same_ids}/{c.prompts}")
     Console().print(t)
+    for c in checks:
+        print(f"{c.form}: read back by {c.reader}; greedy answers equal to the adapter's on {c.agreement:.1%} of "
+              f"{c.prompts} held-out prompts; the template read back renders {c.template_same_ids}/{c.prompts} as "
+              "training did")
 
 
 if __name__ == "__main__":  # the fresh-process reader (read_hf_fresh)

@@ -41,8 +41,9 @@ class Family:
 
         system = go(self.system[0]) + "{{ .System }}" + go(self.system[1])
         return (go(self.start)
-                + (system if always_system else "{{- if .System }}" + system + "{{ end }}")
-                + '{{- range .Messages }}{{ if eq .Role "user" }}' + go(self.user[0]) + "{{ .Content }}"
+                + (system if always_system else "{{ if .System }}" + system + "{{ end }}")
+                # No `{{-`: it would trim the newline that ends the turn before it.
+                + '{{ range .Messages }}{{ if eq .Role "user" }}' + go(self.user[0]) + "{{ .Content }}"
                 + go(self.user[1]) + '{{ else if eq .Role "assistant" }}' + go(self.assistant[0]) + "{{ .Content }}"
                 + go(self.assistant[1]) + "{{ end }}{{ end }}" + go(self.generation))
 
