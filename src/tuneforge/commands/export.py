@@ -150,6 +150,7 @@ def run(cfg: ExportCommandConfig) -> dict:
         else:
             checks = _write_gguf(cfg, run_cfg, merged, tokenizer, tmp, quant, eot, ref, report)
         report["checks"] = [asdict(c) for c in checks]
+        report["prompts"] = verify.prompts_record(ref)
         report["seconds"] = round(time.perf_counter() - start, 1)
         verify.table(ref, checks, run_cfg.eval.metric,
                      f"export vs the adapter: {len(pairs)} held-out prompts")

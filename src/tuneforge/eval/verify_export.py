@@ -37,6 +37,7 @@ class Reference:
     """The adapter on its training base: what every exported form is compared with."""
 
     pairs: list  # (prompt, reference answer) of the held-out rows
+    references: list[str]  # the reference answers as scored (EOS text removed)
     answers: list[str]
     scores: dict[str, float]
     texts: list[str]  # each prompt as training rendered it
@@ -51,7 +52,7 @@ def reference(model, tokenizer, pairs, settings: GenerationSettings, logit_promp
     answers = generate(model, tokenizer, prompts, settings)
     scored = score_predictions(pairs, answers, tokenizer.eos_token or "")
     n = min(logit_prompts, len(prompts))
-    return Reference(pairs, answers, scored.scores, [render_prompt(tokenizer, p) for p in prompts],
+    return Reference(pairs, [r["reference"] for r in scored.predictions], answers, scored.scores, [render_prompt(tokenizer, p) for p in prompts],
                      [prompt_ids(tokenizer, p, settings.max_input_tokens) for p in prompts],
                      prompt_logits(model, tokenizer, prompts[:n], settings.max_input_tokens), n, settings)
 
@@ -145,6 +146,8 @@ class FormCheck:
     stops_end_of_turn: bool
     pad_is_not_eos: bool
     differing: list[dict[str, Any]] = field(default_factory=list)
+    # The export's greedy answer to each held-out prompt (what another consumer, llama.cpp, is compared with).
+    answers: list[str] = field(default_factory=list)
 
     @property
     def problems(self) -> list[str]:
@@ -174,7 +177,13 @@ def check(form: str, reader: str, unquantized: bool, reading: Reading, ref: Refe
         len(ref.pairs), end_of_turn in reading.eos_ids,
         reading.pad_id is not None and reading.pad_id not in reading.eos_ids[:1],
         [{"prompt": ref.texts[i], "adapter": ref.answers[i], "export": reading.answers[i]}
-         for i, s in enumerate(same) if not s][:5])
+         for i, s in enumerate(same) if not s][:5], list(reading.answers))
+
+
+def prompts_record(ref: Reference) -> list[dict[str, Any]]:
+    """Each held-out prompt as training rendered and tokenized it, its reference answer and the adapter's."""
+    return [{"text": text, "ids": ids, "reference": reference_answer, "adapter": answer}
+            for text, ids, reference_answer, answer in zip(ref.texts, ref.ids, ref.references, ref.answers)]
 
 
 def table(ref: Reference, checks: list[FormCheck], metric: str, title: str) -> None:
