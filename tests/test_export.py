@@ -134,22 +134,51 @@ def test_hf_export_read_in_a_fresh_process_stops_at_the_end_of_turn(exports, run
     assert not list(out.parent.glob(".*partial*"))  # no scratch folder left behind
 
 
-@pytest.mark.parametrize("quant", ["f32", "q4_0"])
-def test_gguf_writer_round_trips_through_transformers(small_model, tmp_path, quant):
-    """The writer alone on the tiny model: f32 is exact; a 4-bit type differs, within reason."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@pytest.mark.parametrize("model_type,quant", [("llama", "f32"), ("llama", "q4_0"), ("mistral", "f32"),
+                                              ("qwen2", "f32"), ("qwen3", "f32"), ("gemma2", "f32"),
+                                              ("gemma3_text", "f32")])
+def test_gguf_writer_round_trips_every_family_through_transformers(small_model, tmp_path, model_type, quant):
+    """The writer alone on a random 2-layer model of each family (norm weights random too, so that Gemma's 1 + w
+    shows): f32 read back by transformers' GGUF loader gives the same logits exactly; a 4-bit type differs."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from tuneforge.models.gguf_writer import write_gguf
 
-    model = AutoModelForCausalLM.from_pretrained(small_model, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(small_model)
-    written = write_gguf(model, tokenizer, Path(small_model), tmp_path / "m.gguf", quant, 2, "tiny")
-    assert written.tensors == 20 and written.pre_tokenizer == "gpt-2"  # tied: no output.weight
+    # Qwen3: transformers' reader does not read the head width, and takes the Qwen3 default (128).
+    config = AutoConfig.for_model(model_type, num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                                  num_attention_heads=4, num_key_value_heads=2,
+                                  head_dim=128 if model_type == "qwen3" else 16, vocab_size=VOCAB,
+                                  max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.normal_(0, 0.5)
+    written = write_gguf(model, tokenizer, Path(small_model), tmp_path / "m.gguf", quant, 2, f"tiny-{model_type}")
+    assert written.pre_tokenizer == "gpt-2" and not written.fallbacks
     read = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
     ids = torch.tensor([tokenizer("Write 4 July 1976 as YYYY-MM-DD")["input_ids"]])
     with torch.no_grad():
         diff = float((model(ids).logits - read(ids).logits).abs().max())
     assert diff == 0.0 if quant == "f32" else 0 < diff < 1.0
+
+
+def test_architectures_outside_the_table_are_refused_by_name():
+    from transformers import AutoConfig
+
+    from tuneforge.config.errors import ConfigError
+    from tuneforge.models.gguf_writer import family
+
+    with pytest.raises(ConfigError, match="model_type 'gemma' is not exported: transformers' GGUF reader"):
+        family(AutoConfig.for_model("gemma"))
+    with pytest.raises(ConfigError, match="model_type 'phi3' is not an architecture tuneforge writes as GGUF"):
+        family(AutoConfig.for_model("phi3"))
+    with pytest.raises(ConfigError, match="rope scaling 'llama3'"):
+        family(AutoConfig.for_model("llama", rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
+                                                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                              "original_max_position_embeddings": 8192}))
 
 
 def test_template_and_agreement_problems_are_named():

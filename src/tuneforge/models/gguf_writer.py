@@ -30,14 +30,14 @@ class Family:
     permute_qk: bool = False
     # Gemma stores RMSNorm weights as w where the model multiplies by (1 + w); GGUF stores 1 + w.
     norm_plus_one: bool = False
-    # general.name the reader needs to pick the HF architecture back (it reads Mistral files as `llama` otherwise).
-    name: Optional[str] = None
 
 
 # HF model_type -> how it is written. Refused by name otherwise (see `family`).
 FAMILIES = {
     "llama": Family("llama", permute_qk=True),  # Llama 2/3 and SmolLM2
-    "mistral": Family("llama", permute_qk=True, name="mistral"),  # llama.cpp writes Mistral as llama
+    # llama.cpp writes Mistral as llama, and so does this: transformers' reader would turn a file named "mistral"
+    # into model_type mistral, for which the gguf package has no tensor-name map (transformers 5.25, gguf 0.19).
+    "mistral": Family("llama", permute_qk=True),
     "qwen2": Family("qwen2"),
     "qwen3": Family("qwen3"),
     "gemma2": Family("gemma2", norm_plus_one=True),
@@ -212,7 +212,7 @@ def write_gguf(model, tokenizer, tokenizer_dir: Path, path: Path, quant: str, en
 
     writer = gguf.GGUFWriter(path, fam.arch)
     writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(fam.name or name)
+    writer.add_name(name)
     _hyperparameters(writer, config, fam)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32 if quant == "f32" else
                          getattr(gguf.LlamaFileType, f"MOSTLY_{qtype.name}"))
