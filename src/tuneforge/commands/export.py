@@ -92,6 +92,13 @@ def check(cfg: ExportCommandConfig) -> None:
         raise ConfigError(f"{run_dir} has no {rundir.ADAPTER_DIR}/adapter_model.safetensors: there is no adapter to "
                           "export (did training finish?).")
     rundir.refuse_non_empty(out_dir(cfg), "choose another out=DIR")
+    if e.format == "ollama":  # a template Ollama cannot be given is refused before minutes of loading
+        from transformers import AutoTokenizer
+
+        from tuneforge.models import modelfile
+
+        modelfile.convert(AutoTokenizer.from_pretrained(run_dir / rundir.ADAPTER_DIR),
+                          rundir.run_config(run_dir).format.system_prompt)
     if e.format != "hf":
         from transformers import AutoConfig
 
@@ -168,7 +175,7 @@ def _write_gguf(cfg, run_cfg, merged, tokenizer, tmp: Path, quant: str, eot: int
     from tuneforge.models import gguf_writer, modelfile
 
     name = f"model-{quant}.gguf"
-    if cfg.export.format == "ollama":  # refused before minutes of writing when the template cannot be converted
+    if cfg.export.format == "ollama":
         fam, system = modelfile.convert(tokenizer, run_cfg.format.system_prompt)
     tok_dir = scratch.make_scratch_dir(tmp.with_name("tokenizer"))  # the package's vocab helpers read files
     try:
