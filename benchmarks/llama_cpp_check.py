@@ -60,7 +60,7 @@ def main() -> int:
         ids = llm.tokenize(prompt["text"].encode(), add_bos=False, special=True)
         llm.reset()
         out = []
-        for token in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+        for token in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
             if is_eog(token) or len(out) >= report["max_new_tokens"]:
                 break
             out.append(token)
