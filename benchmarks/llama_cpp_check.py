@@ -34,6 +34,10 @@ def main() -> int:
     parser.add_argument("export_dir", type=Path, help="a `tuneforge export format=gguf|ollama` folder")
     parser.add_argument("--out", type=Path, default=RESULTS / "llama_cpp_check.json")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--extra-buffers", action="store_true",
+                        help="let llama.cpp use its extra CPU buffer types (AMX, repacked weights); off by default: "
+                             "on the shared Xeon VM (AMX advertised) every quantized GGUF, llama.cpp's own Q4_1 of "
+                             "SmolLM2 included, segfaulted in decode with them (llama-cpp-python 0.3.36)")
     args = parser.parse_args()
     try:
         import llama_cpp
@@ -44,16 +48,27 @@ def main() -> int:
     report = json.loads((args.export_dir / "export.json").read_text())
     gguf_file = args.export_dir / report["gguf"]["file"]
     (check,) = report["checks"]
+    if not args.extra_buffers:
+        import llama_cpp.llama_cpp as low_level
+
+        # Llama() takes its model parameters from llama_model_default_params(); the binding has no argument for
+        # this field, so the defaults are wrapped (plain CPU kernels: what is checked is the file, not a kernel).
+        defaults = low_level.llama_model_default_params
+
+        def without_extra_buffers():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        low_level.llama_model_default_params = without_extra_buffers
     start = time.perf_counter()
     llm = llama_cpp.Llama(model_path=str(gguf_file), n_ctx=2048, n_threads=args.threads, n_batch=512,
                           verbose=False, seed=0)
     load_s = time.perf_counter() - start
-    # End of generation as llama.cpp decides it from the file (EOS, EOT, ...); the binding's name changed over time.
-    if hasattr(llama_cpp, "llama_vocab_is_eog"):
-        vocab = llama_cpp.llama_model_get_vocab(llm.model)
-        is_eog = lambda token: llama_cpp.llama_vocab_is_eog(vocab, token)  # noqa: E731
-    else:
-        is_eog = lambda token: llama_cpp.llama_token_is_eog(llm.model, token)  # noqa: E731
+    # End of generation as llama.cpp decides it from the file (EOS, EOT, ...).
+    # (`Llama.model` segfaults in llama_model_get_vocab with 0.3.36; the internal model object holds the vocab.)
+    vocab = llm._model.vocab
+    is_eog = lambda token: llama_cpp.llama_vocab_is_eog(vocab, token)  # noqa: E731
     rows = []
     start = time.perf_counter()
     for prompt, transformers_answer in zip(report["prompts"], check["answers"]):
@@ -98,6 +113,7 @@ def main() -> int:
         "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                     "load_average": os.getloadavg()},
         "seconds": {"load": round(load_s, 1), "generate": round(gen_s, 1)},
+        "llama_cpp_extra_buffers": args.extra_buffers,
         "summary": summary, "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
