@@ -75,6 +75,7 @@ def _report(out: Path) -> dict:
     return json.loads((out / "export.json").read_text())
 
 
+@pytest.mark.slow  # the module's trained run and its three exports
 def test_gguf_f16_agrees_on_every_answer_and_carries_the_training_template(exports, run_dir):
     from transformers import AutoTokenizer
 
@@ -101,6 +102,7 @@ def test_gguf_f16_agrees_on_every_answer_and_carries_the_training_template(expor
     assert int(types.parts[types.data[trained.convert_tokens_to_ids("<|im_start|>")]][0]) == gguf.TokenType.CONTROL
 
 
+@pytest.mark.slow  # the module's trained run and its three exports
 def test_ollama_export_is_a_quantized_gguf_and_a_modelfile(exports):
     out, _ = exports["ollama"]
     assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "export.json", "model-q8_0.gguf"]
@@ -118,6 +120,7 @@ def test_ollama_export_is_a_quantized_gguf_and_a_modelfile(exports):
     assert report["modelfile"]["template_renders_like_training"] == "4/4"
 
 
+@pytest.mark.slow  # the module's trained run and its three exports
 def test_hf_export_read_in_a_fresh_process_stops_at_the_end_of_turn(exports, run_dir):
     out, _ = exports["hf"]
     report = _report(out)
@@ -218,6 +221,7 @@ def _refused(*args: str, cwd: Path) -> str:
     return lines[0]
 
 
+@pytest.mark.slow  # the module's trained run
 def test_bad_input_is_one_line_exit_2_and_nothing_written(run_dir, tmp_path):
     before = sorted(p.name for p in run_dir.iterdir())
     assert "cannot write that type" in _refused(f"run_dir={run_dir}", "quant=q4_k", cwd=tmp_path)
