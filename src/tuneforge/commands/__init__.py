@@ -12,7 +12,7 @@ import importlib
 from tuneforge.commands.base import Command
 
 # To add a command: its module here (declaring COMMAND), its name below, and for a Hydra command conf/NAME.yaml.
-NAMES = ("train", "infer", "doctor", "merge", "eval", "preview", "report", "keys", "reproduce", "recipes", "import")
+NAMES = ("train", "infer", "doctor", "merge", "export", "eval", "preview", "report", "keys", "reproduce", "recipes", "import")
 # A command whose name cannot be its module's (`import` is a Python keyword): {command name: module name}.
 MODULES = {"import": "import_recipe"}
 

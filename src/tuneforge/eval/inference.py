@@ -47,18 +47,27 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, max_input_tok
     A raw string becomes a single user turn. Too-long prompts lose their oldest tokens: the end,
     which holds the generation prompt, is always kept.
     """
-    if isinstance(prompt, Rendered):
-        # Exactly as the data stage tokenized the training text: the format placed any special tokens.
-        ids = tokenizer(prompt.text, add_special_tokens=False)["input_ids"]
-    elif tokenizer.chat_template:
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = render_prompt(tokenizer, prompt)
+    if isinstance(prompt, Rendered) or tokenizer.chat_template:
+        # A rendered prompt is tokenized exactly as the data stage tokenized the training text (the format or the
+        # template placed any special tokens).
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     else:
-        if not isinstance(prompt, str):
-            raise ValueError("This tokenizer has no chat template: give prompts as plain text.")
-        ids = tokenizer(prompt)["input_ids"]
+        ids = tokenizer(text)["input_ids"]
     return ids[-max_input_tokens:]
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> str:
+    """The text of one prompt as the model reads it: the chat template + generation prompt when there is one (a raw
+    string is a single user turn), a `Rendered` prompt as is, else the plain text."""
+    if isinstance(prompt, Rendered):
+        return prompt.text
+    if tokenizer.chat_template:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if not isinstance(prompt, str):
+        raise ValueError("This tokenizer has no chat template: give prompts as plain text.")
+    return prompt
 
 
 def left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -85,9 +85,12 @@ def generation_pairs(eval_rows, limit: int) -> list[tuple[Any, str]]:
 
 
 def evaluate_generations(model, tokenizer, pairs: list[tuple[Any, str]], settings: GenerationSettings) -> GenerationEval:
-    prompts = [p for p, _ in pairs]
-    predictions = generate(model, tokenizer, prompts, settings)
-    eos = tokenizer.eos_token or ""
+    predictions = generate(model, tokenizer, [p for p, _ in pairs], settings)
+    return score_predictions(pairs, predictions, tokenizer.eos_token or "")
+
+
+def score_predictions(pairs: list[tuple[Any, str]], predictions: list[str], eos: str) -> GenerationEval:
+    """Every metric of METRICS for predictions already generated (by this process or another reader)."""
     rows = []
     for (prompt, ref), pred in zip(pairs, predictions):
         ref = ref[: -len(eos)] if eos and ref.endswith(eos) else ref

@@ -232,6 +232,12 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return ids
 
 
+def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The token that ends an assistant turn: the chat template's end-of-turn token, else EOS."""
+    ids = stop_token_ids(tokenizer)
+    return ids[-1] if ids else None
+
+
 def new_token_ids(tokenizer: PreTrainedTokenizerBase, report: TokenizerReport) -> list[int]:
     """Ids of the tokens the fixes added that carry meaning (a new PAD is never trained)."""
     return [tokenizer.convert_tokens_to_ids(t) for t in report.added_tokens if t != tokenizer.pad_token]

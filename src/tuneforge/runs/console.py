@@ -30,6 +30,9 @@ LIBRARY_LOGS = [
     ("matplotlib.font_manager", "generated new fontManager"),
     # transformers' dequantize() on every `tuneforge merge` (merge.base=dequantized), which says so itself.
     ("transformers.integrations.bitsandbytes", "The modules are dequantized in"),
+    # ggml's GGUFWriter on every `tuneforge export` to GGUF: its byte order, and a header before the file it writes.
+    ("gguf.gguf_writer", "gguf: This GGUF file is for"),
+    ("gguf.gguf_writer", "Writing the following files"),
 ]
 
 
