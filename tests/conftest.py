@@ -15,6 +15,12 @@ from tuneforge.runs.console import LIBRARY_WARNINGS, silence_library_noise
 
 REPO = Path(__file__).resolve().parent.parent
 
+# `make test` runs two pytest-xdist workers on the 2-core machines: one compute thread each (set before torch is
+# imported; the processes tests start inherit it). Two workers with two OpenMP threads each oversubscribe the
+# cores, and OpenMP's spin-waiting then costs more than the second thread gives. Set OMP_NUM_THREADS to override.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 def pytest_configure(config):
     """The same narrow library-noise filters as every command, so test reports show only what matters: the

@@ -246,3 +246,19 @@ def test_held_out_answers_reach_length_rewards_as_token_ids(smollm_dir):
     assert ids[0] == task.tokenizer("2001-02-03", add_special_tokens=False)["input_ids"] + [eos] and len(ids[0]) == 11
     assert len(ids[1]) == 12 and eos not in ids[1]
     assert R.overlong([""] * 2, ["", ""], completion_ids=ids, max_tokens=12, buffer=1) == [0.0, -1.0]
+
+
+def test_the_reward_doctor_warns_of_cut_completions_unless_a_length_reward_penalizes_them():
+    from tuneforge.tasks.doctor import OK, WARNING
+    from tuneforge.tasks.reward_doctor import RewardDoctorReport, checks
+
+    stats = {"mean": 0.1, "std": 0.1, "min": 0.0, "max": 0.5}
+
+    def cut(*names):
+        report = RewardDoctorReport(8, 4, {n: stats for n in (*names, "total")}, 0.1, {}, 0.81, [])
+        return next(c for c in checks(report, 0.5, 16) if c.name == "completions cut")
+
+    alone = cut("iso_date")
+    assert alone.status == WARNING and "reward brevity (rewards: overlong)" in alone.action
+    with_length = cut("iso_date", "overlong")
+    assert with_length.status == OK and "81% cut at 16 tokens; the overlong reward penalizes them" == with_length.action

@@ -97,10 +97,14 @@ def checks(report: RewardDoctorReport, max_no_signal: float, max_completion_leng
     out = [Check("reward signal", status, "a group whose completions all score the same has zero advantage: it "
                  "teaches nothing", action)]
     clipped = report.clipped_fraction
-    out.append(Check("completions cut", WARNING if clipped > 0.5 else OK, "a completion cut at "
+    # With the overlong reward in the list, long completions already score less: training learns to end them.
+    penalized = clipped > 0.5 and "overlong" in report.rewards
+    out.append(Check("completions cut", WARNING if clipped > 0.5 and not penalized else OK, "a completion cut at "
                      "train.max_completion_length never shows the model an ending to reward",
                      f"{clipped:.0%} cut at {max_completion_length} tokens" +
-                     ("; raise train.max_completion_length or reward brevity (rewards: overlong)" if clipped > 0.5 else "")))
+                     ("; the overlong reward penalizes them" if penalized else
+                      "; raise train.max_completion_length or reward brevity (rewards: overlong)" if clipped > 0.5
+                      else "")))
     return out
 
 
