@@ -30,8 +30,11 @@ setup-dev: $(BIN)/.tuneforge-dev-installed
 demo: setup
 	$(BIN)/tuneforge train recipe=demo
 
+# Two pytest-xdist workers, a test file each at a time (module fixtures stay shared): the 2-core machines run
+# the suite's single-threaded parts (imports, Hydra, data, small models) side by side; tests/conftest.py gives
+# each worker one compute thread.
 test: setup-dev
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) outputs/20* multirun

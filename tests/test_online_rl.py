@@ -130,7 +130,8 @@ def test_grpo_and_rloo_configs_are_their_trainer_configs_fields():
     from tuneforge.config.library_args import trainer_arguments
 
     args = trainer_arguments(cfg, __import__("pathlib").Path("/nonexistent"))
-    assert type(args).__name__ == "GRPOConfig" and args.reward_weights == [1.0] and not args.remove_unused_columns
+    # reward_weights: the grpo-demo recipe's rewards[].weight (iso_date 1.0, overlong 0.5)
+    assert type(args).__name__ == "GRPOConfig" and args.reward_weights == [1.0, 0.5] and not args.remove_unused_columns
     rloo = trainer_arguments(load_config([*GRPO, "task=rloo", "train.normalize_advantages=true"]),
                              __import__("pathlib").Path("/nonexistent"))
     assert type(rloo).__name__ == "RLOOConfig" and rloo.normalize_advantages

@@ -128,7 +128,9 @@ def _set_chat_template(tokenizer: PreTrainedTokenizerBase, how: str, report: Tok
     else:
         template = how
     tokenizer.chat_template = template
-    _TEMPLATE_SOURCES[template] = f"tokenizer.chat_template={how if len(how) < 80 else '(inline template)'}"
+    # A name or a file is named whatever its length; a template written inline is too long to quote.
+    named_how = how if template is not how or len(how) < 80 else "(inline template)"
+    _TEMPLATE_SOURCES[template] = f"tokenizer.chat_template={named_how}"
     report.fixes.append(f"chat_template set ({how if len(how) < 40 else 'inline template'})")
 
 
