@@ -134,9 +134,10 @@ def _stage(value: Any) -> dict[str, Any]:
 def _pref_loss(value: Any) -> dict[str, Any]:
     if value in ("sigmoid", "hinge", "ipo"):
         return {"train.loss_type": [value]}
-    if value == "orpo":
+    if value == "orpo":  # ORPO's task (LLaMA-Factory runs it as stage: dpo with this loss)
         return _task("orpo")
-    raise ValueError(f"pref_loss: {value} is not a loss tuneforge's task=dpo runs (sigmoid, hinge, ipo)")
+    raise ValueError(f"pref_loss: {value} is not a loss tuneforge's task=dpo runs (sigmoid, hinge, ipo; orpo: "
+                     "task=orpo)")
 
 
 def _deepspeed(value: Any) -> dict[str, Any]:
@@ -278,8 +279,9 @@ AXOLOTL: dict[str, Alias] = {
                                 _report("mlflow")),
     "mlflow_experiment_name": _skip(NO_EQUIVALENT, _TRACKER_ENV.format(env="MLFLOW_EXPERIMENT_NAME", tool="mlflow")),
     "hub_model_id": _key("train.hub_model_id"),
-    "rl": _key("task", "dpo | ipo (task=dpo, train.loss_type=[ipo]) | kto", _rl),
+    "rl": _key("task", "dpo | ipo (task=dpo, train.loss_type=[ipo]) | kto | orpo", _rl),
     "rl_beta": _key("train.beta"),
+    "orpo_alpha": _key("train.beta", "ORPO's lambda, the odds-ratio term's weight (task=orpo)"),
     "dpo_beta": _key("train.beta"),
     "reward_model": _key("task", "a reward model", lambda v: _task("reward_model") if v else {}),
     "neftune_noise_alpha": _key("train.neftune_noise_alpha"),
@@ -332,7 +334,7 @@ LLAMAFACTORY: dict[str, Alias] = {
     "enable_liger_kernel": _key("train.use_liger_kernel"),
     "use_unsloth": _skip(NO_EQUIVALENT, "tuneforge trains with transformers/TRL/PEFT kernels (Liger: train.use_liger_kernel)"),
     "pref_beta": _key("train.beta"),
-    "pref_loss": _key("train.loss_type", "sigmoid | hinge | ipo", _pref_loss),
+    "pref_loss": _key("train.loss_type", "sigmoid | hinge | ipo | orpo (task=orpo)", _pref_loss),
     "pissa_init": _key("peft.init_lora_weights", convert=lambda v: {"peft.init_lora_weights": "pissa"} if v else {}),
     "streaming": _skip(NO_EQUIVALENT, "tuneforge prepares and caches the data before training (data.max_samples caps it)"),
     "upcast_layernorm": _skip(ALWAYS, "prepare_model_for_kbit_training upcasts the non-quantized weights "

@@ -94,6 +94,9 @@ def _online_rl_settings(cfg) -> dict[str, Any]:
 
 
 # Online RL with verifiable rewards: the policy samples completions of prompt rows, `rewards` scores them.
+# TRL 1.16 keeps ORPO in trl.experimental (TRL marks it experimental: its API may change in any release).
+ORPO_CONFIG = "trl.experimental.orpo:ORPOConfig"
+
 _ONLINE_RL = dict(
     head=CAUSAL_LM, formats=("prompt",), collators=("completion_only",), doctor="prompts", needs_adapter=True,
     starts_from_run=True, rewards=True, sweep_metric="", trainer_settings=_online_rl_settings,
@@ -104,6 +107,14 @@ _PREFERENCE = dict(
     fixed_train={"truncation_mode": ("keep_start", "the preference data keeps the prompt and cuts the answers' ends "
                                                    "(keep_start, TRL's only mode)")},
     trainer_settings=_preference_settings,
+)
+# ORPO (TRL's experimental ORPOTrainer): the same rows, no reference model (an odds-ratio term beside the chosen
+# answer's NLL), so a full fine-tune works too; its config has no truncation_mode (the data stage keeps the start).
+_ORPO = dict(
+    _PREFERENCE, needs_adapter=False,
+    fixed_train={"generate_during_eval": (False, "ORPOTrainer samples from the prompt text, which tuneforge's "
+                                                 "prepared rows do not carry, and logs to W&B/Comet only; tuneforge "
+                                                 "scores held-out generations itself (eval.num_samples)")},
 )
 
 TASKS: dict[str, Task] = {t.name: t for t in (
@@ -117,16 +128,13 @@ TASKS: dict[str, Task] = {t.name: t for t in (
          trainer_settings=_classification_settings),
     Task("dpo", "tuneforge.tasks.preference:dpo", "trl:DPOConfig", formats=("preference",), **_PREFERENCE),
     Task("kto", "tuneforge.tasks.preference:kto", "trl:KTOConfig", formats=("unpaired",), **_PREFERENCE),
+    Task("orpo", "tuneforge.tasks.preference:orpo", ORPO_CONFIG, formats=("preference",), **_ORPO),
     Task("grpo", "tuneforge.tasks.online_rl:grpo", "trl:GRPOConfig", **_ONLINE_RL),
     Task("rloo", "tuneforge.tasks.online_rl:rloo", "trl:RLOOConfig", **_ONLINE_RL),
 )}
 
-# Tasks people ask for that tuneforge does not run, and why (with what to use instead).
-REFUSED = {
-    "orpo": "the installed TRL keeps ORPOTrainer under trl.experimental (an unstable API, with its own tokenization), "
-            "so tuneforge does not run it. Use task=dpo (its train.loss_type covers many reference-based losses) or "
-            "task=kto.",
-}
+# Tasks people ask for that tuneforge does not run, and why (with what to use instead): none at present.
+REFUSED: dict[str, str] = {}
 
 
 def task(name: str) -> Task:
@@ -135,6 +143,7 @@ def task(name: str) -> Task:
 
 
 def format_owner(strategy: str) -> str | None:
-    """The one task whose rows come in `strategy` when only one does (format=preference -> dpo), else None."""
+    """The tasks whose rows come in `strategy`, as `task=` would list them (format=preference -> dpo|orpo), or
+    None when no task reads them."""
     owners = [t.name for t in TASKS.values() if strategy in t.formats]
-    return owners[0] if len(owners) == 1 else None
+    return "|".join(owners) or None

@@ -297,6 +297,10 @@ def validate_task(cfg: TuneforgeConfig) -> None:
     """What the task table says of `task`: the rows, adapter and trainer settings it takes."""
     name, strategy = cfg.task, cfg.format.strategy
     spec = task(name)
+    try:  # the trainer config's module: an experimental one (ORPO) may be missing from another TRL release
+        library_keys.library_fields(spec.trainer_config)
+    except library_keys.MissingLibraryClass as exc:
+        raise ConfigError(f"task={name} trains with {spec.trainer_config.replace(':', '.')}, but {exc}.") from None
     # A task with no formats reads its own columns (format.* strategies unused).
     if spec.formats and strategy not in spec.formats:
         owner = format_owner(strategy)
