@@ -1,5 +1,7 @@
-"""ORPO (task=orpo) end to end on the tiny model: its plumbing (TRL's experimental trainer on the prepared pairs) and
-its refusals (one line, before weights load).
+"""Reward models (task=reward) and ORPO (task=orpo) end to end on the tiny model: the reward-demo recipe's plumbing
+(QLoRA, a one-output score head trained and saved with the adapter, pairwise accuracy rising), the saved reward model
+reloaded in a fresh process scoring what the training process scored, ORPO's plumbing (TRL's experimental trainer on
+the prepared pairs), and the refusals (one line, before weights load).
 
 Every run trains the tiny random model built from the embedded model's config with its real tokenizer
 (tests/conftest.py); the demos' learning on the embedded model is measured by the demos themselves (README)."""
@@ -11,10 +13,22 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import cli_in_process
+from tests.conftest import cli_in_process, run_cli
 from tuneforge.config.errors import ConfigError
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def reward_run(tmp_path_factory, tiny_model):
+    """The reward-demo recipe as the README runs it (4-bit base, LoRA, the new score head), ten steps on the tiny
+    model at a learning rate that moves it."""
+    run_dir = tmp_path_factory.mktemp("reward") / "run"
+    result = cli_in_process("train", "recipe=reward-demo", f"model.name_or_path={tiny_model}", "train.max_steps=10",
+                            "train.learning_rate=1e-2", "train.logging_steps=5", "train.save_steps=5",
+                            "data.builtin_rows=120", "eval.num_samples=12", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, result
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +39,59 @@ def orpo_run(tmp_path_factory, tiny_model):
                             "eval.num_samples=4", "eval.max_new_tokens=4", f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir, result
+
+
+def test_reward_head_trains_saves_and_pairwise_accuracy_rises(reward_run):
+    run_dir, result = reward_run
+    for name in ("config.yaml", "manifest.json", "metrics.json", "predictions.jsonl", "predictions_before.jsonl",
+                 "README.md", "loss.png", "doctor.json", "adapter/adapter_model.safetensors"):
+        assert (run_dir / name).is_file(), name
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["train_steps"] == 10 and metrics["tokens_seen"] > 0 and metrics["eval_pairs"] == 12
+    before, after = metrics["reward_before"], metrics["reward_after"]
+    assert after["pairwise_accuracy"] > before["pairwise_accuracy"] and after["mean_margin"] > before["mean_margin"]
+    assert after["pairwise_loss"] < before["pairwise_loss"]  # the Bradley-Terry loss RewardTrainer minimised
+    logged = [h for h in metrics["log_history"] if "loss" in h]
+    assert [h["step"] for h in logged] == [5, 10] and all({"accuracy", "margin"} <= set(h) for h in logged)
+    # The head is trained in full and saved beside the LoRA matrices (PEFT's SEQ_CLS modules_to_save).
+    config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and "score" in config["modules_to_save"]
+    saved = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    head = [k for k in saved if "score" in k]
+    assert head and saved[head[0]].shape[0] == 1 and any("lora_B" in k for k in saved)
+    assert "Held-out pairs (12" in result.stdout and "score.weight" not in result.stdout + result.stderr
+    card = (run_dir / "README.md").read_text()
+    assert "| pairwise_accuracy |" in card and "answer=" in card and "num_labels=1" in card
+    assert "Held-out generation" not in card and "tuneforge merge" not in card
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and "recipe=reward-demo" in manifest["command"]
+
+
+def test_a_reward_run_reloaded_in_a_fresh_process_scores_the_same(reward_run, tmp_path):
+    """`tuneforge infer` in a new process (base reloaded in 4-bit, the adapter with its head, the saved tokenizer and
+    template) scores every held-out answer as the training process did at the end of training."""
+    run_dir, _ = reward_run
+    pairs = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    rows = []
+    for p in pairs:  # both input forms: messages ending in the answer, and prompt + answer
+        rows.append({"messages": p["prompt"] + [{"role": "assistant", "content": p["chosen"]}]})
+        rows.append({"prompt": p["prompt"], "answer": p["rejected"]})
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "scores.jsonl"
+    result = run_cli("infer", f"run_dir={run_dir}", f"prompts_file={answers}", f"output_file={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = [json.loads(line)["score"] for line in out.read_text().splitlines()]
+    expected = [s for p in pairs for s in (p["chosen_score"], p["rejected_score"])]
+    assert len(scores) == len(expected) == 24
+    assert max(abs(a - b) for a, b in zip(scores, expected)) <= 1e-4, (scores, expected)
+    printed = [float(s) for s in result.stdout.splitlines() if s.strip().lstrip("-").replace(".", "").isdigit()]
+    assert printed == pytest.approx(scores, abs=1e-4)  # printed one per line
+    # One answer on the command line, typed as a person would.
+    one = cli_in_process("infer", f"run_dir={run_dir}", f"prompt={pairs[0]['prompt'][-1]['content']}",
+                         f"answer={pairs[0]['chosen']}")
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert float(one.stdout.split()[-1]) == pytest.approx(pairs[0]["chosen_score"], abs=1e-3)
 
 
 def test_orpo_plumbing(orpo_run):
@@ -46,10 +113,19 @@ def test_orpo_plumbing(orpo_run):
     assert "Held-out preference pairs (4" in result.stdout
 
 
-def test_orpo_refuses_what_its_trainer_cannot_run(tmp_path):
-    result = cli_in_process("train", "recipe=orpo-demo", "train.generate_during_eval=true", cwd=tmp_path)
-    out = result.stdout + result.stderr
-    assert result.returncode == 2 and "ORPOTrainer samples from the prompt" in out, out[-2000:]
+def test_refusals_in_one_line_before_weights_load(reward_run, orpo_run, tmp_path):
+    reward_dir, orpo_dir = reward_run[0], orpo_run[0]
+    for args, message in [
+        (["infer", f"run_dir={reward_dir}", "chat=true"], "is a reward model: it scores answers"),
+        (["infer", f"run_dir={reward_dir}", "prompt=hi"], 'prompt="..." answer="..."'),
+        (["infer", f"run_dir={orpo_dir}", "prompt=hi", "answer=hello"], "answer= is scored by a reward model"),
+        (["eval", f"run_dir={reward_dir}"], "a reward model scores answers, it does not generate"),
+        (["train", "recipe=reward-demo", "collator=completion_only"], "with task=reward use collator=padding"),
+        (["train", "recipe=orpo-demo", "train.generate_during_eval=true"], "ORPOTrainer samples from the prompt"),
+    ]:
+        result = cli_in_process(*args, cwd=tmp_path)
+        assert result.returncode == 2, (args, result.stdout[-2000:], result.stderr[-2000:])
+        assert message in result.stdout + result.stderr, (args, result.stderr[-2000:])
 
 
 def test_orpo_needs_trl_experimental_orpo(monkeypatch):

@@ -57,7 +57,7 @@ class TokenizerConfig:
 @dataclass
 class FormatConfig:
     # instruction | conversational | alpaca | text | template
-    # | preference (task=dpo|orpo: prompt/chosen/rejected)
+    # | preference (task=dpo|orpo|reward: prompt/chosen/rejected)
     # | unpaired (task=kto: prompt/completion/label) | prompt (task=grpo|rloo: a prompt column, or messages without a
     # final assistant turn; every other column reaches the reward functions)
     strategy: str = "instruction"
@@ -299,7 +299,7 @@ def _tuneforge_config() -> type:
         preview: PreviewConfig = field(default_factory=PreviewConfig)
         doctor: DoctorConfig = field(default_factory=DoctorConfig)
         launcher: LauncherConfig = field(default_factory=LauncherConfig)
-        # A name in the task table (config/tasks.py): sft | classification | dpo | kto | orpo | grpo | rloo.
+        # A name in the task table (config/tasks.py): sft | classification | dpo | kto | orpo | reward | grpo | rloo.
         task: str = "sft"
         # Your own transformers TrainerCallback classes, as module:Class (config/user_code.py).
         callbacks: list[str] = field(default_factory=list)

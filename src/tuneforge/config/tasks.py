@@ -9,7 +9,7 @@ format. Nothing here imports a library: the config layer reads it before anythin
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 CAUSAL_LM, SEQUENCE_CLASSIFICATION = "causal_lm", "sequence_classification"
 
@@ -52,11 +52,20 @@ class Task:
     # It learns online from the `rewards` list (reward functions score sampled completions): the list must be set,
     # and the reward doctor samples from the starting policy before training (tasks/reward_doctor.py).
     rewards: bool = False
+    # A sequence-classification head with this many outputs whatever the data says (a reward model's one score);
+    # None: the task decides (classification: one per label).
+    num_labels: Optional[int] = None
 
     @property
     def generates(self) -> bool:
         """Its model answers prompts (`infer`, held-out generations)."""
         return self.head == CAUSAL_LM
+
+    @property
+    def scores(self) -> bool:
+        """Its model scores a prompt + answer with one number (a reward model: `infer` prints the score, and it can
+        be an online-RL reward)."""
+        return self.head == SEQUENCE_CLASSIFICATION and self.num_labels == 1
 
 
 def _sft_settings(cfg) -> dict[str, Any]:
@@ -72,6 +81,15 @@ def _preference_settings(cfg) -> dict[str, Any]:
     return {
         "include_num_input_tokens_seen": "non_padding",
         # The data stage built exactly the id columns the trainer reads (data/preference.py).
+        "remove_unused_columns": False,
+        "pad_to_multiple_of": cfg.collator.pad_to_multiple_of,
+    }
+
+
+def _reward_settings(cfg) -> dict[str, Any]:
+    return {
+        "include_num_input_tokens_seen": "non_padding",
+        # The data stage built exactly the id columns the trainer reads (tasks/reward.reward_rows).
         "remove_unused_columns": False,
         "pad_to_multiple_of": cfg.collator.pad_to_multiple_of,
     }
@@ -129,6 +147,10 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Task("dpo", "tuneforge.tasks.preference:dpo", "trl:DPOConfig", formats=("preference",), **_PREFERENCE),
     Task("kto", "tuneforge.tasks.preference:kto", "trl:KTOConfig", formats=("unpaired",), **_PREFERENCE),
     Task("orpo", "tuneforge.tasks.preference:orpo", ORPO_CONFIG, formats=("preference",), **_ORPO),
+    # A reward model: a one-output score head on the causal LM, trained on the preference rows (Bradley-Terry).
+    Task("reward", "tuneforge.tasks.reward:Reward", "trl:RewardConfig", head=SEQUENCE_CLASSIFICATION, num_labels=1,
+         formats=("preference",), collators=("padding",), doctor="preference", sweep_metric="pairwise_accuracy",
+         trainer_settings=_reward_settings),
     Task("grpo", "tuneforge.tasks.online_rl:grpo", "trl:GRPOConfig", **_ONLINE_RL),
     Task("rloo", "tuneforge.tasks.online_rl:rloo", "trl:RLOOConfig", **_ONLINE_RL),
 )}
@@ -143,7 +165,7 @@ def task(name: str) -> Task:
 
 
 def format_owner(strategy: str) -> str | None:
-    """The tasks whose rows come in `strategy`, as `task=` would list them (format=preference -> dpo|orpo), or
+    """The tasks whose rows come in `strategy`, as `task=` would list them (format=preference -> dpo|orpo|reward), or
     None when no task reads them."""
     owners = [t.name for t in TASKS.values() if strategy in t.formats]
     return "|".join(owners) or None

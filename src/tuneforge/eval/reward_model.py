@@ -1,0 +1,118 @@
+"""A reward model's scores: one number per prompt + answer, from a sequence-classification head with one output
+(a `task=reward` run, or any such model).
+
+THE scoring path, shared by the reward task's before/after table (pairwise accuracy and mean margin on held-out
+pairs) and `tuneforge infer` on a reward run: sequences are rendered as the reward task's data stage renders a training pair's side
+(data/preference.scored_sequences), right-padded as TRL's collator batched them in training (the head reads the
+last token before the padding), scored in eval mode without gradients, a batch at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from tuneforge.config.schemas import FormatConfig
+from tuneforge.eval.inference import eval_mode
+
+log = logging.getLogger(__name__)
+
+
+@torch.inference_mode()
+def sequence_scores(model, sequences: Sequence[Sequence[int]], pad_id: int, batch_size: int) -> list[float]:
+    """The head's output for each token sequence, `batch_size` sequences at a time, right-padded with `pad_id`."""
+    device = next(model.parameters()).device
+    out: list[float] = []
+    with eval_mode(model):
+        for start in range(0, len(sequences), batch_size):
+            batch = [list(s) for s in sequences[start:start + batch_size]]
+            width = max(len(s) for s in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, seq in enumerate(batch):
+                ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+                mask[row, :len(seq)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+            out.extend(float(v) for v in logits[:, 0].float().cpu())
+    return out
+
+
+@dataclass
+class PairScores:
+    """Held-out pairs scored: the summary (pairwise accuracy, mean margin, mean scores) and each pair's two scores."""
+
+    scores: dict[str, float]
+    chosen: list[float]
+    rejected: list[float]
+
+
+def pairwise_scores(model, rows, pad_id: int, batch_size: int) -> PairScores:
+    """Held-out pairwise accuracy (the share of (prompt, chosen, rejected) rows whose chosen answer scores higher; a
+    NaN counts as wrong), the mean margin (chosen - rejected) and the Bradley-Terry loss RewardTrainer minimises
+    (mean -log sigmoid(margin)), on the data stage's prepared ids."""
+    chosen = sequence_scores(model, [p + c for p, c in zip(rows["prompt_ids"], rows["chosen_ids"])], pad_id, batch_size)
+    rejected = sequence_scores(model, [p + r for p, r in zip(rows["prompt_ids"], rows["rejected_ids"])], pad_id,
+                               batch_size)
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    n = max(len(margins), 1)
+    summary = {"pairwise_accuracy": sum(1.0 for m in margins if m > 0) / n,
+               "mean_margin": sum(margins) / n if margins else float("nan"),
+               "pairwise_loss": (sum(-torch.nn.functional.logsigmoid(torch.tensor(margins, dtype=torch.float64)))
+                                 .item() / n if margins else float("nan")),
+               "mean_chosen": sum(chosen) / n if chosen else float("nan"),
+               "mean_rejected": sum(rejected) / n if rejected else float("nan")}
+    return PairScores(summary, chosen, rejected)
+
+
+@dataclass
+class RewardModel:
+    """A loaded reward model with its own tokenizer, chat template and format rules (system prompt, EOS)."""
+
+    model: Any
+    tokenizer: Any
+    format: FormatConfig = field(default_factory=FormatConfig)
+    max_length: int = 1024
+    batch_size: int = 8
+
+    def score(self, prompts: Sequence[Any], answers: Sequence[str]) -> list[float]:
+        """One score per (prompt, answer): a prompt is text (one user turn) or {role, content} messages."""
+        from tuneforge.data.preference import scored_sequences
+
+        sequences = scored_sequences(list(zip(prompts, answers)), self.format, self.tokenizer, self.max_length)
+        return sequence_scores(self.model, sequences, self.tokenizer.pad_token_id, self.batch_size)
+
+
+# --- loading: a reward run, or a sequence-classification model (a local directory or a hub id) --------------
+
+def load_reward_model(path: str, quant=None, batch_size: int = 8, max_length: Optional[int] = None) -> RewardModel:
+    """A reward run (its base as trained, or under `quant`; its adapter, tokenizer, chat template, system prompt and
+    max_length) or a sequence-classification model directory / hub id (its own tokenizer and template; unquantized
+    unless `quant` says), in eval mode."""
+    from tuneforge.runs import rundir
+
+    if (Path(path).expanduser() / rundir.CONFIG_FILE).is_file():
+        from tuneforge.models.trained import load_trained
+
+        model, tokenizer, cfg = load_trained(Path(path).expanduser(), quant=quant)
+        fmt, length = cfg.format, cfg.train.max_length
+    else:
+        from transformers import AutoTokenizer
+
+        from tuneforge.config.schemas import ModelConfig, QuantConfig
+        from tuneforge.config.tasks import SEQUENCE_CLASSIFICATION
+        from tuneforge.models.loading import load_model
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if tokenizer.pad_token is None:  # right padding needs one; the head reads the last token before it
+            tokenizer.pad_token = tokenizer.eos_token
+        model = load_model(path, ModelConfig(name_or_path=path), quant or QuantConfig(load_in_4bit=False),
+                           head=SEQUENCE_CLASSIFICATION)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        fmt, length = FormatConfig(), min(tokenizer.model_max_length or 4096, 4096)
+    model.eval()
+    return RewardModel(model, tokenizer, fmt, max_length or length, batch_size)
