@@ -1,7 +1,7 @@
 """Reward models (task=reward) and ORPO (task=orpo) end to end on the tiny model: the reward-demo recipe's plumbing
 (QLoRA, a one-output score head trained and saved with the adapter, pairwise accuracy rising), the saved reward model
 reloaded in a fresh process scoring what the training process scored, ORPO's plumbing (TRL's experimental trainer on
-the prepared pairs), and the refusals (one line, before weights load).
+the prepared pairs), a reward run as the reward of a GRPO run, and the refusals (one line, before weights load).
 
 Every run trains the tiny random model built from the embedded model's config with its real tokenizer
 (tests/conftest.py); the demos' learning on the embedded model is measured by the demos themselves (README)."""
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from tests.conftest import cli_in_process, run_cli
@@ -113,13 +114,60 @@ def test_orpo_plumbing(orpo_run):
     assert "Held-out preference pairs (4" in result.stdout
 
 
-def test_refusals_in_one_line_before_weights_load(reward_run, orpo_run, tmp_path):
+def test_a_reward_run_as_the_reward_of_grpo(reward_run, tiny_model, tmp_path):
+    """rewards=[{model: RUN}]: the reward run scores each sampled completion (4-bit, as the policy), through TRL's
+    training steps, the reward doctor and the held-out table."""
+    reward_dir, _ = reward_run
+    run_dir = tmp_path / "grpo"
+    result = cli_in_process("train", "recipe=grpo-demo", "quant=nf4", f"model.name_or_path={tiny_model}",
+                            "train.max_steps=2", "train.num_generations=2", "train.per_device_train_batch_size=4",
+                            "train.max_completion_length=6", "data.builtin_rows=40", "doctor.reward_prompts=2",
+                            "eval.num_samples=2", "eval.max_new_tokens=6",
+                            f"rewards=[{{model:'{reward_dir}',name:judge}}]", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    logged = [h for h in metrics["log_history"] if "reward" in h]
+    assert [h["step"] for h in logged] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(h["rewards/judge/mean"])) for h in logged)
+    assert "judge" in metrics["reward_doctor"]["rewards"]
+    assert "rewards/judge" in metrics["eval_after"]
+    assert f"Reward model {reward_dir} loaded (4-bit)" in result.stdout + result.stderr
+
+
+def test_the_reward_function_renders_the_prompt_with_its_own_template(reward_run):
+    """TRL hands the policy's rendered prompt text; the reward model scores the conversation it came from with its
+    own template, as `infer` does."""
+    from tuneforge.config.schemas import QuantConfig
+    from tuneforge.eval.reward_model import ModelReward
+
+    run_dir, _ = reward_run
+    pair = json.loads((run_dir / "predictions.jsonl").read_text().splitlines()[0])
+    conversation = [m for m in pair["prompt"] if m["role"] != "system"]  # the row's own turns
+    reward = ModelReward(str(run_dir), "rewards[0]", {})
+    reward.bind(QuantConfig(), {"<the policy's rendering>": conversation})
+    assert reward(["<the policy's rendering>"], [pair["chosen"]]) == pytest.approx([pair["chosen_score"]], abs=1e-4)
+
+
+def test_refusals_in_one_line_before_weights_load(reward_run, orpo_run, tiny_model, tmp_path):
+    from tuneforge.config.schemas import RewardConfig
+    from tuneforge.eval.rewards import load_rewards
+
     reward_dir, orpo_dir = reward_run[0], orpo_run[0]
+    for entry, message in [
+        (RewardConfig(model=str(tmp_path / "gone")), r"rewards\[0\]\.model=.*gone: no such directory"),
+        (RewardConfig(model=str(orpo_dir)), "is a task=orpo run, not a reward model"),
+        (RewardConfig(model=tiny_model), "is not a reward model: its config says LlamaForCausalLM"),
+        (RewardConfig(model=str(tmp_path)), "neither a tuneforge run"),
+        (RewardConfig(model=str(reward_dir), kwargs={"colum": "answer"}), r"kwargs\.colum: a reward model takes"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_rewards([entry], ["answer"])
     for args, message in [
         (["infer", f"run_dir={reward_dir}", "chat=true"], "is a reward model: it scores answers"),
         (["infer", f"run_dir={reward_dir}", "prompt=hi"], 'prompt="..." answer="..."'),
         (["infer", f"run_dir={orpo_dir}", "prompt=hi", "answer=hello"], "answer= is scored by a reward model"),
         (["eval", f"run_dir={reward_dir}"], "a reward model scores answers, it does not generate"),
+        (["train", "recipe=grpo-demo", "rewards=[{model:run,name:'a b'}]"], "rewards[0].name='a b'"),
         (["train", "recipe=reward-demo", "collator=completion_only"], "with task=reward use collator=padding"),
         (["train", "recipe=orpo-demo", "train.generate_during_eval=true"], "ORPOTrainer samples from the prompt"),
     ]:

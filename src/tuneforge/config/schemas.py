@@ -214,8 +214,13 @@ class RewardConfig:
 
     # A built-in reward (eval/rewards.py: exact_match, regex, overlong, iso_date, number) or your own function as
     # module:function, called as f(prompts, completions, **columns, **kwargs) and returning one float per completion
-    # (None: no opinion on that one). Files next to your recipe import from the working directory.
-    name: str = MISSING
+    # (None: no opinion on that one). Files next to your recipe import from the working directory. With `model`: the
+    # name its values are logged under (default reward_model).
+    name: Optional[str] = None
+    # A reward model instead of a function: a task=reward run directory, or a sequence-classification model with one
+    # output (a local directory or a hub id); it scores each prompt + completion with its own tokenizer and chat
+    # template (kwargs: batch_size, max_length).
+    model: Optional[str] = None
     # Its weight in the sum of rewards (GRPOConfig/RLOOConfig reward_weights).
     weight: float = 1.0
     # Keyword arguments of the function, e.g. {column: answer} or {pattern: '^\\d{4}-\\d{2}-\\d{2}$'}.

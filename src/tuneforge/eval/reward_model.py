@@ -2,7 +2,8 @@
 (a `task=reward` run, or any such model).
 
 THE scoring path, shared by the reward task's before/after table (pairwise accuracy and mean margin on held-out
-pairs) and `tuneforge infer` on a reward run: sequences are rendered as the reward task's data stage renders a training pair's side
+pairs), `tuneforge infer` on a reward run, and a reward model as an online-RL reward (`rewards=[{model: RUN_DIR}]`,
+task=grpo|rloo): sequences are rendered as the reward task's data stage renders a training pair's side
 (data/preference.scored_sequences), right-padded as TRL's collator batched them in training (the head reads the
 last token before the padding), scored in eval mode without gradients, a batch at a time.
 """
@@ -10,12 +11,14 @@ last token before the padding), scored in eval mode without gradients, a batch a
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 
+from tuneforge.config.errors import ConfigError
 from tuneforge.config.schemas import FormatConfig
 from tuneforge.eval.inference import eval_mode
 
@@ -88,6 +91,55 @@ class RewardModel:
 
 # --- loading: a reward run, or a sequence-classification model (a local directory or a hub id) --------------
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def check_reward_model(path: str, key: str) -> str:
+    """What `path` is, checked before any weights load: "run" (a finished task=reward run) or "model" (a
+    sequence-classification model with one output: a local directory or a hub id); anything else is a ConfigError
+    naming `key` (exit 2)."""
+    from tuneforge.runs import rundir
+
+    where = f"{key}={path}"
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if (local / rundir.CONFIG_FILE).is_file():
+            saved = rundir.read_config(local)
+            if saved.get("task") != "reward":
+                raise ConfigError(f"{where} is a task={saved.get('task')} run, not a reward model: give a task=reward "
+                                  "run directory (or a sequence-classification model with one output).")
+            if not (local / rundir.ADAPTER_DIR).is_dir():
+                raise ConfigError(f"{where}: the reward run has no {rundir.ADAPTER_DIR}/ (did its training finish?).")
+            return "run"
+        if not (local / "config.json").is_file():
+            raise ConfigError(f"{where}: neither a tuneforge run ({rundir.CONFIG_FILE}) nor a model directory "
+                              "(config.json).")
+    elif not _HUB_ID.match(path):
+        raise ConfigError(f"{where}: no such directory (relative paths start at {Path.cwd()}).")
+    _check_head(path, where)
+    return "model"
+
+
+def _check_head(path: str, where: str) -> None:
+    """A model directory or hub id: its config (no weights) must be a sequence classifier with one output."""
+    from tuneforge.config.schemas import ModelConfig
+    from tuneforge.models.loading import load_config
+
+    try:
+        config = load_config(path, ModelConfig(name_or_path=path))
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - the hub's and transformers' own errors, as one line
+        raise ConfigError(f"{where}: no such directory, and not a model the Hugging Face Hub gives "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    architectures = getattr(config, "architectures", None) or []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures) or config.num_labels != 1:
+        named = ", ".join(architectures) or "no architecture"
+        raise ConfigError(f"{where} is not a reward model: its config says {named} with {config.num_labels} "
+                          "output(s); a reward model is a *ForSequenceClassification with num_labels=1 (a task=reward "
+                          "run is one).")
+
+
 def load_reward_model(path: str, quant=None, batch_size: int = 8, max_length: Optional[int] = None) -> RewardModel:
     """A reward run (its base as trained, or under `quant`; its adapter, tokenizer, chat template, system prompt and
     max_length) or a sequence-classification model directory / hub id (its own tokenizer and template; unquantized
@@ -116,3 +168,53 @@ def load_reward_model(path: str, quant=None, batch_size: int = 8, max_length: Op
         fmt, length = FormatConfig(), min(tokenizer.model_max_length or 4096, 4096)
     model.eval()
     return RewardModel(model, tokenizer, fmt, max_length or length, batch_size)
+
+
+# --- a reward model as an online-RL reward -------------------------------------------------------------------
+
+class ModelReward:
+    """`rewards=[{model: PATH}]` (task=grpo|rloo): the reward model's score of each prompt + completion. Checked when
+    the rewards load (before any weights: check_reward_model); loaded once, at its first call, with its own tokenizer
+    and chat template, in 4-bit where the policy is (`bind`). Called as TRL calls reward functions."""
+
+    # Keyword arguments an entry may set: {name: (type, default)}.
+    OPTIONS = {"batch_size": (int, 8), "max_length": (int, None)}
+
+    def __init__(self, path: str, key: str, kwargs: dict):
+        unknown = [k for k in kwargs if k not in self.OPTIONS]
+        if unknown:
+            raise ConfigError(f"{key}.kwargs.{unknown[0]}: a reward model takes {', '.join(self.OPTIONS)} only.")
+        for name, value in kwargs.items():
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ConfigError(f"{key}.kwargs.{name}={value!r} must be a positive integer.")
+        self.path, self.key = path, key
+        self.kind = check_reward_model(path, f"{key}.model")
+        self.options = {k: kwargs.get(k, default) for k, (_, default) in self.OPTIONS.items()}
+        self.quant = None
+        self.conversations: dict[str, Any] = {}
+        self.loaded: Optional[RewardModel] = None
+
+    def bind(self, quant=None, conversations: Optional[dict[str, Any]] = None) -> None:
+        """The policy's quantization (the reward model loads in 4-bit where the policy does), and the conversation
+        each rendered prompt came from (the reward model renders it with its own chat template)."""
+        self.quant, self.conversations = quant, dict(conversations or {})
+
+    def load(self) -> RewardModel:
+        if self.loaded is None:
+            quantized = self.quant is not None and (self.quant.load_in_4bit or self.quant.load_in_8bit)
+            quant = self.quant if quantized else None
+            if quant is None and self.kind == "run":  # an unquantized policy: the reward model unquantized too
+                from tuneforge.config.schemas import QuantConfig
+
+                quant = QuantConfig(load_in_4bit=False)
+            self.loaded = load_reward_model(self.path, quant, self.options["batch_size"], self.options["max_length"])
+            log.info("Reward model %s loaded (%s)", self.path, "4-bit" if quant is not None and quant.load_in_4bit
+                     else "unquantized")
+        return self.loaded
+
+    def __call__(self, prompts, completions, **columns) -> list[float]:
+        rm = self.load()
+        # TRL passes text prompts as the policy's template rendered them: the reward model renders the conversation.
+        convs = [self.conversations.get(p, p) if isinstance(p, str) else p for p in prompts]
+        texts = [c if isinstance(c, str) else str(c[-1].get("content", "")) if c else "" for c in completions]
+        return rm.score(convs, texts)  # a NaN stops the run naming this reward (eval/rewards.check_output)

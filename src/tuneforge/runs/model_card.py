@@ -75,7 +75,8 @@ def render(cfg: Any, metrics: dict, command: str, run_dir: Path, embedding_rows:
     if head == CAUSAL_LM:
         lines += ["", "```bash", f"tuneforge infer run_dir={run_dir} prompt=\"...\"", "```"]
     elif task(cfg.task).scores:  # a reward model: the score of a prompt + answer
-        lines += ["", "```bash", f"tuneforge infer run_dir={run_dir} prompt=\"...\" answer=\"...\"", "```"]
+        lines += ["", "```bash", f"tuneforge infer run_dir={run_dir} prompt=\"...\" answer=\"...\"", "```", "",
+                  f"As a reward of an online-RL run: `rewards=[{{model: {run_dir}}}]` (task=grpo|rloo)."]
     if lora:
         auto = "AutoModelForSequenceClassification" if head == SEQUENCE_CLASSIFICATION else "AutoModelForCausalLM"
         lines += ["", "or with PEFT (the adapter directory also holds the fixed tokenizer and chat template):", "",
