@@ -60,14 +60,13 @@ def pairwise_scores(model, rows, pad_id: int, batch_size: int) -> PairScores:
     chosen = sequence_scores(model, [p + c for p, c in zip(rows["prompt_ids"], rows["chosen_ids"])], pad_id, batch_size)
     rejected = sequence_scores(model, [p + r for p, r in zip(rows["prompt_ids"], rows["rejected_ids"])], pad_id,
                                batch_size)
-    margins = [c - r for c, r in zip(chosen, rejected)]
-    n = max(len(margins), 1)
-    summary = {"pairwise_accuracy": sum(1.0 for m in margins if m > 0) / n,
-               "mean_margin": sum(margins) / n if margins else float("nan"),
-               "pairwise_loss": (sum(-torch.nn.functional.logsigmoid(torch.tensor(margins, dtype=torch.float64)))
-                                 .item() / n if margins else float("nan")),
-               "mean_chosen": sum(chosen) / n if chosen else float("nan"),
-               "mean_rejected": sum(rejected) / n if rejected else float("nan")}
+    margins = torch.tensor([c - r for c, r in zip(chosen, rejected)], dtype=torch.float64)
+    nan = float("nan")
+    summary = {"pairwise_accuracy": (margins > 0).double().mean().item() if len(margins) else nan,
+               "mean_margin": margins.mean().item() if len(margins) else nan,
+               "pairwise_loss": -torch.nn.functional.logsigmoid(margins).mean().item() if len(margins) else nan,
+               "mean_chosen": sum(chosen) / len(chosen) if chosen else nan,
+               "mean_rejected": sum(rejected) / len(rejected) if rejected else nan}
     return PairScores(summary, chosen, rejected)
 
 
@@ -177,8 +176,8 @@ class ModelReward:
     the rewards load (before any weights: check_reward_model); loaded once, at its first call, with its own tokenizer
     and chat template, in 4-bit where the policy is (`bind`). Called as TRL calls reward functions."""
 
-    # Keyword arguments an entry may set: {name: (type, default)}.
-    OPTIONS = {"batch_size": (int, 8), "max_length": (int, None)}
+    # The keyword arguments an entry may set, with their defaults (max_length None: the reward run's train.max_length).
+    OPTIONS = {"batch_size": 8, "max_length": None}
 
     def __init__(self, path: str, key: str, kwargs: dict):
         unknown = [k for k in kwargs if k not in self.OPTIONS]
@@ -189,7 +188,7 @@ class ModelReward:
                 raise ConfigError(f"{key}.kwargs.{name}={value!r} must be a positive integer.")
         self.path, self.key = path, key
         self.kind = check_reward_model(path, f"{key}.model")
-        self.options = {k: kwargs.get(k, default) for k, (_, default) in self.OPTIONS.items()}
+        self.options = {k: kwargs.get(k, default) for k, default in self.OPTIONS.items()}
         self.quant = None
         self.conversations: dict[str, Any] = {}
         self.loaded: Optional[RewardModel] = None

@@ -32,10 +32,6 @@ from tuneforge.tasks.stages import load_base, prepare_tokenizer, training_metric
 
 log = logging.getLogger(__name__)
 
-# What RewardTrainer reads: each side's whole sequence (prompt + answer).
-REWARD_COLUMNS = ["chosen_ids", "rejected_ids"]
-
-
 def reward_rows(dataset):
     """Prepared (prompt_ids, chosen_ids, rejected_ids) rows as RewardTrainer's processed rows: chosen_ids and
     rejected_ids the whole sequences."""
