@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 from transformers import PreTrainedTokenizerBase
 
 from tuneforge.config.schemas import CollatorConfig, FormatConfig
-from tuneforge.data.pipeline import tokenizer_kwargs, process_batch
+from tuneforge.data.pipeline import process_batch, tokenizer_kwargs
 from tuneforge.data.sources import ROW
 from tuneforge.data.text_masks import build_labels, encode
 from tuneforge.data.tokenize import IGNORE, assistant_mask_route, completion_labels, conversation_spans

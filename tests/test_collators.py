@@ -12,12 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import shared
+from mask_oracles import tokenize_texts
 from transformers import AutoTokenizer
 
 from tests.mask_oracles import GENERATION_TEMPLATE, pipeline_rows, tokenize_text_rows
 from tuneforge.config.schemas import CollatorConfig, PackingConfig
 from tuneforge.data.collators import CausalLMCollator, TokenCounter, build_collator
-from mask_oracles import tokenize_texts
 from tuneforge.data.tokenize import IGNORE, assistant_mask_route
 
 SINGLE = [{"role": "user", "content": "Rewrite 3 March 2021"}, {"role": "assistant", "content": "2021-03-03"}]

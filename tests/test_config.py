@@ -73,14 +73,16 @@ def test_every_shipped_option_composes(group, tmp_path):
 
 
 def test_preference_tasks_refuse_what_they_cannot_do():
-    """task=dpo needs preference rows, no packing, LoRA; task=orpo (experimental in TRL) is refused; DPO keys are
-    train.* keys for task=dpo and foreign to task=sft."""
+    """task=dpo needs preference rows, no packing, LoRA; task=orpo (TRL's experimental ORPOTrainer) refuses what its
+    trainer cannot run on prepared rows and the DPO-only keys; DPO keys are train.* keys for task=dpo and foreign to
+    task=sft."""
     cfg = load_config(["recipe=dpo-demo", "train.beta=0.2", "train.loss_type=[sigmoid,sft]"])
     assert (cfg.task, cfg.train.beta, cfg.train.loss_type) == ("dpo", 0.2, ["sigmoid", "sft"])
     for overrides, message in [(["task=dpo"], "format.strategy=preference"),
                                (["recipe=dpo-demo", "packing=bfd"], "pack nothing"),
                                (["recipe=dpo-demo", "peft=none", "quant=none"], "needs LoRA"),
-                               (["task=orpo"], "trl.experimental"),
+                               (["recipe=orpo-demo", "train.generate_during_eval=true"], "ORPOTrainer samples"),
+                               (["recipe=orpo-demo", "train.loss_type=[sigmoid]"], "ORPOConfig, which has no"),
                                (["train.beta=0.3"], "DPOConfig"),
                                (["format=preference"], "task=dpo")]:
         with pytest.raises(ConfigError, match=message):

@@ -270,8 +270,9 @@ def test_max_samples_caps_training_rows(smollm_tokenizer, tmp_path):
 
 def test_fast_labels_equal_the_reference_tokenizer_stage_on_alpaca(smollm_tokenizer):
     """Render (one pass) + bisection/char lookups == prefix renders + the oracle tokenize_text_rows, row for row."""
-    from tuneforge.data.formats import FormatContext, formatter
     from mask_oracles import tokenize_texts
+
+    from tuneforge.data.formats import FormatContext, formatter
 
     tok = smollm_tokenizer
     rows = [r for r in json.loads(shared("alpaca_5000.json").read_text())[:400] if r["output"].strip()]

@@ -4,7 +4,6 @@ real 2-process data-parallel run on the CPU (gloo)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, cli_in_process
+from tests.conftest import cli_in_process
 from tuneforge.config.compose import compose_config, load_config
 from tuneforge.config.errors import ConfigError
 from tuneforge.runs.launch import accelerate_config, launch_command

@@ -16,6 +16,7 @@ from trl import SFTTrainer
 
 from tests.mask_oracles import pipeline_rows
 from tuneforge.config.errors import ConfigError
+from tuneforge.config.packing_modes import AUTO, CHOICES, FLATTEN, MODES, PAD, ROWS
 from tuneforge.config.schemas import (
     PACKING_ATTENTION,
     CollatorConfig,
@@ -25,7 +26,6 @@ from tuneforge.config.schemas import (
     TrainConfig,
 )
 from tuneforge.data.collators import build_collator
-from tuneforge.config.packing_modes import AUTO, CHOICES, FLATTEN, MODES, PAD, ROWS
 from tuneforge.data.packing import ContaminationError, check_no_contamination, pack, probe_rows
 from tuneforge.data.tokenize import IGNORE
 

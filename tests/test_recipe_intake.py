@@ -459,12 +459,28 @@ def test_llamafactory_pretraining_trains_every_token_of_the_text_column(peer_fil
     assert (cfg.task, cfg.format.strategy, cfg.format.text_column, cfg.collator.name) == ("sft", "text", "body", "lm")
 
 
-def test_a_reward_model_is_refused_by_name_until_the_task_exists(peer_files):
-    from tuneforge.config.tasks import TASKS
-
-    text, _ = _import(peer_files, "lf_rm")
-    if "reward_model" not in TASKS:
-        assert re.search(r"#   stage: refused by design: task=reward_model does not exist in tuneforge yet", text)
+def test_a_reward_model_and_orpo_import_to_their_tasks(peer_files):
+    """LLaMA-Factory's stage: rm and Axolotl's reward_model: true are task=reward (its padding collator); pref_loss:
+    orpo and rl: orpo are task=orpo, with ORPO's lambda as train.beta."""
+    text, out = _import(peer_files, "lf_rm")
+    assert "refused" not in text
+    cfg = load_config([f"recipe={out}"])
+    assert (cfg.task, cfg.collator.name, cfg.peft.method, cfg.format.strategy) == ("reward", "padding", "none",
+                                                                                    "preference")
+    (peer_files / "lf_orpo.yaml").write_text(LLAMAFACTORY_DPO.replace("pref_loss: sigmoid", "pref_loss: orpo"))
+    _, out = _import(peer_files, "lf_orpo")
+    cfg = load_config([f"recipe={out}"])
+    assert (cfg.task, cfg.train.beta) == ("orpo", 0.1)
+    (peer_files / "ax_rm.yaml").write_text(AXOLOTL_DPO.replace("rl: dpo\nrl_beta: 0.2\n", "reward_model: true\n"
+                                                               "model_type: AutoModelForSequenceClassification\n"
+                                                               "num_labels: 1\n"))
+    text, out = _import(peer_files, "ax_rm")
+    assert re.search(r"#   num_labels: tuneforge always does this: the task sizes the head", text)
+    assert load_config([f"recipe={out}"]).task == "reward"
+    (peer_files / "ax_orpo.yaml").write_text(AXOLOTL_DPO.replace("rl: dpo\nrl_beta: 0.2", "rl: orpo\norpo_alpha: 0.2"))
+    _, out = _import(peer_files, "ax_orpo")
+    cfg = load_config([f"recipe={out}"])
+    assert (cfg.task, cfg.train.beta) == ("orpo", 0.2)
 
 
 def test_an_imported_recipe_dry_runs_from_the_cli(peer_files):

@@ -3,7 +3,6 @@ prints the plan and a memory estimate offline."""
 
 from __future__ import annotations
 
-import os
 import re
 
 import pytest

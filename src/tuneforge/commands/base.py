@@ -81,7 +81,6 @@ def hydra_command(name: str, summary: str, usage: str = "", **spec: Any) -> Comm
 
 def run_hydra_command(spec: HydraSpec, args: list[str]) -> int:
     from tuneforge.config import compose, recipes
-
     from tuneforge.runs.redaction import restore_environment, withhold_secrets
 
     args = list(spec.extra_args) + spec.rewrite_args(args)

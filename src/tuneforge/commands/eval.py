@@ -26,6 +26,19 @@ class EvaluateConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+def refuse_non_generating(run_dir: str, command: str) -> None:
+    """`eval` and `merge` check generations: a run whose model scores instead (a reward model) is refused in one line,
+    before anything loads."""
+    from tuneforge.config.tasks import task
+
+    name = rundir.read_config(Path(run_dir)).task
+    if task(name).scores:
+        raise ConfigError(f"{run_dir} is a task={name} run: a reward model scores answers, it does not generate, so "
+                          f"`tuneforge {command}` (which checks generations) does not apply. Its held-out pairwise "
+                          "accuracy before -> after is in its metrics.json (reward_after); `tuneforge infer "
+                          f"run_dir={run_dir} prompt=... answer=...` scores an answer.")
+
+
 def run(cfg) -> dict:
     """`tuneforge eval run_dir=PATH`: writes eval.json + predictions.jsonl under RUN_DIR/eval/."""
     # Imported when the command runs: `tuneforge --help` reads every command module, and must not load torch.
@@ -36,6 +49,7 @@ def run(cfg) -> dict:
     from tuneforge.eval.metrics import adapter_off, eval_loss, evaluate_generations, generation_pairs, print_comparison
     from tuneforge.models.trained import load_trained
 
+    refuse_non_generating(cfg.run_dir, "eval")
     model, tokenizer, run_cfg = load_trained(cfg.run_dir)
     ev = cfg.eval
     data = prepare(run_cfg.data, run_cfg.format, run_cfg.train, tokenizer, run_cfg.collator)

@@ -50,6 +50,7 @@ def run(cfg: MergeCommandConfig) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from tuneforge.commands.eval import refuse_non_generating
     from tuneforge.eval.compare import compare_models
     from tuneforge.models.merging import merged_model
     from tuneforge.models.trained import load_trained
@@ -57,6 +58,7 @@ def run(cfg: MergeCommandConfig) -> dict:
     if cfg.merge.base not in ("dequantized", "original"):
         raise ConfigError(f"merge.base={cfg.merge.base!r}: use dequantized (default) or original.")
     run_dir = Path(cfg.run_dir)
+    refuse_non_generating(cfg.run_dir, "merge")
     out = output_path("out", cfg.out) if cfg.out else run_dir / f"merged-{cfg.merge.base}"
     rundir.refuse_non_empty(out, "choose another out=DIR")  # before minutes of loading, and again when renaming
     reference, tokenizer, _ = load_trained(run_dir)  # adapter on its training base (4-bit as trained)

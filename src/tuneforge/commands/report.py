@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from tuneforge.commands.base import Command, argparse_main, parser
 from tuneforge.config.errors import ConfigError
+from tuneforge.config.tasks import TASKS
 from tuneforge.runs import rundir, study
 from tuneforge.runs.objective import objective
 
@@ -49,8 +50,10 @@ def load_jobs(sweep_dir: Path) -> list[Job]:
                 key, _, value = str(item).partition("=")
                 overrides[key.lstrip("+~")] = value
         job = Job(d.name, d, "incomplete", overrides)
-        if (d / rundir.CONFIG_FILE).is_file():
-            job.eval_metric = OmegaConf.load(d / rundir.CONFIG_FILE).get("eval", {}).get("metric")
+        if (d / rundir.CONFIG_FILE).is_file():  # what the sweeper optimized: the task's metric, else eval.metric
+            saved = OmegaConf.load(d / rundir.CONFIG_FILE)
+            spec = TASKS.get(saved.get("task"))
+            job.eval_metric = (spec.sweep_metric if spec else "") or saved.get("eval", {}).get("metric")
         if (d / rundir.METRICS_FILE).is_file():
             job.status, job.metrics = "ok", rundir.read_json(d / rundir.METRICS_FILE)
         elif (d / rundir.FAILED_FILE).is_file():

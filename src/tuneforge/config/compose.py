@@ -326,7 +326,7 @@ def split_args(args: list[str]) -> tuple[list[str], list[str], bool]:
 
 
 # Keys whose values are a person's text (a prompt), never Hydra syntax.
-FREE_TEXT_KEYS = ("prompt",)
+FREE_TEXT_KEYS = ("prompt", "answer")
 
 
 def _hydra_quoted(text: str) -> str:
@@ -337,9 +337,9 @@ def _hydra_quoted(text: str) -> str:
 
 
 def quote_free_text(args: list[str]) -> list[str]:
-    """`prompt=Rewrite this date (YYYY-MM-DD): July 4th, 1976` as Hydra would need it typed: quoted. Without
-    this, parentheses, commas, spaces or quotes in a prompt failed as a Hydra grammar error. A value the user
-    already quoted the Hydra way is left as it is."""
+    """`prompt=Rewrite this date (YYYY-MM-DD): July 4th, 1976` (or `answer=...`) as Hydra would need it typed:
+    quoted. Without this, parentheses, commas, spaces or quotes in a prompt failed as a Hydra grammar error. A value
+    the user already quoted the Hydra way is left as it is."""
     out = []
     for arg in args:
         key, eq, value = arg.partition("=")

@@ -223,7 +223,8 @@ def _axolotl_format(entry: dict) -> dict[str, Any]:
                 "rejected_column": "rejected_response"}
     if kind in ("chatml.ultra", "llama3.ultra", "chatml.prompt_pairs", "llama3.prompt_pairs"):
         return {"strategy": "preference", "prompt_column": "prompt"}
-    if kind == "chat_template.default" or kind.startswith("chat_template."):
+    # Reward-model pairs (reward_model: true) in chat-template form: the same columns as the DPO type.
+    if kind == "chat_template.default" or kind.startswith(("chat_template.", "bradley_terry.chat_template")):
         fmt = {"strategy": "preference", "chosen_column": entry.get("field_chosen", "chosen"),
                "rejected_column": entry.get("field_rejected", "rejected")}
         fmt["prompt_column"] = entry.get("field_messages", "messages")

@@ -29,6 +29,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
+from tuneforge.config.errors import ConfigError
 from tuneforge.config.tasks import TASKS
 
 # Bump when the cached description's format changes.
@@ -150,6 +151,10 @@ def _cache_file() -> Path:
     return cache_dir() / "schemas" / f"{key}.json"
 
 
+class MissingLibraryClass(ConfigError):
+    """A task's trainer config that the installed library lacks (TRL's experimental ORPOConfig in another release)."""
+
+
 @lru_cache(maxsize=1)
 def _cached() -> dict[str, dict]:
     try:
@@ -168,7 +173,14 @@ def library_fields(target: str) -> dict[str, dict]:
 
     with warnings.catch_warnings():  # importing some libraries warns about others; not the user's business
         warnings.simplefilter("ignore")
-        described = _describe(getattr(importlib.import_module(module), name))
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            dist = module.partition(".")[0]
+            raise MissingLibraryClass(f"the installed {dist} {_versions().get(dist) or ''} has no {name} in {module} "
+                                      f"(TRL 1.16 has it): install a {dist} release that has it, e.g. "
+                                      f"pip install '{dist}==1.16.*'") from None
+        described = _describe(cls)
     cached[target] = described
     _store(cached)
     return described
@@ -229,8 +241,15 @@ class Section:
         return [self.classes[task]] if task in self.classes else [self.classes["*"]]
 
     def library(self) -> dict[str, dict[str, dict]]:
-        """{class target: its fields}, every task's class."""
-        return {target: library_fields(target) for target in dict.fromkeys(self.classes.values())}
+        """{class target: its fields}, every task's class the installed libraries have (a task whose class is
+        missing is refused by name when it is chosen: validation.validate_task)."""
+        out = {}
+        for target in dict.fromkeys(self.classes.values()):
+            try:
+                out[target] = library_fields(target)
+            except MissingLibraryClass:
+                continue
+        return out
 
     def keys(self) -> dict[str, dict]:
         """Every key of the section: {name: {annotation, default, origin, unset_none, choices, help}}."""

@@ -125,18 +125,26 @@ def _rl(value: Any) -> dict[str, Any]:
     return _task({"kto": "kto", "orpo": "orpo", "simpo": "simpo", "grpo": "grpo"}.get(value, str(value)))
 
 
+def _reward() -> dict[str, Any]:
+    """A reward model: task=reward, whose pairs are batched by the padding collator (one score per sequence)."""
+    return {**_task("reward"), "collator.name": "padding"}
+
+
 def _stage(value: Any) -> dict[str, Any]:
     if value == "pt":  # pre-training on raw text: every token trained
         return {"task": "sft", "format.strategy": "text", "collator.name": "lm"}
-    return _task({"sft": "sft", "dpo": "dpo", "kto": "kto", "rm": "reward_model", "ppo": "ppo"}.get(value, str(value)))
+    if value == "rm":
+        return _reward()
+    return _task({"sft": "sft", "dpo": "dpo", "kto": "kto", "ppo": "ppo"}.get(value, str(value)))
 
 
 def _pref_loss(value: Any) -> dict[str, Any]:
     if value in ("sigmoid", "hinge", "ipo"):
         return {"train.loss_type": [value]}
-    if value == "orpo":
+    if value == "orpo":  # ORPO's task (LLaMA-Factory runs it as stage: dpo with this loss)
         return _task("orpo")
-    raise ValueError(f"pref_loss: {value} is not a loss tuneforge's task=dpo runs (sigmoid, hinge, ipo)")
+    raise ValueError(f"pref_loss: {value} is not a loss tuneforge's task=dpo runs (sigmoid, hinge, ipo; orpo: "
+                     "task=orpo)")
 
 
 def _deepspeed(value: Any) -> dict[str, Any]:
@@ -213,7 +221,10 @@ AXOLOTL: dict[str, Alias] = {
     "base_model_config": _skip(NO_EQUIVALENT, "the model's own config is read from model.name_or_path"),
     "revision_of_model": _key("model.revision"),
     "tokenizer_config": _key("tokenizer.name_or_path"),
-    "model_type": _skip(ALWAYS, "the model class comes from the task (AutoModelForCausalLM for sft/dpo/kto)"),
+    "model_type": _skip(ALWAYS, "the model class comes from the task (AutoModelForCausalLM for sft/dpo/kto/orpo, "
+                                "AutoModelForSequenceClassification with one output for reward)"),
+    "num_labels": _skip(ALWAYS, "the task sizes the head: one output for task=reward, one per label for "
+                                "task=classification"),
     "tokenizer_type": _skip(ALWAYS, "AutoTokenizer reads the tokenizer class from model.name_or_path"),
     "is_llama_derived_model": _skip(ALWAYS, "nothing depends on the architecture's family"),
     "strict": _skip(ALWAYS, "configs are always strict: an unknown key fails before anything loads"),
@@ -278,10 +289,11 @@ AXOLOTL: dict[str, Alias] = {
                                 _report("mlflow")),
     "mlflow_experiment_name": _skip(NO_EQUIVALENT, _TRACKER_ENV.format(env="MLFLOW_EXPERIMENT_NAME", tool="mlflow")),
     "hub_model_id": _key("train.hub_model_id"),
-    "rl": _key("task", "dpo | ipo (task=dpo, train.loss_type=[ipo]) | kto", _rl),
+    "rl": _key("task", "dpo | ipo (task=dpo, train.loss_type=[ipo]) | kto | orpo", _rl),
     "rl_beta": _key("train.beta"),
+    "orpo_alpha": _key("train.beta", "ORPO's lambda, the odds-ratio term's weight (task=orpo)"),
     "dpo_beta": _key("train.beta"),
-    "reward_model": _key("task", "a reward model", lambda v: _task("reward_model") if v else {}),
+    "reward_model": _key("task", "a reward model (task=reward)", lambda v: _reward() if v else {}),
     "neftune_noise_alpha": _key("train.neftune_noise_alpha"),
     "torch_compile": _key("train.torch_compile"),
     "plugins": _skip(NO_EQUIVALENT, "Liger's kernels: train.use_liger_kernel (on by default where CUDA is)"),
@@ -295,7 +307,7 @@ LLAMAFACTORY: dict[str, Alias] = {
     **_SHARED,
     "model_name_or_path": _key("model.name_or_path"),
     "adapter_name_or_path": _key("model.adapter", "an adapter to start from (task=dpo|kto: an SFT run)"),
-    "stage": _key("task", "sft | pt (task=sft on text, every token trained) | dpo | kto", _stage),
+    "stage": _key("task", "sft | pt (task=sft on text, every token trained) | dpo | kto | rm (task=reward)", _stage),
     "do_train": _skip(ALWAYS, "the command (tuneforge train) says what runs"),
     "do_eval": _skip(ALWAYS, "train.eval_strategy, or the command tuneforge eval"),
     "do_predict": _skip(ALWAYS, "the command tuneforge eval"),
@@ -332,7 +344,7 @@ LLAMAFACTORY: dict[str, Alias] = {
     "enable_liger_kernel": _key("train.use_liger_kernel"),
     "use_unsloth": _skip(NO_EQUIVALENT, "tuneforge trains with transformers/TRL/PEFT kernels (Liger: train.use_liger_kernel)"),
     "pref_beta": _key("train.beta"),
-    "pref_loss": _key("train.loss_type", "sigmoid | hinge | ipo", _pref_loss),
+    "pref_loss": _key("train.loss_type", "sigmoid | hinge | ipo | orpo (task=orpo)", _pref_loss),
     "pissa_init": _key("peft.init_lora_weights", convert=lambda v: {"peft.init_lora_weights": "pissa"} if v else {}),
     "streaming": _skip(NO_EQUIVALENT, "tuneforge prepares and caches the data before training (data.max_samples caps it)"),
     "upcast_layernorm": _skip(ALWAYS, "prepare_model_for_kbit_training upcasts the non-quantized weights "

@@ -33,8 +33,9 @@ class ModelConfig:
     # Hub token for gated/private models. Prefer the HF_TOKEN environment variable; a value set here is used
     # for this process only and is redacted from every file tuneforge writes.
     token: Optional[str] = None
-    # task=dpo|kto|grpo|rloo: an SFT run directory (or its adapter/ directory) to start from: its adapter trains on,
-    # with its tokenizer and chat template; the reference model is that SFT policy. None: a fresh adapter on the base.
+    # task=dpo|kto|orpo|grpo|rloo: an SFT run directory (or its adapter/ directory) to start from: its adapter trains
+    # on, with its tokenizer and chat template; the reference model is that SFT policy. None: a fresh adapter on the
+    # base.
     adapter: Optional[str] = None
 
 
@@ -55,7 +56,8 @@ class TokenizerConfig:
 
 @dataclass
 class FormatConfig:
-    # instruction | conversational | alpaca | text | template | preference (task=dpo: prompt/chosen/rejected)
+    # instruction | conversational | alpaca | text | template
+    # | preference (task=dpo|orpo|reward: prompt/chosen/rejected)
     # | unpaired (task=kto: prompt/completion/label) | prompt (task=grpo|rloo: a prompt column, or messages without a
     # final assistant turn; every other column reaches the reward functions)
     strategy: str = "instruction"
@@ -212,8 +214,13 @@ class RewardConfig:
 
     # A built-in reward (eval/rewards.py: exact_match, regex, overlong, iso_date, number) or your own function as
     # module:function, called as f(prompts, completions, **columns, **kwargs) and returning one float per completion
-    # (None: no opinion on that one). Files next to your recipe import from the working directory.
-    name: str = MISSING
+    # (None: no opinion on that one). Files next to your recipe import from the working directory. With `model`: the
+    # name its values are logged under (default reward_model).
+    name: Optional[str] = None
+    # A reward model instead of a function: a task=reward run directory, or a sequence-classification model with one
+    # output (a local directory or a hub id); it scores each prompt + completion with its own tokenizer and chat
+    # template (kwargs: batch_size, max_length).
+    model: Optional[str] = None
     # Its weight in the sum of rewards (GRPOConfig/RLOOConfig reward_weights).
     weight: float = 1.0
     # Keyword arguments of the function, e.g. {column: answer} or {pattern: '^\\d{4}-\\d{2}-\\d{2}$'}.
@@ -297,7 +304,7 @@ def _tuneforge_config() -> type:
         preview: PreviewConfig = field(default_factory=PreviewConfig)
         doctor: DoctorConfig = field(default_factory=DoctorConfig)
         launcher: LauncherConfig = field(default_factory=LauncherConfig)
-        # A name in the task table (config/tasks.py): sft | classification | dpo | kto | grpo | rloo.
+        # A name in the task table (config/tasks.py): sft | classification | dpo | kto | orpo | reward | grpo | rloo.
         task: str = "sft"
         # Your own transformers TrainerCallback classes, as module:Class (config/user_code.py).
         callbacks: list[str] = field(default_factory=list)

@@ -9,7 +9,7 @@ format. Nothing here imports a library: the config layer reads it before anythin
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 CAUSAL_LM, SEQUENCE_CLASSIFICATION = "causal_lm", "sequence_classification"
 
@@ -52,11 +52,20 @@ class Task:
     # It learns online from the `rewards` list (reward functions score sampled completions): the list must be set,
     # and the reward doctor samples from the starting policy before training (tasks/reward_doctor.py).
     rewards: bool = False
+    # A sequence-classification head with this many outputs whatever the data says (a reward model's one score);
+    # None: the task decides (classification: one per label).
+    num_labels: Optional[int] = None
 
     @property
     def generates(self) -> bool:
         """Its model answers prompts (`infer`, held-out generations)."""
         return self.head == CAUSAL_LM
+
+    @property
+    def scores(self) -> bool:
+        """Its model scores a prompt + answer with one number (a reward model: `infer` prints the score, and it can
+        be an online-RL reward)."""
+        return self.head == SEQUENCE_CLASSIFICATION and self.num_labels == 1
 
 
 def _sft_settings(cfg) -> dict[str, Any]:
@@ -72,6 +81,15 @@ def _preference_settings(cfg) -> dict[str, Any]:
     return {
         "include_num_input_tokens_seen": "non_padding",
         # The data stage built exactly the id columns the trainer reads (data/preference.py).
+        "remove_unused_columns": False,
+        "pad_to_multiple_of": cfg.collator.pad_to_multiple_of,
+    }
+
+
+def _reward_settings(cfg) -> dict[str, Any]:
+    return {
+        "include_num_input_tokens_seen": "non_padding",
+        # The data stage built exactly the id columns the trainer reads (tasks/reward.reward_rows).
         "remove_unused_columns": False,
         "pad_to_multiple_of": cfg.collator.pad_to_multiple_of,
     }
@@ -94,6 +112,9 @@ def _online_rl_settings(cfg) -> dict[str, Any]:
 
 
 # Online RL with verifiable rewards: the policy samples completions of prompt rows, `rewards` scores them.
+# TRL 1.16 keeps ORPO in trl.experimental (TRL marks it experimental: its API may change in any release).
+ORPO_CONFIG = "trl.experimental.orpo:ORPOConfig"
+
 _ONLINE_RL = dict(
     head=CAUSAL_LM, formats=("prompt",), collators=("completion_only",), doctor="prompts", needs_adapter=True,
     starts_from_run=True, rewards=True, sweep_metric="", trainer_settings=_online_rl_settings,
@@ -104,6 +125,14 @@ _PREFERENCE = dict(
     fixed_train={"truncation_mode": ("keep_start", "the preference data keeps the prompt and cuts the answers' ends "
                                                    "(keep_start, TRL's only mode)")},
     trainer_settings=_preference_settings,
+)
+# ORPO (TRL's experimental ORPOTrainer): the same rows, no reference model (an odds-ratio term beside the chosen
+# answer's NLL), so a full fine-tune works too; its config has no truncation_mode (the data stage keeps the start).
+_ORPO = dict(
+    _PREFERENCE, needs_adapter=False,
+    fixed_train={"generate_during_eval": (False, "ORPOTrainer samples from the prompt text, which tuneforge's "
+                                                 "prepared rows do not carry, and logs to W&B/Comet only; tuneforge "
+                                                 "scores held-out generations itself (eval.num_samples)")},
 )
 
 TASKS: dict[str, Task] = {t.name: t for t in (
@@ -117,16 +146,17 @@ TASKS: dict[str, Task] = {t.name: t for t in (
          trainer_settings=_classification_settings),
     Task("dpo", "tuneforge.tasks.preference:dpo", "trl:DPOConfig", formats=("preference",), **_PREFERENCE),
     Task("kto", "tuneforge.tasks.preference:kto", "trl:KTOConfig", formats=("unpaired",), **_PREFERENCE),
+    Task("orpo", "tuneforge.tasks.preference:orpo", ORPO_CONFIG, formats=("preference",), **_ORPO),
+    # A reward model: a one-output score head on the causal LM, trained on the preference rows (Bradley-Terry).
+    Task("reward", "tuneforge.tasks.reward:Reward", "trl:RewardConfig", head=SEQUENCE_CLASSIFICATION, num_labels=1,
+         formats=("preference",), collators=("padding",), doctor="preference", sweep_metric="pairwise_accuracy",
+         trainer_settings=_reward_settings),
     Task("grpo", "tuneforge.tasks.online_rl:grpo", "trl:GRPOConfig", **_ONLINE_RL),
     Task("rloo", "tuneforge.tasks.online_rl:rloo", "trl:RLOOConfig", **_ONLINE_RL),
 )}
 
-# Tasks people ask for that tuneforge does not run, and why (with what to use instead).
-REFUSED = {
-    "orpo": "the installed TRL keeps ORPOTrainer under trl.experimental (an unstable API, with its own tokenization), "
-            "so tuneforge does not run it. Use task=dpo (its train.loss_type covers many reference-based losses) or "
-            "task=kto.",
-}
+# Tasks people ask for that tuneforge does not run, and why (with what to use instead): none at present.
+REFUSED: dict[str, str] = {}
 
 
 def task(name: str) -> Task:
@@ -135,6 +165,7 @@ def task(name: str) -> Task:
 
 
 def format_owner(strategy: str) -> str | None:
-    """The one task whose rows come in `strategy` when only one does (format=preference -> dpo), else None."""
+    """The tasks whose rows come in `strategy`, as `task=` would list them (format=preference -> dpo|orpo|reward), or
+    None when no task reads them."""
     owners = [t.name for t in TASKS.values() if strategy in t.formats]
-    return owners[0] if len(owners) == 1 else None
+    return "|".join(owners) or None

@@ -297,6 +297,10 @@ def validate_task(cfg: TuneforgeConfig) -> None:
     """What the task table says of `task`: the rows, adapter and trainer settings it takes."""
     name, strategy = cfg.task, cfg.format.strategy
     spec = task(name)
+    try:  # the trainer config's module: an experimental one (ORPO) may be missing from another TRL release
+        library_keys.library_fields(spec.trainer_config)
+    except library_keys.MissingLibraryClass as exc:
+        raise ConfigError(f"task={name} trains with {spec.trainer_config.replace(':', '.')}, but {exc}.") from None
     # A task with no formats reads its own columns (format.* strategies unused).
     if spec.formats and strategy not in spec.formats:
         owner = format_owner(strategy)
@@ -337,8 +341,16 @@ def validate_rewards(cfg: TuneforgeConfig) -> None:
                           "rewards='[{name:exact_match,kwargs:{column:answer}}]' (built-ins: exact_match, regex, "
                           "overlong, iso_date, number, date_equivalent; or your own module:function).")
     for i, entry in enumerate(cfg.rewards):
-        if not isinstance(entry.name, str) or not (is_path(entry.name) or entry.name.isidentifier()):
-            raise ConfigError(f"rewards[{i}].name={entry.name!r}: give a built-in reward's name or module:function.")
+        if entry.model is not None:  # a reward model: checked, before weights load, when the rewards load
+            if not isinstance(entry.model, str) or not entry.model.strip():
+                raise ConfigError(f"rewards[{i}].model={entry.model!r}: give a task=reward run directory or a "
+                                  "sequence-classification model (a directory or a hub id).")
+            if entry.name is not None and not (isinstance(entry.name, str) and entry.name.isidentifier()):
+                raise ConfigError(f"rewards[{i}].name={entry.name!r}: with model, name is what its values are logged "
+                                  "as (rewards/NAME): a plain name, e.g. name=judge.")
+        elif not isinstance(entry.name, str) or not (is_path(entry.name) or entry.name.isidentifier()):
+            raise ConfigError(f"rewards[{i}].name={entry.name!r}: give a built-in reward's name or module:function "
+                              "(or model=RUN_DIR: a reward model).")
     t, d = cfg.train, cfg.doctor
     # null: the task's library default (GRPOConfig 8, RLOOConfig 2).
     if t.num_generations is not None and t.num_generations < 2:

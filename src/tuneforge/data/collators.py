@@ -15,8 +15,8 @@ import torch
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from tuneforge.config.schemas import CollatorConfig, PackingConfig
 from tuneforge.config.packing_modes import FLATTEN, ROWS, packing_mode
+from tuneforge.config.schemas import CollatorConfig, PackingConfig
 from tuneforge.data.tokenize import IGNORE
 
 

@@ -94,6 +94,9 @@ class PreparedData:
     stats: dict[str, DataStats]
     cache_path: Optional[str] = None
     cache_hit: bool = False
+    # Prompt rows (data/prompts.py): the conversation each rendered prompt came from, before the system-prompt rule
+    # (a reward model renders it with its own chat template).
+    conversations: Optional[dict] = None
 
 
 def prepare(data_cfg: DataConfig, format_cfg: FormatConfig, train_cfg: TrainConfig,

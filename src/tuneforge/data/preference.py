@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 from tuneforge.config.errors import ConfigError
 from tuneforge.config.schemas import DataConfig, FormatConfig, TrainConfig
 from tuneforge.data import cache
-from tuneforge.data.formats import BadRow, conversational, text_field
+from tuneforge.data.formats import BadRow, conversational, text_field, with_system_prompt
 from tuneforge.data.pipeline import DataStats, LoadedSources, PreparedData, report
 from tuneforge.data.render import render_conversations
 from tuneforge.data.sources import ROW, data_sources
@@ -205,6 +205,33 @@ def _parse(row: dict, fmt: FormatConfig, chat: bool) -> tuple[Any, dict[str, str
                               FormatConfig(messages_column="messages", system_prompt=fmt.system_prompt),
                               None)["messages"]
     return messages[:-1], answers
+
+
+def scored_sequences(pairs: list[tuple[Any, str]], fmt: FormatConfig, tokenizer, max_length: int) -> list[list[int]]:
+    """Token ids of prompt + answer per pair, rendered as this stage renders one side of a training pair (the chat
+    template with the format's system-prompt rule, the answer through its end-of-turn token; without a template the
+    text + EOS), the answer's end cut at `max_length`: what a reward model scores (its held-out pairs were built the
+    same way by `prepare_preferences`). A prompt is text (one user turn) or {role, content} messages; an empty answer
+    is scored too."""
+    chat = bool(tokenizer.chat_template)
+    texts = []
+    if chat:
+        stops = [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer)]
+        convs = []
+        for prompt, answer in pairs:  # the training rows' system-prompt rule (rule 5)
+            convs.append(list(with_system_prompt(prompt, fmt)) + [{"role": "assistant", "content": answer}])
+        for result in render_conversations(tokenizer, convs, stops):
+            if isinstance(result, Exception):
+                raise BadRow(str(result))
+            text, spans = result
+            texts.append(text[:spans[-1][1]] if spans else text)
+    else:
+        eos = tokenizer.eos_token or ""
+        for prompt, answer in pairs:
+            if not isinstance(prompt, str):
+                raise BadRow("conversations need a chat template (tokenizer.chat_template=chatml)")
+            texts.append(prompt + (answer if not fmt.append_eos or answer.endswith(eos) else answer + eos))
+    return [ids[:max_length] for ids in encode(tokenizer, texts)[0]] if texts else []
 
 
 def _common_prefix(convs: list[list[dict]]) -> list[dict]:

@@ -18,7 +18,7 @@ from datasets import Dataset
 
 from tuneforge.config.errors import ConfigError
 from tuneforge.config.schemas import DataConfig, FormatConfig, TrainConfig
-from tuneforge.data.formats import BadRow, conversational, text_field
+from tuneforge.data.formats import BadRow, conversational, text_field, with_system_prompt
 from tuneforge.data.pipeline import DataStats, LoadedSources, PreparedData, report
 from tuneforge.data.sources import ROW, data_sources
 
@@ -34,16 +34,16 @@ def prepare_prompts(data_cfg: DataConfig, format_cfg: FormatConfig, train_cfg: T
     cached: rendering a template is cheap next to the first generation step."""
     sources = data_sources(data_cfg, format_cfg)
     loaded = LoadedSources.load(data_cfg, sources)
-    out, stats = {}, {}
+    out, stats, conversations = {}, {}, {}
     for split in ("train", "eval"):
         st, parts = DataStats(), []
         for _, src, rows, where, label in loaded.rows(split, st):
             parts.append(_process(rows.to_list(), src.format, tokenizer, train_cfg, data_cfg.on_bad_row, where, st,
-                                  label))
+                                  label, conversations))
         out[split] = loaded.merge(parts, split, st)
         stats[split] = st
         report(split, st)
-    return PreparedData(train=out["train"], eval=out["eval"], stats=stats)
+    return PreparedData(train=out["train"], eval=out["eval"], stats=stats, conversations=conversations)
 
 
 def reward_columns(data: PreparedData) -> list[str]:
@@ -52,7 +52,7 @@ def reward_columns(data: PreparedData) -> list[str]:
 
 
 def _process(rows: list[dict], fmt: FormatConfig, tokenizer, train_cfg: TrainConfig, on_bad_row: str, where: str,
-             st: DataStats, label: str) -> Dataset:
+             st: DataStats, label: str, conversations: dict) -> Dataset:
     source_columns = (fmt.prompt_column, fmt.messages_column)
     if rows:
         clash = [c for c in rows[0] if c in RESERVED and c not in source_columns]
@@ -63,7 +63,8 @@ def _process(rows: list[dict], fmt: FormatConfig, tokenizer, train_cfg: TrainCon
     built = []
     for row in rows:
         try:
-            prompt = render(row, fmt, tokenizer)
+            turns = conversation(row, fmt, tokenizer)
+            prompt = render(turns, fmt, tokenizer)
             n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
             if n > train_cfg.max_length:
                 raise BadRow(f"the prompt is {n} tokens, over train.max_length={train_cfg.max_length} (TRL does not "
@@ -78,6 +79,7 @@ def _process(rows: list[dict], fmt: FormatConfig, tokenizer, train_cfg: TrainCon
                 st.bad_row_examples.append(row[ROW])
             continue
         st.tokens += n
+        conversations[prompt] = turns
         built.append({PROMPT: prompt, **{k: v for k, v in row.items() if k not in (*source_columns, ROW)}})
     st.rows_in += len(rows)
     st.rows_kept += len(built)
@@ -86,8 +88,10 @@ def _process(rows: list[dict], fmt: FormatConfig, tokenizer, train_cfg: TrainCon
     return Dataset.from_list(built) if built else Dataset.from_dict({PROMPT: []})
 
 
-def render(row: dict, fmt: FormatConfig, tokenizer) -> str:
-    """The prompt as the model sees it: the chat template with the generation prompt (no template: the text)."""
+def conversation(row: dict, fmt: FormatConfig, tokenizer) -> Any:
+    """The row's prompt: its messages (one user turn for a prompt column), checked and normalised as the SFT strategy
+    does (roles, empty turns, ShareGPT's from/value), before the system-prompt rule; the text itself without a chat
+    template."""
     messages: Any = row.get(fmt.messages_column)
     text = row.get(fmt.prompt_column)
     if messages is None and text is None:
@@ -104,10 +108,18 @@ def render(row: dict, fmt: FormatConfig, tokenizer) -> str:
     if isinstance(last, dict) and (last.get("role") or last.get("from")) in ("assistant", "gpt"):
         raise BadRow(f"{fmt.messages_column} ends with an assistant turn: a prompt ends where the model answers "
                      f"(put the answer in a column of its own, e.g. {fmt.reference_column})")
-    # The SFT strategy's checks (roles, empty turns) and its system-prompt rule, on the prompt + a placeholder answer.
-    turns = conversational({"messages": [dict(m) for m in messages] + [{"role": "assistant", "content": "-"}]},
-                           FormatConfig(messages_column="messages", system_prompt=fmt.system_prompt), None)["messages"]
-    rendered = tokenizer.apply_chat_template(turns[:-1], tokenize=False, add_generation_prompt=True)
+    # The SFT strategy's checks (roles, empty turns) on the prompt + a placeholder answer; no system prompt added.
+    return conversational({"messages": [dict(m) for m in messages] + [{"role": "assistant", "content": "-"}]},
+                          FormatConfig(messages_column="messages", system_prompt=None), None)["messages"][:-1]
+
+
+def render(turns: Any, fmt: FormatConfig, tokenizer) -> str:
+    """The prompt (`conversation`) as the model sees it: the chat template with the generation prompt and the
+    system-prompt rule (no template: the text)."""
+    if isinstance(turns, str):
+        return turns
+    rendered = tokenizer.apply_chat_template(with_system_prompt(turns, fmt), tokenize=False,
+                                             add_generation_prompt=True)
     # TRL tokenizes text prompts with the tokenizer's special tokens; a template that writes BOS itself would get
     # a second one from a tokenizer that adds it (Llama): the tokenizer's own stays.
     bos = tokenizer.bos_token

@@ -192,7 +192,11 @@ def load_rewards(entries: Sequence[Any], columns: Sequence[str], defaults: Optio
     for i, entry in enumerate(entries):
         key = f"rewards[{i}]"
         name, kwargs = entry.name, dict(_plain(entry.kwargs) or {})
-        if is_path(name):
+        if getattr(entry, "model", None):  # a reward model (eval/reward_model.py): its path checked here
+            from tuneforge.eval.reward_model import ModelReward
+
+            fn, short, name, kwargs = ModelReward(entry.model, key, kwargs), name or "reward_model", entry.model, {}
+        elif is_path(name):
             fn, short = load_function(name, f"{key}.name"), name.partition(":")[2]
         elif name in BUILTIN:
             fn, short = BUILTIN[name], name

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,13 +23,13 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from tuneforge.runs.console import without_bars
 from tuneforge.config.device import compute_dtype, cuda_available
 from tuneforge.config.errors import ConfigError
 from tuneforge.config.library_args import quantization_config
 from tuneforge.config.schemas import ModelConfig, QuantConfig
 from tuneforge.config.tasks import CAUSAL_LM, SEQUENCE_CLASSIFICATION
 from tuneforge.models import embedded
+from tuneforge.runs.console import without_bars
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,22 @@ def load_config(path: str, cfg: ModelConfig):
 
 AUTO_CLASSES = {CAUSAL_LM: AutoModelForCausalLM, SEQUENCE_CLASSIFICATION: AutoModelForSequenceClassification}
 
+# The layer names of a new sequence-classification head (the architectures' `score` / `classifier`).
+HEAD_LAYERS = ("score", "classifier")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class _NewHeadReport(logging.Filter):
+    """transformers' load report when all it says is that the head a task adds (score / classifier) is not in the
+    checkpoint: by design (the task trains it, or a run's adapter brings it right after); any other row keeps it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = _ANSI.sub("", record.getMessage())
+        if "LOAD REPORT" not in text:
+            return True
+        rows = [[c.strip() for c in line.split("|")] for line in text.splitlines() if "|" in line][1:]  # no header
+        return not (rows and all(r[1] == "MISSING" and r[0].split(".")[0] in HEAD_LAYERS for r in rows))
+
 
 def load_model(path: str, cfg: ModelConfig, quant: QuantConfig, head: str = CAUSAL_LM, **head_kwargs) -> PreTrainedModel:
     """The weights at `path` with the task's head (`head_kwargs`: e.g. num_labels and label names for a new
@@ -90,20 +107,26 @@ def load_model(path: str, cfg: ModelConfig, quant: QuantConfig, head: str = CAUS
     dtype = compute_dtype(cfg.dtype) if bnb is None else compute_dtype(quant.bnb_4bit_compute_dtype)
     start = time.perf_counter()
     check_weights_safe(path)
-    # Weights on disk load in seconds: "Loaded ... in N s" below is the stage's line, not transformers' bar (a
-    # download keeps huggingface_hub's own bars).
-    with _refusals(path), without_bars(datasets_bars=False):
-        model = AUTO_CLASSES[head].from_pretrained(
-            path,
-            revision=cfg.revision,
-            trust_remote_code=cfg.trust_remote_code,
-            dtype=dtype,
-            quantization_config=bnb,
-            attn_implementation=cfg.attn_implementation,
-            use_safetensors=True,  # never unpickle weights (a .bin checkpoint can run code)
-            device_map=device_map_for(bnb),
-            **head_kwargs,
-        )
+    # transformers' report that a new head is not in the checkpoint says nothing wrong: left out (other rows stay).
+    report, new_head = logging.getLogger("transformers.modeling_utils"), _NewHeadReport()
+    report.addFilter(new_head)
+    try:
+        # Weights on disk load in seconds: "Loaded ... in N s" below is the stage's line, not transformers' bar (a
+        # download keeps huggingface_hub's own bars).
+        with _refusals(path), without_bars(datasets_bars=False):
+            model = AUTO_CLASSES[head].from_pretrained(
+                path,
+                revision=cfg.revision,
+                trust_remote_code=cfg.trust_remote_code,
+                dtype=dtype,
+                quantization_config=bnb,
+                attn_implementation=cfg.attn_implementation,
+                use_safetensors=True,  # never unpickle weights (a .bin checkpoint can run code)
+                device_map=device_map_for(bnb),
+                **head_kwargs,
+            )
+    finally:
+        report.removeFilter(new_head)
     kind = f", 4-bit {quant.bnb_4bit_quant_type}" if quant.load_in_4bit else ", 8-bit" if quant.load_in_8bit else ""
     log.info("Loaded %s (%s%s) in %.1f s", path, dtype, kind, time.perf_counter() - start)
     if bnb is not None:

@@ -17,8 +17,8 @@ from tuneforge.config.errors import ConfigError
 from tuneforge.config.schemas import ModelConfig, QuantConfig
 from tuneforge.models.adapters import load_adapter
 from tuneforge.models.loading import fit_embeddings, load_model, resolve_path
-from tuneforge.runs.rundir import run_config
 from tuneforge.runs import rundir
+from tuneforge.runs.rundir import run_config
 
 
 def merge_base(run_dir: Path, base: str, tokenizer):

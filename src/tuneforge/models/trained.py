@@ -11,10 +11,13 @@ from tuneforge.runs import rundir
 from tuneforge.runs.checkpoints import file_problem
 
 
-def load_trained(run_dir: str | Path):
-    """(model, tokenizer, config): the base loaded exactly as for training (same 4-bit settings), the
-    tokenizer and chat template saved with the run, and the adapter on top."""
+def load_trained(run_dir: str | Path, quant=None):
+    """(model, tokenizer, config): the base loaded exactly as for training (same 4-bit settings, or `quant`), with
+    the task's head (a reward model's one-output score head), the tokenizer and chat template saved with the run,
+    and the adapter on top."""
     from transformers import AutoTokenizer
+
+    from tuneforge.config.tasks import task
 
     run_dir = Path(run_dir)
     cfg = rundir.run_config(run_dir)
@@ -29,7 +32,12 @@ def load_trained(run_dir: str | Path):
                               f"{adapter_dir} and {rundir.METRICS_FILE} and resume the run "
                               "(train.resume_from_checkpoint=auto), else train it again.")
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-    model = load_model(resolve_path(cfg.model), cfg.model, cfg.quant)
+    spec = task(cfg.task)
+    # A head of a fixed size (a reward model's one score); a classification run's labels are not read back here.
+    head = {"head": spec.head, "num_labels": spec.num_labels} if spec.num_labels else {}
+    # A full fine-tune (peft=none) saved the whole model where an adapter would be.
+    weights = str(adapter_dir) if cfg.peft.method == "none" else resolve_path(cfg.model)
+    model = load_model(weights, cfg.model, quant or cfg.quant, **head)
     fit_embeddings(model, tokenizer)
     if cfg.peft.method != "none":
         model = load_adapter(model, str(adapter_dir))

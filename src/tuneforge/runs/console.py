@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)  # tuneforge.runs.console: the step lines of e
 LIBRARY_WARNINGS = [
     # PEFT reads transformers' deprecated `is_gradient_checkpointing` (peft_model.py) in every get_peft_model.
     (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
+    # TRL's TRLExperimentalWarning (a UserWarning) on importing trl.experimental (task=orpo's trainer): tuneforge says
+    # it once, in its own words, when the task starts (tasks/preference.orpo) and in the README.
+    (UserWarning, r"You are importing from 'trl\.experimental'"),
 ]
 # (logger, message prefix) of library log records of the same kind.
 LIBRARY_LOGS = [

@@ -13,7 +13,7 @@ CARD_FILE = "README.md"
 
 def _scores_table(before: Optional[dict], after: Optional[dict]) -> list[str]:
     if not after:
-        return ["No held-out generation scores (eval.before_after=false)."]
+        return ["No held-out scores (eval.before_after=false)."]
     lines = ["| metric | before | after |", "|---|---|---|"]
     for name, value in after.items():
         old = (before or {}).get(name)
@@ -59,29 +59,36 @@ def render(cfg: Any, metrics: dict, command: str, run_dir: Path, embedding_rows:
         "```",
         "",
         "The fully resolved config is `config.yaml` beside this card; `tuneforge reproduce RUN_DIR` re-runs it.",
-        "",
-        f"## Held-out generation{f' ({samples} prompts, same base weights)' if samples else ''}",
-        "",
-        *_scores_table(metrics.get("eval_before"), metrics.get("eval_after")),
     ]
+    if task(cfg.task).generates:
+        lines += ["", f"## Held-out generation{f' ({samples} prompts, same base weights)' if samples else ''}", "",
+                  *_scores_table(metrics.get("eval_before"), metrics.get("eval_after"))]
     head = task(cfg.task).head
-    if head == SEQUENCE_CLASSIFICATION:
+    if "reward_after" in metrics:
+        lines += ["", f"## Held-out pairs ({metrics.get('eval_pairs')}, reward of chosen vs rejected)", "",
+                  *_scores_table(metrics.get("reward_before"), metrics.get("reward_after"))]
+    elif head == SEQUENCE_CLASSIFICATION and "eval_accuracy" in metrics:
         lines += ["", f"Held-out accuracy {metrics.get('eval_accuracy', float('nan')):.3f} "
                       f"(macro-F1 {metrics.get('eval_macro_f1', float('nan')):.3f}); majority-class baseline "
                       f"{metrics.get('majority_baseline_accuracy', float('nan')):.3f}."]
     lines += ["", "## Use it"]
     if head == CAUSAL_LM:
         lines += ["", "```bash", f"tuneforge infer run_dir={run_dir} prompt=\"...\"", "```"]
+    elif task(cfg.task).scores:  # a reward model: the score of a prompt + answer
+        lines += ["", "```bash", f"tuneforge infer run_dir={run_dir} prompt=\"...\" answer=\"...\"", "```", "",
+                  f"As a reward of an online-RL run: `rewards=[{{model: {run_dir}}}]` (task=grpo|rloo)."]
     if lora:
         auto = "AutoModelForSequenceClassification" if head == SEQUENCE_CLASSIFICATION else "AutoModelForCausalLM"
         lines += ["", "or with PEFT (the adapter directory also holds the fixed tokenizer and chat template):", "",
                   "```python", "from peft import PeftModel", f"from transformers import {auto}, AutoTokenizer", "",
                   f"tokenizer = AutoTokenizer.from_pretrained(\"{run_dir}/adapter\")",
-                  f"base = {auto}.from_pretrained(\"{base}\")  # the same base weights (4-bit if trained so)",
+                  f"base = {auto}.from_pretrained(\"{base}\"{', num_labels=1' if task(cfg.task).scores else ''})"
+                  "  # the same base weights (4-bit if trained so)",
                   *([f"base.resize_token_embeddings({embedding_rows})  # as in training: the tokenizer grew"]
                     if embedding_rows else []),
-                  f"model = PeftModel.from_pretrained(base, \"{run_dir}/adapter\").eval()", "```",
-                  "", f"`tuneforge merge run_dir={run_dir}` folds the adapter into full-precision weights."]
+                  f"model = PeftModel.from_pretrained(base, \"{run_dir}/adapter\").eval()", "```"]
+        if head == CAUSAL_LM:
+            lines += ["", f"`tuneforge merge run_dir={run_dir}` folds the adapter into full-precision weights."]
     return "\n".join(lines) + "\n"
 
 

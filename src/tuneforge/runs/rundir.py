@@ -16,9 +16,8 @@ from typing import Any, Iterator, Optional
 from omegaconf import OmegaConf
 
 from tuneforge.config.errors import ConfigError
-from tuneforge.runs import checkpoints
+from tuneforge.runs import checkpoints, scratch
 from tuneforge.runs.checkpoints import resume_requested
-from tuneforge.runs import scratch
 from tuneforge.runs.redaction import redact
 
 log = logging.getLogger(__name__)
@@ -250,7 +249,29 @@ def read_config(run_dir: Path):
     if missing:
         raise ConfigError(f"{path} is damaged (no {', '.join(missing)} section); restore it from the run's "
                           ".hydra/config.yaml or a backup.")
+    _drop_foreign_train_keys(cfg)
     return cfg
+
+
+def _drop_foreign_train_keys(cfg) -> None:
+    """`train.*` keys that the run's task's trainer config does not have held their default when the run started
+    (validation refuses any other value), and a later tuneforge may default them otherwise (a task added whose library
+    default differs: train.max_completion_length became null with task=orpo): dropped from what was read, so the
+    current default applies and the run still reads back (infer, eval, resume, reproduce)."""
+    from tuneforge.config import library_keys
+    from tuneforge.config.tasks import TASKS
+
+    spec, train = TASKS.get(cfg.get("task")), cfg.get("train")
+    if spec is None or not OmegaConf.is_dict(train):
+        return
+    try:
+        own = library_keys.library_fields(spec.trainer_config)
+    except library_keys.MissingLibraryClass:
+        return
+    keys = library_keys.TRAIN.keys()
+    for name in [k for k in train if k in keys and k not in own]:
+        if keys[name]["origin"] != ["tuneforge"] and name not in library_keys.TRAIN.every_task:
+            del train[name]
 
 
 def read_json(path: Path) -> Any:

@@ -7,7 +7,8 @@ copy of the weights: for a fresh adapter it is the base with the adapter switche
 with `model.adapter=SFT_RUN` (the usual cold start) the SFT adapter trains on and the reference is a frozen copy of
 it (TRL's "ref" adapter), the SFT policy the run starts from.
 
-Before any weights load the rewards are imported and their signatures bound to what they will be called with; once
+Before any weights load the rewards are imported and their signatures bound to what they will be called with (a reward
+model, `rewards=[{model: RUN_DIR}]`, is checked there and loaded at its first call: eval/reward_model.py); once
 the weights are loaded the reward doctor samples from the starting policy (tasks/reward_doctor.py); every batch's
 rewards are checked (eval/rewards.checked); a run whose groups all score alike stops (runs/faults.StopOnNoSignal).
 """
@@ -27,14 +28,21 @@ from tuneforge.config.schemas import TuneforgeConfig
 from tuneforge.data.prompts import PROMPT, prepare_prompts, reward_columns
 from tuneforge.eval.inference import GenerationSettings, Rendered, generate
 from tuneforge.eval.metrics import METRICS, GenerationEval, adapter_off
+from tuneforge.eval.reward_model import ModelReward
 from tuneforge.eval.rewards import checked, load_rewards, score, weighted_total
 from tuneforge.models.adapters import adapter_dtypes_kept, add_lora, keep_input_dtype_under_autocast
 from tuneforge.models.tokenizer import content_hash, new_token_ids
 from tuneforge.runs import rundir
 from tuneforge.runs.manifest import run_identity
 from tuneforge.tasks import doctor, reward_doctor
-from tuneforge.tasks.stages import (REFERENCE_ADAPTER, generation_metrics, load_base, prepare_start, report_generations,
-                                    training_metrics)
+from tuneforge.tasks.stages import (
+    REFERENCE_ADAPTER,
+    generation_metrics,
+    load_base,
+    prepare_start,
+    report_generations,
+    training_metrics,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +71,13 @@ class OnlineRL:
         self.args = library_args.trainer_arguments(cfg, self.run_dir or Path("/nonexistent/tuneforge-doctor"))
         self.rewards = load_rewards(cfg.rewards, reward_columns(self.data),
                                     defaults={"max_tokens": self.args.max_completion_length})
+        for reward in self.rewards:  # a reward model: 4-bit where the policy is, and the prompts' conversations
+            if isinstance(reward.function, ModelReward):
+                reward.function.bind(cfg.quant, self.data.conversations)
         return run_identity(self.data, content_hash(self.tokenizer)) | (
             {"sft_adapter": str(self.sft_adapter)} if self.sft_adapter else {}) | {
-            "rewards": [{"name": e.name, "weight": e.weight} for e in cfg.rewards]}
+            "rewards": [{"name": e.name, "weight": e.weight, **({"model": e.model} if e.model else {})}
+                        for e in cfg.rewards]}
 
     def check(self) -> None:
         cfg = self.cfg

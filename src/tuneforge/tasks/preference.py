@@ -1,11 +1,13 @@
-"""`task=dpo` and `task=kto`: preference tuning with TRL's DPOTrainer / KTOTrainer, the stages top to bottom.
-The run around them is lifecycle.py's, as for SFT; the rows come from data/preference.py.
+"""`task=dpo`, `task=kto` and `task=orpo`: preference tuning with TRL's DPOTrainer / KTOTrainer / ORPOTrainer (the
+last from trl.experimental), the stages top to bottom. The run around them is lifecycle.py's, as for SFT; the rows
+come from data/preference.py.
 
-The reference model is never a second copy of the weights. A fresh adapter: the reference is the base with the
-adapter switched off (what the policy starts from). `model.adapter=SFT_RUN`: the SFT run's adapter trains on,
-and the reference is a frozen copy of it (TRL's "ref" adapter): the SFT policy DPO starts from, which the
-common SFT -> DPO recipe compares against. The SFT run's tokenizer and chat template are used, so its prompts
-render as they trained.
+ORPO has no reference model: its loss is the chosen sequence's NLL minus beta x log sigmoid(log odds ratio of chosen
+vs rejected). For DPO and KTO the reference model is never a second copy of the weights. A fresh adapter: the
+reference is the base with the adapter switched off (what the policy starts from). `model.adapter=SFT_RUN`: the SFT
+run's adapter trains on, and the reference is a frozen copy of it (TRL's "ref" adapter): the SFT policy DPO starts
+from, which the common SFT -> DPO recipe compares against. The SFT run's tokenizer and chat template are used, so its
+prompts render as they trained.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ import contextlib
 import logging
 from pathlib import Path
 
+import torch
 from peft import PeftModel
 from trl import DPOTrainer, KTOTrainer
 
 from tuneforge.config.schemas import TuneforgeConfig
 from tuneforge.data.preference import PAIRED, UNPAIRED, prepare_preferences
+from tuneforge.data.tokenize import IGNORE
 from tuneforge.eval.inference import GenerationSettings
 from tuneforge.eval.metrics import (
     adapter_off,
@@ -29,10 +33,17 @@ from tuneforge.eval.metrics import (
 )
 from tuneforge.models.adapters import adapter_dtypes_kept, add_lora, keep_input_dtype_under_autocast
 from tuneforge.models.tokenizer import content_hash, new_token_ids
+from tuneforge.runs.console import without_bars
 from tuneforge.runs.manifest import run_identity
 from tuneforge.tasks import doctor
-from tuneforge.tasks.stages import (REFERENCE_ADAPTER, generation_metrics, load_base, prepare_start, report_generations,
-                                    training_metrics)
+from tuneforge.tasks.stages import (
+    REFERENCE_ADAPTER,
+    generation_metrics,
+    load_base,
+    prepare_start,
+    report_generations,
+    training_metrics,
+)
 
 log = logging.getLogger(__name__)
 
@@ -178,3 +189,47 @@ def dpo(cfg: TuneforgeConfig, run_dir: Path, main: bool) -> Preference:
 def kto(cfg: TuneforgeConfig, run_dir: Path, main: bool) -> Preference:
     """task=kto: KTOTrainer on (prompt, completion, label) rows."""
     return Preference(cfg, run_dir, main, PreparedKTOTrainer, paired=False)
+
+
+def orpo_rows(dataset):
+    """Prepared (prompt_ids, chosen_ids, rejected_ids) rows as the rows ORPOTrainer's own tokenization would give
+    (its `tokenize_row`): prompt ids, and each answer's whole sequence with its attention mask and labels (-100 over
+    the prompt)."""
+    def row(r):
+        out = {"prompt_input_ids": r["prompt_ids"], "prompt_attention_mask": [1] * len(r["prompt_ids"])}
+        for side in ("chosen", "rejected"):
+            ids = r["prompt_ids"] + r[f"{side}_ids"]
+            out |= {f"{side}_input_ids": ids, f"{side}_attention_mask": [1] * len(ids),
+                    f"{side}_labels": [IGNORE] * len(r["prompt_ids"]) + r[f"{side}_ids"]}
+        return out
+
+    return dataset.map(row, remove_columns=dataset.column_names, desc="ORPO rows")
+
+
+def orpo(cfg: TuneforgeConfig, run_dir: Path, main: bool) -> Preference:
+    """task=orpo: TRL's experimental ORPOTrainer (trl.experimental.orpo) on (prompt, chosen, rejected) rows."""
+    from trl.experimental.orpo import ORPOTrainer  # its import warning is filtered (runs/console.py): said below
+
+    class PreparedORPOTrainer(ORPOTrainer):
+        """ORPOTrainer on tuneforge's prepared ids: its __init__ maps rows through prompt extraction, the chat
+        template and `tokenize_row`; given ORPO's own columns (orpo_rows), the first two find nothing to do and
+        `tokenize_row` passes them through."""
+
+        def __init__(self, *args, train_dataset, eval_dataset=None, **kwargs):
+            with without_bars(transformers_bars=False):  # four passes over prepared rows that change nothing
+                super().__init__(*args, train_dataset=orpo_rows(train_dataset),
+                                 eval_dataset=orpo_rows(eval_dataset) if eval_dataset is not None else None, **kwargs)
+
+        def tokenize_row(self, feature, model=None):
+            return feature
+
+        def _track_num_input_tokens(self, inputs):
+            # ORPO's batches hold chosen_* and rejected_* sequences, no input_ids: the Trainer would count none.
+            sides = ("chosen", "rejected")
+            super()._track_num_input_tokens({
+                "input_ids": torch.cat([inputs[f"{s}_input_ids"].flatten() for s in sides]),
+                "attention_mask": torch.cat([inputs[f"{s}_attention_mask"].flatten() for s in sides])})
+
+    log.info("task=orpo: TRL's ORPOTrainer from trl.experimental (TRL marks it experimental: its API may change "
+             "between TRL releases)")
+    return Preference(cfg, run_dir, main, PreparedORPOTrainer, paired=True)
