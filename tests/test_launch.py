@@ -124,9 +124,11 @@ from accelerate import Accelerator
 
 acc = Accelerator()  # as transformers' Trainer builds it in a launched rank
 model = acc.prepare(torch.nn.Linear(4, 4))
-print(json.dumps({"rank": acc.process_index, "distributed_type": str(acc.distributed_type).split(".")[-1],
-                  "wrapped_as": type(model).__name__, "fsdp_env": os.environ.get("ACCELERATE_USE_FSDP"),
-                  "sharding": os.environ.get("FSDP_SHARDING_STRATEGY")}), flush=True)
+# One file per rank: two ranks printing to one pipe can interleave their lines.
+with open(f"rank{acc.process_index}.json", "w") as f:
+    json.dump({"rank": acc.process_index, "distributed_type": str(acc.distributed_type).split(".")[-1],
+               "wrapped_as": type(model).__name__, "fsdp_env": os.environ.get("ACCELERATE_USE_FSDP"),
+               "sharding": os.environ.get("FSDP_SHARDING_STRATEGY")}, f)
 """
 
 
@@ -156,8 +158,7 @@ def test_fsdp_on_cpus_is_refused_because_accelerate_would_run_ddp(tmp_path):
                              "--num_processes", "2", "--main_process_port", str(free_port()), str(tmp_path / "probe.py")],
                             env=launch_env(cuda=False), capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    ranks = sorted((json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")),
-                   key=lambda r: r["rank"])
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
     assert [r["rank"] for r in ranks] == [0, 1]
     for r in ranks:
         assert r["fsdp_env"] == "true" and r["sharding"] in ("FULL_SHARD", "1")  # the config reached the rank ...
