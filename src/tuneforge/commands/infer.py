@@ -39,16 +39,21 @@ class InferConfig:
     seed: int = 0
 
 
-def read_prompts(path: str) -> list:
-    """JSONL: one {"prompt": "..."} or {"messages": [...]} per line."""
-    prompts = []
+def _jsonl_rows(path: str):
+    """(line number, row) of each non-empty line of a JSONL file; a line that is not JSON is one line, exit 2."""
     for n, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            yield n, json.loads(line)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path}:{n}: not valid JSON ({exc.msg}).") from None
+
+
+def read_prompts(path: str) -> list:
+    """JSONL: one {"prompt": "..."} or {"messages": [...]} per line."""
+    prompts = []
+    for n, row in _jsonl_rows(path):
         if "messages" in row:
             prompts.append(row["messages"])
         elif "prompt" in row:
@@ -62,13 +67,7 @@ def read_answers(path: str) -> list[tuple]:
     """JSONL of (prompt, answer) to score: one {"prompt": ..., "answer": ...} or {"messages": [..., an assistant
     turn]} per line."""
     pairs = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}:{n}: not valid JSON ({exc.msg}).") from None
+    for n, row in _jsonl_rows(path):
         messages = row.get("messages") if isinstance(row, dict) else None
         if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
                 and messages[-1].get("role") == "assistant":
