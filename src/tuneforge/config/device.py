@@ -96,7 +96,7 @@ def check_packed_attention(mode: str, attn: str, cuda: bool) -> None:
 # with the model's own head 1.02x (paired medians, 3 processes at load 6-11; head+loss 2.1 vs 1.4-1.5 s, backward
 # 14.2 vs 6.8-7.4 s). On a CPU the fused head scores every position (its compaction of the trained positions runs
 # on Triton devices only) and recomputes the logits in the backward. The model's own head on the trained positions
-# only (tasks/sft_trainer.py) then took 0.61x the lean reference's step (paired, 2 processes at load ~11).
+# only (tasks/sft_trainer.py) then took 0.91x the lean reference's step quiet, 0.61x at load ~11 (paired).
 
 
 def resolve(cfg: TuneforgeConfig, cuda: bool | None = None) -> TuneforgeConfig:
