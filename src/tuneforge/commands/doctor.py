@@ -41,10 +41,11 @@ def reward_checks(cfg: TuneforgeConfig, stages) -> list:
     from transformers import set_seed
 
     from tuneforge.tasks import reward_doctor
+    from tuneforge.tasks.stages import starting_policy
 
     set_seed(cfg.train.seed)
     model = stages.build_model()
-    with stages.start_policy(model):
+    with starting_policy(model, stages.sft_adapter):
         report = reward_doctor.examine(model, stages.tokenizer, stages.doctor_rows(), stages.rewards, stages.args,
                                        cfg.train.max_length, cfg.eval.batch_size)
     reward_doctor.print_report(report)

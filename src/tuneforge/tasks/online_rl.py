@@ -15,32 +15,32 @@ rewards are checked (eval/rewards.checked); a run whose groups all score alike s
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import statistics
 from pathlib import Path
 
-from peft import PeftModel
 from trl import GRPOTrainer, RLOOTrainer
 
 from tuneforge.config import library_args
 from tuneforge.config.schemas import TuneforgeConfig
 from tuneforge.data.prompts import PROMPT, prepare_prompts, reward_columns
 from tuneforge.eval.inference import GenerationSettings, Rendered, generate
-from tuneforge.eval.metrics import METRICS, GenerationEval, adapter_off
+from tuneforge.eval.metrics import METRICS, GenerationEval
 from tuneforge.eval.reward_model import ModelReward
 from tuneforge.eval.rewards import checked, load_rewards, score, weighted_total
-from tuneforge.models.adapters import adapter_dtypes_kept, add_lora, keep_input_dtype_under_autocast
-from tuneforge.models.tokenizer import content_hash, new_token_ids
+from tuneforge.models.adapters import adapter_dtypes_kept
+from tuneforge.models.tokenizer import content_hash
 from tuneforge.runs import rundir
 from tuneforge.runs.manifest import run_identity
-from tuneforge.tasks import doctor, reward_doctor
+from tuneforge.tasks import reward_doctor
 from tuneforge.tasks.stages import (
     REFERENCE_ADAPTER,
+    build_policy,
     generation_metrics,
-    load_base,
     prepare_start,
     report_generations,
+    run_doctor,
+    starting_policy,
     training_metrics,
 )
 
@@ -81,26 +81,13 @@ class OnlineRL:
 
     def check(self) -> None:
         cfg = self.cfg
-        if cfg.doctor.enabled:
-            doctor.before_training(cfg, self.tokenizer, self.tok_report, self.model_path, self.data,
-                                   self.run_dir if self.main else None)
+        run_doctor(self)
         n = min(cfg.eval.num_samples, len(self.data.eval)) if cfg.eval.before_after else 0
         self.held_out = self.data.eval.select(range(n)).to_list()
 
     def build_model(self):
-        cfg = self.cfg
-        base = load_base(cfg, self.model_path, self.tokenizer)
-        self.load_seconds, self.resized_vocab = base.load_seconds, base.resized_vocab
-        if self.sft_adapter:
-            log.info("Starting from the SFT adapter in %s (the reference: a frozen copy of it)", self.sft_adapter)
-            return keep_input_dtype_under_autocast(PeftModel.from_pretrained(base.model, str(self.sft_adapter),
-                                                                             is_trainable=True))
-        return add_lora(base.model, cfg.peft, new_token_ids(self.tokenizer, self.tok_report),
-                        weights_path=self.model_path)
+        return build_policy(self)
 
-    def start_policy(self, model):
-        """The policy training starts from: the base (adapter off) for a fresh adapter, else the SFT policy."""
-        return adapter_off(model) if not self.sft_adapter else contextlib.nullcontext()
 
     def doctor_rows(self) -> list[dict]:
         n = min(self.cfg.doctor.reward_prompts, len(self.data.train))
@@ -109,7 +96,7 @@ class OnlineRL:
     def baseline(self, model):
         """The reward doctor on the starting policy (it refuses a run without signal), then the 'before' column."""
         cfg = self.cfg
-        with self.start_policy(model):
+        with starting_policy(model, self.sft_adapter):
             if cfg.doctor.enabled and cfg.doctor.reward_prompts > 0:
                 self.doctor_report = reward_doctor.before_training(model, self.tokenizer, self.doctor_rows(),
                                                                    self.rewards, cfg, self.args)

@@ -12,36 +12,29 @@ prompts render as they trained.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 from trl import DPOTrainer, KTOTrainer
 
 from tuneforge.config.schemas import TuneforgeConfig
 from tuneforge.data.preference import PAIRED, UNPAIRED, prepare_preferences
 from tuneforge.data.tokenize import IGNORE
 from tuneforge.eval.inference import GenerationSettings
-from tuneforge.eval.metrics import (
-    adapter_off,
-    evaluate_generations,
-    generation_pairs,
-    preference_scores,
-    print_comparison,
-)
-from tuneforge.models.adapters import adapter_dtypes_kept, add_lora, keep_input_dtype_under_autocast
-from tuneforge.models.tokenizer import content_hash, new_token_ids
+from tuneforge.eval.metrics import evaluate_generations, generation_pairs, preference_scores, print_comparison
+from tuneforge.models.adapters import adapter_dtypes_kept
+from tuneforge.models.tokenizer import content_hash
 from tuneforge.runs.console import without_bars
 from tuneforge.runs.manifest import run_identity
-from tuneforge.tasks import doctor
 from tuneforge.tasks.stages import (
     REFERENCE_ADAPTER,
+    build_policy,
     generation_metrics,
-    load_base,
     prepare_start,
     report_generations,
+    run_doctor,
+    starting_policy,
     training_metrics,
 )
 
@@ -102,31 +95,17 @@ class Preference:
 
     def check(self) -> None:
         cfg = self.cfg
-        if cfg.doctor.enabled:
-            doctor.before_training(cfg, self.tokenizer, self.tok_report, self.model_path, self.data,
-                                   self.run_dir if self.main else None)
+        run_doctor(self)
         self.held_out = generation_pairs(self.data.eval, cfg.eval.num_samples) if cfg.eval.before_after else []
         self.scored = (self.data.eval.select(range(min(cfg.eval.num_samples, len(self.data.eval))))
                        if self.paired else None)
 
     def build_model(self):
-        cfg = self.cfg
-        base = load_base(cfg, self.model_path, self.tokenizer)
-        self.load_seconds, self.resized_vocab = base.load_seconds, base.resized_vocab
-        if self.sft_adapter:
-            log.info("Starting from the SFT adapter in %s (the reference: a frozen copy of it)", self.sft_adapter)
-            return keep_input_dtype_under_autocast(PeftModel.from_pretrained(base.model, str(self.sft_adapter),
-                                                                             is_trainable=True))
-        return add_lora(base.model, cfg.peft, new_token_ids(self.tokenizer, self.tok_report),
-                        weights_path=self.model_path)
+        return build_policy(self)
 
-    def _start_policy(self, model):
-        """The model preference tuning starts from: the base for a fresh adapter (adapter off: exactly the
-        reference), the SFT policy for an SFT start."""
-        return adapter_off(model) if not self.sft_adapter else contextlib.nullcontext()
 
     def baseline(self, model):
-        with self._start_policy(model):
+        with starting_policy(model, self.sft_adapter):
             return self._scores(model)
 
     def _scores(self, model) -> dict:

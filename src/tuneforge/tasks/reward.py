@@ -27,10 +27,10 @@ from tuneforge.models.tokenizer import content_hash, new_token_ids
 from tuneforge.runs import rundir
 from tuneforge.runs.console import without_bars
 from tuneforge.runs.manifest import run_identity
-from tuneforge.tasks import doctor
-from tuneforge.tasks.stages import load_base, prepare_tokenizer, training_metrics
+from tuneforge.tasks.stages import load_base, prepare_tokenizer, run_doctor, training_metrics
 
 log = logging.getLogger(__name__)
+
 
 def reward_rows(dataset):
     """Prepared (prompt_ids, chosen_ids, rejected_ids) rows as RewardTrainer's processed rows: chosen_ids and
@@ -56,9 +56,7 @@ class Reward:
 
     def check(self) -> None:
         cfg = self.cfg
-        if cfg.doctor.enabled:
-            doctor.before_training(cfg, self.tokenizer, self.tok_report, self.model_path, self.data,
-                                   self.run_dir if self.main else None)
+        run_doctor(self)
         n = min(cfg.eval.num_samples, len(self.data.eval)) if cfg.eval.before_after else 0
         self.scored = self.data.eval.select(range(n))
 

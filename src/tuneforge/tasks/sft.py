@@ -18,13 +18,13 @@ from tuneforge.models.adapters import adapter_dtypes_kept, add_lora, keep_initia
 from tuneforge.models.tokenizer import content_hash, new_token_ids
 from tuneforge.runs import launch
 from tuneforge.runs.manifest import run_identity
-from tuneforge.tasks import doctor
 from tuneforge.tasks.sft_trainer import TuneforgeSFTTrainer
 from tuneforge.tasks.stages import (
     generation_metrics,
     load_base,
     prepare_tokenizer,
     report_generations,
+    run_doctor,
     training_metrics,
 )
 
@@ -48,9 +48,7 @@ class SFT:
 
     def check(self) -> None:
         cfg = self.cfg
-        if cfg.doctor.enabled:
-            doctor.before_training(cfg, self.tokenizer, self.tok_report, self.model_path, self.data,
-                                   self.run_dir if self.main else None)
+        run_doctor(self)
         self.train_rows, self.packing_stats = pack(self.data.train, cfg.packing, cfg.train.max_length)
         self.held_out = generation_pairs(self.data.eval, cfg.eval.num_samples) if cfg.eval.before_after else []
 

@@ -8,7 +8,9 @@ Protocol lists them; the task table (config/tasks.py) names each task's class.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +19,14 @@ from typing import Any, Optional, Protocol
 from tuneforge.config.errors import ConfigError
 from tuneforge.config.schemas import TuneforgeConfig
 from tuneforge.config.tasks import task
-from tuneforge.eval.metrics import print_comparison
-from tuneforge.models.adapters import enable_checkpointing, prepare_base
+from tuneforge.eval.metrics import adapter_off, print_comparison
+from tuneforge.models.adapters import add_lora, enable_checkpointing, keep_input_dtype_under_autocast, prepare_base
 from tuneforge.models.loading import fit_embeddings, load_model, resolve_path
-from tuneforge.models.tokenizer import TokenizerReport, content_hash, load_tokenizer
+from tuneforge.models.tokenizer import TokenizerReport, content_hash, load_tokenizer, new_token_ids
 from tuneforge.runs import rundir
+from tuneforge.tasks import doctor
+
+log = logging.getLogger(__name__)
 
 
 class Stages(Protocol):
@@ -133,6 +138,37 @@ def load_base(cfg: TuneforgeConfig, model_path: str, tokenizer, **head_kwargs) -
     model = prepare_base(model, cfg.quant)
     model = enable_checkpointing(model, cfg.train)
     return LoadedBase(model, seconds, resized)
+
+
+def run_doctor(stage) -> None:
+    """The doctor's checks before training (tasks/doctor.py), where doctor.enabled: every task runs them at the same
+    point, on its prepared data; the main process writes doctor.json."""
+    cfg = stage.cfg
+    if cfg.doctor.enabled:
+        doctor.before_training(cfg, stage.tokenizer, stage.tok_report, stage.model_path, stage.data,
+                               stage.run_dir if stage.main else None)
+
+
+def build_policy(stage):
+    """The trainable policy of a task that may start from an SFT run (preference tuning, online RL): a fresh LoRA
+    adapter on the base, or a trainable copy of the SFT run's adapter (TRL keeps a frozen copy as the reference)."""
+    from peft import PeftModel
+
+    cfg = stage.cfg
+    base = load_base(cfg, stage.model_path, stage.tokenizer)
+    stage.load_seconds, stage.resized_vocab = base.load_seconds, base.resized_vocab
+    if stage.sft_adapter:
+        log.info("Starting from the SFT adapter in %s (the reference: a frozen copy of it)", stage.sft_adapter)
+        return keep_input_dtype_under_autocast(PeftModel.from_pretrained(base.model, str(stage.sft_adapter),
+                                                                         is_trainable=True))
+    return add_lora(base.model, cfg.peft, new_token_ids(stage.tokenizer, stage.tok_report),
+                    weights_path=stage.model_path)
+
+
+def starting_policy(model, sft_adapter: Optional[Path]):
+    """The policy training starts from: the base for a fresh adapter (adapter off: exactly the reference), the SFT
+    policy for an SFT start."""
+    return adapter_off(model) if not sft_adapter else contextlib.nullcontext()
 
 
 def training_metrics(result, trainer, data, tok_report: TokenizerReport, tokenizer) -> dict:
